@@ -1,0 +1,63 @@
+# finetune-operator: the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help venv demo test test-fast lint crds check-crds cluster controlplane-bin bench clean
+
+help:
+	@echo "make demo    - set up a virtualenv and fine-tune all-MiniLM-L6-v2 on the example sentiment data (CPU, <5 min)"
+	@echo "make test    - set up, build the test control plane (cached) and run the whole suite"
+	@echo "make cluster - start the test control plane by hand and print the KUBECONFIG to export"
+	@echo "make crds    - regenerate the CRD (and the chart's copy) from the pydantic models"
+	@echo "make lint    - ruff"
+	@echo "make bench   - run the benchmarks under benchmarks/"
+
+# torch first (the PyPI build, about 3 GB with its CUDA libraries; it runs on CPU), then the rest; pip's cache
+# serves later runs.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip >/dev/null
+	$(PIP) install "torch>=2.4"
+	$(PIP) install -e ".[operator,trainer,dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/stage_demo.py
+	HF_HUB_OFFLINE=1 $(VENV)/bin/finetune run examples/sentiment.yaml
+
+controlplane-bin:
+	bash tests/controlplane/build.sh
+
+test: $(STAMP) controlplane-bin
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Everything that needs neither the control plane nor a trainer run.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not cluster and not e2e and not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+crds: $(STAMP)
+	$(PY) -m finetune_api.crd
+	@if [ -f helm/sync_crds.py ]; then $(PY) helm/sync_crds.py; fi
+
+check-crds: $(STAMP)
+	$(PY) -m finetune_api.crd --check
+
+cluster: $(STAMP) controlplane-bin
+	$(PY) -m tests.controlplane
+
+bench: $(STAMP)
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,435 @@
+"""The FineTuneJob spec: the single source of truth for the CRD schema, the validator, the operator and the trainer.
+
+Field descriptions become the CRD's `description`s, so `kubectl explain finetunejob.spec...` teaches the API.
+Cross-field rules live in `rules` on each model (CEL for the API server, Python for `finetune validate`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+
+from finetune_api.rules import Rule, SpecModel, at_most_one, exactly_one
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+PVC_URI = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$"
+# Storage/model/dataset locations: a pvc:// or s3:// URI, a hub id, or a path. No control characters, no shell needed.
+LOCATION = r"^[^\x00-\x1f\x7f]+$"
+QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+
+TaskType = Literal["sequence-classification", "causal-lm", "seq2seq"]
+Location = Annotated[str, Field(min_length=1, max_length=1024, pattern=LOCATION)]
+Quantity = Annotated[
+    int | str,
+    Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY}),
+]
+
+
+def _pvc_ok(value: str | None) -> bool:
+    return value is None or not value.startswith("pvc://") or re.match(PVC_URI, value) is not None
+
+
+def _pvc_cel(field: str) -> str:
+    return f"!has(self.{field}) || !self.{field}.startsWith('pvc://') || self.{field}.matches('{PVC_URI}')"
+
+
+PVC_MESSAGE = "must look like pvc://<claim-name>/<path>, with a claim in the job's own namespace"
+
+
+class SecretKeyRef(SpecModel):
+    """A key of a Secret in the FineTuneJob's own namespace. Values never appear in the spec, status or ConfigMaps."""
+
+    name: str = Field(description="Name of the Secret, in the same namespace as the FineTuneJob.", max_length=253,
+                      pattern=DNS_SUBDOMAIN)
+    key: str = Field(description="Key inside the Secret whose value is used.", min_length=1, max_length=253,
+                     pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class TaskSpec(SpecModel):
+    """What the model learns to do."""
+
+    type: TaskType = Field(
+        description="sequence-classification (text or text pairs to labels; numLabels 1 means regression with MSE), "
+        "causal-lm (supervised fine-tuning on prompt/response pairs or chat messages; loss on responses only), "
+        "or seq2seq (translation or summarisation on source/target pairs)."
+    )
+    labels: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        default=None,
+        description="Label names for sequence-classification, in index order. Exclusive with numLabels.",
+        min_length=2,
+        max_length=1000,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    num_labels: int | None = Field(
+        default=None,
+        description="Number of classes for sequence-classification when labels are integers 0..n-1; "
+        "1 means regression (float targets, MSE loss). Exclusive with labels.",
+        ge=1,
+        le=10000,
+    )
+    source_prefix: str | None = Field(
+        default=None,
+        description="Text put before every source for seq2seq, e.g. 'translate English to German: ' for T5.",
+        max_length=512,
+    )
+
+    rules = (
+        Rule(
+            cel="self.type != 'sequence-classification' || (has(self.labels) != has(self.numLabels))",
+            message="sequence-classification needs exactly one of task.labels or task.numLabels",
+            check=lambda t: t.type != "sequence-classification" or exactly_one(t.labels, t.num_labels),
+        ),
+        Rule(
+            cel="self.type == 'sequence-classification' || (!has(self.labels) && !has(self.numLabels))",
+            message="task.labels and task.numLabels apply only to type sequence-classification",
+            check=lambda t: t.type == "sequence-classification" or (t.labels is None and t.num_labels is None),
+        ),
+        Rule(
+            cel="self.type == 'seq2seq' || !has(self.sourcePrefix)",
+            message="task.sourcePrefix applies only to type seq2seq",
+            check=lambda t: t.type == "seq2seq" or t.source_prefix is None,
+        ),
+    )
+
+    @field_validator("labels", mode="after")
+    @classmethod
+    def _unique_labels(cls, v: list[str] | None) -> list[str] | None:
+        # The CRD enforces the same through x-kubernetes-list-type: set.
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("task.labels must be unique")
+        return v
+
+
+class ModelSpec(SpecModel):
+    """The pretrained model to start from."""
+
+    source: Location = Field(
+        description="Hub id (org/name), local path, pvc://<claim>/<path> (mounted read-only into the pods) "
+        "or s3://bucket/prefix."
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to pin.",
+                                 max_length=255, pattern=r"^[-._/a-zA-Z0-9]+$")
+    trust_remote_code: bool = Field(default=False, description="Allow code shipped with the model to run. Off unless "
+                                    "you trust the source.")
+
+    rules = (Rule(cel=_pvc_cel("source"), message=f"model.source {PVC_MESSAGE}", check=lambda m: _pvc_ok(m.source)),)
+
+
+class ColumnMapping(SpecModel):
+    """Which dataset columns feed the task. Unset columns take the name shown as default for the task that uses them."""
+
+    text: str | None = Field(default=None, description="Input text (sequence-classification). Default 'text'.",
+                             max_length=256)
+    text_pair: str | None = Field(default=None, description="Optional second text (sentence pairs).", max_length=256)
+    label: str | None = Field(default=None, description="Label or regression target (sequence-classification). "
+                              "Default 'label'.", max_length=256)
+    prompt: str | None = Field(default=None, description="Prompt (causal-lm). Default 'prompt'.", max_length=256)
+    response: str | None = Field(default=None, description="Response the model learns (causal-lm). Default "
+                                 "'response'.", max_length=256)
+    messages: str | None = Field(default=None, description="Chat messages [{role, content}] (causal-lm), rendered "
+                                 "with the tokenizer's chat template. Exclusive with prompt/response.", max_length=256)
+    source: str | None = Field(default=None, description="Source text (seq2seq). Default 'source'.", max_length=256)
+    target: str | None = Field(default=None, description="Target text (seq2seq). Default 'target'.", max_length=256)
+
+    rules = (
+        Rule(
+            cel="!has(self.messages) || (!has(self.prompt) && !has(self.response))",
+            message="dataset.columns.messages is exclusive with prompt and response",
+            check=lambda c: c.messages is None or (c.prompt is None and c.response is None),
+        ),
+    )
+
+
+class DatasetSpec(SpecModel):
+    """Labelled data to train and evaluate on."""
+
+    train: Location = Field(description="Training data: a file or folder (local path, pvc://, s3://) or, with "
+                            "format hub, a hub dataset name.")
+    validation: Location | None = Field(default=None, description="Validation data, same forms as train. "
+                                        "Exclusive with validationSplit.")
+    validation_split: float | None = Field(default=None, description="Fraction of the training data held out for "
+                                           "validation, strictly between 0 and 1.", gt=0, lt=1)
+    format: Literal["auto", "jsonl", "csv", "parquet", "arrow", "hub"] = Field(
+        default="auto", description="File format; auto picks from the file extension."
+    )
+    subset: str | None = Field(default=None, description="Hub dataset configuration name (format hub).",
+                               max_length=256)
+    train_split: str = Field(default="train", description="Split name used for training (format hub).",
+                             max_length=128)
+    columns: ColumnMapping = Field(default_factory=ColumnMapping, description="Column mapping for the task.")
+    max_samples: int | None = Field(default=None, description="Use at most this many training examples.",
+                                    ge=1, le=1_000_000_000)
+
+    rules = (
+        Rule(
+            cel="!(has(self.validation) && has(self.validationSplit))",
+            message="dataset.validation and dataset.validationSplit are mutually exclusive",
+            check=lambda d: at_most_one(d.validation, d.validation_split),
+        ),
+        Rule(cel=_pvc_cel("train"), message=f"dataset.train {PVC_MESSAGE}", check=lambda d: _pvc_ok(d.train)),
+        Rule(cel=_pvc_cel("validation"), message=f"dataset.validation {PVC_MESSAGE}",
+             check=lambda d: _pvc_ok(d.validation)),
+    )
+
+
+class LoraSpec(SpecModel):
+    """Low-rank adapters (peft): train small matrices beside frozen weights."""
+
+    r: int = Field(default=8, description="Rank of the adapter matrices.", ge=1, le=1024)
+    alpha: int = Field(default=16, description="Scaling numerator (alpha / r).", ge=1, le=4096)
+    dropout: float = Field(default=0.05, description="Dropout on the adapter input.", ge=0, lt=1)
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        default=None, description="Module names to adapt; unset picks the attention projections of the architecture.",
+        max_length=64,
+    )
+
+
+class MethodSpec(SpecModel):
+    """How weights are updated."""
+
+    type: Literal["full", "lora"] = Field(default="full", description="full fine-tuning or lora adapters.")
+    lora: LoraSpec | None = Field(default=None, description="LoRA settings; only with type lora (defaults apply "
+                                  "when omitted).")
+
+    rules = (
+        Rule(
+            cel="self.type == 'lora' || !has(self.lora)",
+            message="method.lora applies only to method.type lora",
+            check=lambda m: m.type == "lora" or m.lora is None,
+        ),
+    )
+
+
+class LRSchedulerSpec(SpecModel):
+    """Learning-rate schedule after warmup."""
+
+    type: Literal["linear", "cosine", "constant"] = Field(default="linear", description="Decay shape after warmup.")
+    warmup_ratio: float = Field(default=0.0, description="Fraction of total steps spent warming up linearly from 0.",
+                                ge=0, lt=1)
+
+
+class Hyperparameters(SpecModel):
+    """Optimisation settings. Exactly one of epochs or maxSteps."""
+
+    epochs: int | None = Field(default=None, description="Passes over the training data. Exclusive with maxSteps.",
+                               ge=1, le=1000)
+    max_steps: int | None = Field(default=None, description="Optimizer steps to run. Exclusive with epochs.",
+                                  ge=1, le=1_000_000_000)
+    batch_size: int = Field(default=16, description="Examples per device per forward pass.", ge=1, le=4096)
+    gradient_accumulation_steps: int = Field(default=1, description="Forward passes per optimizer step.",
+                                             ge=1, le=1024)
+    learning_rate: float = Field(default=5e-5, description="Peak AdamW learning rate.", gt=0, le=1)
+    lr_scheduler: LRSchedulerSpec = Field(default_factory=LRSchedulerSpec, description="Schedule and warmup.")
+    weight_decay: float = Field(default=0.01, description="AdamW decoupled weight decay (not applied to biases and "
+                                "norms).", ge=0, le=1)
+    max_grad_norm: float = Field(default=1.0, description="Gradient clipping norm; 0 disables clipping.", ge=0,
+                                 le=1000)
+    max_seq_length: int = Field(default=256, description="Longest tokenised example; longer ones are truncated "
+                                "(classification, seq2seq) or rejected by the data check (causal-lm).",
+                                ge=8, le=131072)
+    seed: int = Field(default=42, description="Seed for every random generator, so runs repeat.", ge=0,
+                      le=2**31 - 1)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto", description="auto: bf16 on GPUs that support it, else fp16 on GPUs, fp32 on CPUs."
+    )
+    eval_every_steps: int | None = Field(default=None, description="Evaluate every N optimizer steps as well as at "
+                                         "the end.", ge=1, le=1_000_000_000)
+
+    rules = (
+        Rule(
+            cel="has(self.epochs) != has(self.maxSteps)",
+            message="exactly one of hyperparameters.epochs or hyperparameters.maxSteps must be set",
+            check=lambda h: exactly_one(h.epochs, h.max_steps),
+        ),
+    )
+
+
+class CheckpointingSpec(SpecModel):
+    """Periodic, atomic checkpoints; a restarted or resumed job continues from the latest complete one."""
+
+    storage: Location | None = Field(default=None, description="Where checkpoints go (pvc://, s3:// or a path). "
+                                     "Default: <output.storage>/checkpoints.")
+    every_steps: int | None = Field(default=None, description="Checkpoint every N optimizer steps.", ge=1,
+                                    le=1_000_000_000)
+    every_epoch: bool = Field(default=True, description="Checkpoint at the end of every epoch.")
+    keep_last: int = Field(default=2, description="Complete checkpoints kept; older ones are deleted only after a "
+                           "newer one is complete.", ge=1, le=100)
+
+    rules = (
+        Rule(cel="has(self.everySteps) || self.everyEpoch",
+             message="checkpointing needs everySteps or everyEpoch, otherwise nothing could be resumed",
+             check=lambda c: c.every_steps is not None or c.every_epoch),
+        Rule(cel=_pvc_cel("storage"), message=f"checkpointing.storage {PVC_MESSAGE}",
+             check=lambda c: _pvc_ok(c.storage)),
+    )
+
+
+class OutputSpec(SpecModel):
+    """Where the fine-tuned model and its metrics are written."""
+
+    storage: Location = Field(description="Destination (pvc://<claim>/<path>, s3://bucket/prefix or a path): the "
+                              "model (save_pretrained, tokenizer included) and metrics.json.")
+    merge_adapter: bool = Field(default=False, description="For LoRA, also write the adapter merged into the base "
+                                "model.")
+
+    rules = (Rule(cel=_pvc_cel("storage"), message=f"output.storage {PVC_MESSAGE}",
+                  check=lambda o: _pvc_ok(o.storage)),)
+
+
+class Toleration(SpecModel):
+    """A Kubernetes toleration copied onto the trainer pods."""
+
+    key: str | None = Field(default=None, description="Taint key.", max_length=316)
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal.")
+    value: str | None = Field(default=None, description="Taint value for Equal.", max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(default=None,
+                                                                                  description="Taint effect.")
+    toleration_seconds: int | None = Field(default=None, description="How long a NoExecute taint is tolerated.")
+
+
+class ResourcesSpec(SpecModel):
+    """Compute for the trainer pods: one pod per worker, one process per GPU."""
+
+    workers: int = Field(default=1, description="Pods (nodes) in the torchrun group.", ge=1, le=1024)
+    gpus_per_worker: int = Field(default=1, description="nvidia.com/gpu per pod; 0 trains on CPU.", ge=0, le=16)
+    cpu: Quantity | None = Field(default=None, description="CPU request and limit per pod, e.g. 8 or 7500m.")
+    memory: Quantity | None = Field(default=None, description="Memory request and limit per pod, e.g. 64Gi.")
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        default=None, description="Node labels the pods must match.", max_length=64
+    )
+    tolerations: list[Toleration] | None = Field(default=None, description="Tolerations for GPU node taints.",
+                                                 max_length=64)
+    priority_class_name: str | None = Field(default=None, description="PriorityClass of the pods.", max_length=253,
+                                            pattern=DNS_SUBDOMAIN)
+    image: str | None = Field(default=None, description="Trainer image; default is the operator's configured "
+                              "image. May be restricted to allowed registries by the platform.", max_length=512,
+                              pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._/:@-]*$")
+
+    @field_validator("cpu", "memory", mode="after")
+    @classmethod
+    def _quantity(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, str) and not re.match(QUANTITY, v):
+            raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)")
+        return v
+
+
+class RunPolicy(SpecModel):
+    """Retries, deadlines, clean-up, suspension and queueing."""
+
+    backoff_limit: int = Field(default=3, description="Retries after crashes or interruptions, each resuming from "
+                               "the latest checkpoint. Bad configuration or data fails at once.", ge=0, le=100)
+    active_deadline_seconds: int | None = Field(default=None, description="Fail with DeadlineExceeded after this "
+                                                "many seconds of running.", ge=1)
+    ttl_seconds_after_finished: int | None = Field(default=None, description="Delete pods, Job, Service and "
+                                                   "ConfigMap this long after the end; the FineTuneJob and its "
+                                                   "status stay.", ge=0)
+    suspend: bool = Field(default=False, description="true stops the pods after a checkpoint; false resumes from it.")
+    queue_name: str | None = Field(default=None, description="Kueue LocalQueue: the Job is created suspended and "
+                                   "Kueue admits it.", max_length=63, pattern=DNS_LABEL)
+
+
+class S3Credentials(SpecModel):
+    """Object-store credentials, by Secret reference only."""
+
+    access_key_id: SecretKeyRef = Field(description="Secret key holding AWS_ACCESS_KEY_ID.")
+    secret_access_key: SecretKeyRef = Field(description="Secret key holding AWS_SECRET_ACCESS_KEY.")
+    session_token: SecretKeyRef | None = Field(default=None, description="Secret key holding AWS_SESSION_TOKEN.")
+    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, Ceph, ...).",
+                                     max_length=512, pattern=r"^https?://[^\s]+$")
+    region: str | None = Field(default=None, description="Region name.", max_length=64)
+
+
+class CredentialsSpec(SpecModel):
+    """Credentials, only as references to Secrets in the FineTuneJob's namespace."""
+
+    hub_token: SecretKeyRef | None = Field(default=None, description="Hugging Face hub token (HF_TOKEN).")
+    s3: S3Credentials | None = Field(default=None, description="Credentials for s3:// locations.")
+
+
+_COLUMNS_BY_TASK = {
+    "sequence-classification": ("text", "textPair", "label"),
+    "causal-lm": ("prompt", "response", "messages"),
+    "seq2seq": ("source", "target"),
+}
+
+
+def _columns_fit_task(spec: FineTuneJobSpec) -> bool:
+    allowed = _COLUMNS_BY_TASK[spec.task.type]
+    used = spec.dataset.columns.model_dump(by_alias=True, exclude_none=True)
+    return all(name in allowed for name in used)
+
+
+def _columns_cel() -> str:
+    parts = []
+    for task, allowed in _COLUMNS_BY_TASK.items():
+        others = [c for cols in _COLUMNS_BY_TASK.values() for c in cols if c not in allowed]
+        absent = " && ".join(f"!has(self.dataset.columns.{c})" for c in others)
+        parts.append(f"(self.task.type == '{task}' && ({absent}))")
+    return "!has(self.dataset.columns) || " + " || ".join(parts)
+
+
+class FineTuneJobSpec(SpecModel):
+    """A supervised fine-tuning job: model, data, method, hyperparameters, storage, compute and run policy."""
+
+    task: TaskSpec = Field(description="What to learn. Immutable.",
+                           json_schema_extra={"x-kubernetes-validations": [
+                               {"rule": "self == oldSelf", "message": "task is immutable"}]})
+    model: ModelSpec = Field(description="Pretrained starting point. Immutable.",
+                             json_schema_extra={"x-kubernetes-validations": [
+                                 {"rule": "self == oldSelf", "message": "model is immutable"}]})
+    dataset: DatasetSpec = Field(description="Training and validation data. Immutable.",
+                                 json_schema_extra={"x-kubernetes-validations": [
+                                     {"rule": "self == oldSelf", "message": "dataset is immutable"}]})
+    method: MethodSpec = Field(default_factory=MethodSpec, description="full or lora. Immutable.",
+                               json_schema_extra={"x-kubernetes-validations": [
+                                   {"rule": "self == oldSelf", "message": "method is immutable"}]})
+    hyperparameters: Hyperparameters = Field(description="Optimisation settings. Immutable.",
+                                             json_schema_extra={"x-kubernetes-validations": [
+                                                 {"rule": "self == oldSelf",
+                                                  "message": "hyperparameters are immutable"}]})
+    checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec,
+                                             description="Checkpoint cadence, retention and storage.")
+    output: OutputSpec = Field(description="Where the fine-tuned model goes. Immutable.",
+                               json_schema_extra={"x-kubernetes-validations": [
+                                   {"rule": "self == oldSelf", "message": "output is immutable"}]})
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Workers, GPUs, placement, image.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, suspend, Kueue.")
+    credentials: CredentialsSpec | None = Field(default=None, description="Secret references for the hub and "
+                                                "object stores.")
+
+    rules = (
+        Rule(
+            cel=_columns_cel(),
+            message="dataset.columns names a column that the task does not use (sequence-classification: text, "
+            "textPair, label; causal-lm: prompt, response, messages; seq2seq: source, target)",
+            check=_columns_fit_task,
+        ),
+        Rule(
+            cel="!has(self.output.mergeAdapter) || !self.output.mergeAdapter || self.method.type == 'lora'",
+            message="output.mergeAdapter applies only to method.type lora",
+            check=lambda s: not s.output.merge_adapter or s.method.type == "lora",
+        ),
+    )
+
+
+DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
+    "sequence-classification": {"text": "text", "label": "label"},
+    "causal-lm": {"prompt": "prompt", "response": "response"},
+    "seq2seq": {"source": "source", "target": "target"},
+}
+
+
+def resolved_columns(spec: FineTuneJobSpec) -> dict[str, str]:
+    """Column roles the task reads, with defaults filled in (keys are camelCase roles, values column names)."""
+    given = spec.dataset.columns.model_dump(by_alias=True, exclude_none=True)
+    if spec.task.type == "causal-lm" and "messages" in given:
+        return {"messages": given["messages"]}
+    return {**DEFAULT_COLUMNS[spec.task.type], **given}
+
+
+def checkpoint_storage(spec: FineTuneJobSpec) -> str:
+    """Checkpoint location: explicit, else a `checkpoints` folder beside the output."""
+    return spec.checkpointing.storage or spec.output.storage.rstrip("/") + "/checkpoints"

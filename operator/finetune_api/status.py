@@ -1,0 +1,97 @@
+"""FineTuneJob status: written by the operator alone (status subresource); read by people, dashboards and GitOps."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from finetune_api.rules import SpecModel
+
+Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
+PHASES: tuple[str, ...] = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended")
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+CONDITION_TYPES = ("Created", "Queued", "Running", "Succeeded", "Failed", "Suspended")
+
+
+class Condition(SpecModel):
+    """A Kubernetes-convention condition (metav1.Condition)."""
+
+    type: str = Field(description="Condition type in CamelCase: Created, Queued, Running, Succeeded, Failed, "
+                      "Suspended.", max_length=316, pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*"
+                      r"[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="One CamelCase word for machines, e.g. Unschedulable, BackoffLimitExceeded.",
+                        min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = Field(description="Human-readable details.", max_length=32768)
+    observed_generation: int | None = Field(default=None, description="The .metadata.generation this condition "
+                                            "was set from.", ge=0)
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).",
+                                      json_schema_extra={"format": "date-time"})
+
+
+class ProgressStatus(SpecModel):
+    """Live training progress, reported by the trainer and relayed by the operator."""
+
+    step: int | None = Field(default=None, description="Optimizer steps done.", ge=0)
+    total_steps: int | None = Field(default=None, description="Optimizer steps planned.", ge=0)
+    epoch: float | None = Field(default=None, description="Fractional epoch reached.", ge=0)
+    percent: float | None = Field(default=None, description="step / totalSteps, in percent.", ge=0, le=100)
+    loss: float | None = Field(default=None, description="Latest training loss (running mean).")
+    learning_rate: float | None = Field(default=None, description="Current learning rate.")
+    samples_per_second: float | None = Field(default=None, description="Training throughput.", ge=0)
+    tokens_per_second: float | None = Field(default=None, description="Non-padding tokens per second.", ge=0)
+    eta_seconds: int | None = Field(default=None, description="Estimated seconds to the end of training.", ge=0)
+    eta: str | None = Field(default=None, description="ETA for people, e.g. 1h02m.", max_length=32)
+    updated_at: str | None = Field(default=None, description="When the trainer reported this (RFC 3339).",
+                                   json_schema_extra={"format": "date-time"})
+
+
+class CheckpointRef(SpecModel):
+    """One complete checkpoint."""
+
+    step: int = Field(description="Optimizer step the checkpoint holds.", ge=0)
+    path: str = Field(description="Location of the checkpoint folder.", max_length=2048)
+    time: str | None = Field(default=None, description="When it was completed (RFC 3339).",
+                             json_schema_extra={"format": "date-time"})
+
+
+class CheckpointsStatus(SpecModel):
+    """The checkpoint ledger: the job resumes from `latest` after any interruption."""
+
+    latest: CheckpointRef | None = Field(default=None, description="Latest complete checkpoint.")
+    count: int = Field(default=0, description="Complete checkpoints written so far.", ge=0)
+
+
+class OutputStatus(SpecModel):
+    """The final model."""
+
+    path: str = Field(description="Where the fine-tuned model was written.", max_length=2048)
+    metrics: dict[str, float] | None = Field(default=None, description="Final evaluation metrics.", max_length=64)
+
+
+class FineTuneJobStatus(SpecModel):
+    """Observed state, written once per reconcile pass and only when it changed."""
+
+    phase: Phase | None = Field(default=None, description="Pending, Queued, Running, Succeeded, Failed or Suspended.")
+    conditions: list[Condition] | None = Field(
+        default=None,
+        description="Latest observations (Kubernetes conventions), one per type.",
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    progress: ProgressStatus | None = Field(default=None, description="Live training progress.")
+    metrics: dict[str, float] | None = Field(default=None, description="Latest train/eval loss and task metrics "
+                                             "(accuracy, f1Macro, perplexity, chrf, ...).", max_length=64)
+    checkpoints: CheckpointsStatus | None = Field(default=None, description="Checkpoint ledger.")
+    output: OutputStatus | None = Field(default=None, description="Final model location and metrics.")
+    restarts: int | None = Field(default=None, description="Times training restarted from a checkpoint after an "
+                                 "interruption or crash.", ge=0)
+    start_time: str | None = Field(default=None, description="When the first trainer pod started running.",
+                                   json_schema_extra={"format": "date-time"})
+    completion_time: str | None = Field(default=None, description="When the job succeeded or failed.",
+                                        json_schema_extra={"format": "date-time"})
+    gpu_seconds: float | None = Field(default=None, description="GPU-seconds consumed by trainer pods so far.", ge=0)
+    job_name: str | None = Field(default=None, description="The batch/v1 Job running the trainer.", max_length=63)
+    observed_generation: int | None = Field(default=None, description="The .metadata.generation last reconciled.",
+                                            ge=0)

@@ -1,0 +1,147 @@
+"""The FineTuneJob models: examples validate, and malformed manifests are rejected with the field and the rule."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune_api.manifest import validate_document, validate_files
+from finetune_api.spec import FineTuneJobSpec, checkpoint_storage, resolved_columns
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+BASE = {
+    "apiVersion": "finetune.dev/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "bad-input"},
+    "spec": {
+        "task": {"type": "sequence-classification", "labels": ["neg", "pos"]},
+        "model": {"source": "pvc://models/minilm"},
+        "dataset": {"train": "pvc://data/train.jsonl"},
+        "hyperparameters": {"epochs": 1},
+        "output": {"storage": "pvc://runs/out"},
+    },
+}
+
+
+def mutate(path: str, value: object, *, delete: bool = False) -> dict:
+    """Copy BASE and set (or delete) the value at a dotted path."""
+    doc = copy.deepcopy(BASE)
+    *parents, last = path.split(".")
+    node = doc
+    for part in parents:
+        node = node.setdefault(part, {})
+    if delete:
+        node.pop(last)
+    else:
+        node[last] = value
+    return doc
+
+
+# (description, document, expected field path, expected words in the message)
+MALFORMED = [
+    ("missing model", mutate("spec.model", None, delete=True), "spec.model", "Field required"),
+    ("negative learning rate", mutate("spec.hyperparameters.learningRate", -0.1), "spec.hyperparameters.learningRate",
+     "greater than 0"),
+    ("unknown task", mutate("spec.task.type", "image-generation"), "spec.task.type", "sequence-classification"),
+    ("both epochs and maxSteps", mutate("spec.hyperparameters.maxSteps", 100), "spec.hyperparameters",
+     "exactly one of hyperparameters.epochs or hyperparameters.maxSteps"),
+    ("neither epochs nor maxSteps", mutate("spec.hyperparameters.epochs", None, delete=True), "spec.hyperparameters",
+     "exactly one of"),
+    ("validationSplit 1.5", mutate("spec.dataset.validationSplit", 1.5), "spec.dataset.validationSplit",
+     "less than 1"),
+    ("secret given inline", mutate("spec.credentials", {"hubToken": "hf_abcdef"}), "spec.credentials.hubToken",
+     "SecretKeyRef"),
+    ("secret in another namespace", mutate("spec.credentials", {"hubToken": {"name": "t", "key": "k",
+                                                                            "namespace": "other"}}),
+     "spec.credentials.hubToken.namespace", "Extra inputs are not permitted"),
+    ("unknown field", mutate("spec.hyperparameters.learning_rate_typo", 0.1), "spec.hyperparameters."
+     "learning_rate_typo", "Extra inputs are not permitted"),
+    ("classification without labels", mutate("spec.task.labels", None, delete=True), "spec.task",
+     "exactly one of task.labels or task.numLabels"),
+    ("labels and numLabels", mutate("spec.task.numLabels", 2), "spec.task", "exactly one of task.labels"),
+    ("causal-lm column on a classifier", mutate("spec.dataset.columns", {"prompt": "question"}), "spec",
+     "dataset.columns names a column that the task does not use"),
+    ("validation and validationSplit", mutate("spec.dataset", {"train": "a.jsonl", "validation": "b.jsonl",
+                                                               "validationSplit": 0.1}), "spec.dataset",
+     "mutually exclusive"),
+    ("duplicate labels", mutate("spec.task.labels", ["a", "a"]), "spec.task.labels", "unique"),
+    ("lora settings with full method", mutate("spec.method", {"type": "full", "lora": {"r": 8}}), "spec.method",
+     "method.lora applies only to method.type lora"),
+    ("malformed pvc uri", mutate("spec.model.source", "pvc://Bad_Claim/x"), "spec.model", "pvc://<claim-name>"),
+    ("zero workers", mutate("spec.resources.workers", 0), "spec.resources.workers", "greater than or equal to 1"),
+    ("gpus per worker over 16", mutate("spec.resources.gpusPerWorker", 64), "spec.resources.gpusPerWorker",
+     "less than or equal to 16"),
+    ("bad precision", mutate("spec.hyperparameters.precision", "fp8"), "spec.hyperparameters.precision", "bf16"),
+    ("name too long for children", mutate("metadata.name", "x" * 60), "metadata.name", "at most 52"),
+    ("name not a DNS label", mutate("metadata.name", "My_Job"), "metadata.name", "DNS-1035"),
+    ("oversized model source", mutate("spec.model.source", "m" * 5000), "spec.model.source", "at most 1024"),
+    ("wrong type for batchSize", mutate("spec.hyperparameters.batchSize", "many"), "spec.hyperparameters.batchSize",
+     "valid integer"),
+    ("bad memory quantity", mutate("spec.resources.memory", "lots"), "spec.resources.memory", "quantity"),
+    ("control character in a path", mutate("spec.dataset.train", "a\nb"), "spec.dataset.train",
+     "string should match pattern"),
+    ("checkpointing that never checkpoints", mutate("spec.checkpointing", {"everyEpoch": False}),
+     "spec.checkpointing", "nothing could be resumed"),
+    ("wrong kind", mutate("kind", "TrainJob"), "kind", "must be FineTuneJob"),
+]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_validate(path: Path) -> None:
+    assert validate_files([str(path)]) == []
+
+
+def test_there_are_four_realistic_examples() -> None:
+    tasks = {yaml.safe_load(p.read_text())["spec"]["task"]["type"] for p in EXAMPLES}
+    assert tasks == {"sequence-classification", "causal-lm", "seq2seq"}
+    assert len(EXAMPLES) >= 4
+
+
+@pytest.mark.parametrize(("doc", "field", "words"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
+def test_malformed_manifest_is_rejected_with_field_and_rule(doc: dict, field: str, words: str) -> None:
+    job, problems = validate_document(doc, "bad.yaml")
+    assert job is None
+    assert problems, "a malformed manifest was accepted"
+    matching = [p for p in problems if p.path == field]
+    assert matching, f"no problem reported at {field}: {[str(p) for p in problems]}"
+    assert any(words.lower() in p.message.lower() for p in matching), [str(p) for p in matching]
+
+
+def test_base_document_is_valid() -> None:
+    job, problems = validate_document(copy.deepcopy(BASE))
+    assert problems == [] and job is not None
+    assert job.spec.method.type == "full"
+    assert job.spec.checkpointing.keep_last == 2
+
+
+def test_defaults_resolved_per_task() -> None:
+    spec = FineTuneJobSpec.model_validate(BASE["spec"])
+    assert resolved_columns(spec) == {"text": "text", "label": "label"}
+    assert checkpoint_storage(spec) == "pvc://runs/out/checkpoints"
+    chat = FineTuneJobSpec.model_validate({**BASE["spec"], "task": {"type": "causal-lm"},
+                                          "dataset": {"train": "t.jsonl", "columns": {"messages": "conversation"}}})
+    assert resolved_columns(chat) == {"messages": "conversation"}
+
+
+def test_validate_cli_prints_every_problem_with_its_path(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    doc = mutate("spec.hyperparameters.learningRate", -1)
+    doc["spec"]["dataset"]["validationSplit"] = 2
+    bad.write_text(yaml.safe_dump(doc))
+    good = EXAMPLES[0]
+    run = subprocess.run([sys.executable, "-m", "finetune_api.cli", "validate", str(good), str(bad)],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 1
+    assert f"{bad}: spec.hyperparameters.learningRate:" in run.stderr
+    assert f"{bad}: spec.dataset.validationSplit:" in run.stderr
+    assert "2 problem(s)" in run.stderr
+    ok = subprocess.run([sys.executable, "-m", "finetune_api.cli", "validate", str(good)], capture_output=True,
+                        text=True, check=False)
+    assert ok.returncode == 0 and "valid" in ok.stdout

@@ -1,0 +1,26 @@
+"""Suite-wide fixtures. The real control plane (etcd, kube-apiserver, controllers, scheduler, kwok) comes from the
+cluster plugin; tests that need it carry the `cluster` marker."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+pytest_plugins = ["tests.conftest_cluster_plugin"]
+
+
+@pytest.fixture(scope="session")
+def finetune_crd(control_plane):  # type: ignore[no-untyped-def]
+    """The generated FineTuneJob CRD, installed once per session and Established before any test uses it.
+
+    Server-side apply with the field manager `finetune-tests`; the Helm tests install the chart with its own CRD copy
+    disabled (crds.enabled=false) so that both can share one control plane.
+    """
+    from finetune_api.crd import CRD_PATH
+
+    control_plane.apply(CRD_PATH.read_text())
+    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.finetune.dev")
+    return None
