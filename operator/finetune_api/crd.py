@@ -41,8 +41,9 @@ def _structural(node: Any, defs: dict[str, Any], models: dict[str, type[SpecMode
     if "$ref" in node:
         name = node.pop("$ref").split("/")[-1]
         target = _structural(copy.deepcopy(defs[name]), defs, models)
-        if "description" in node:
-            target["description"] = node["description"]
+        for key in ("description", "default"):
+            if key in node:
+                target[key] = node[key]
         # Field-level rules (immutability) join the model's own cross-field rules.
         rules = node.get("x-kubernetes-validations", []) + target.get("x-kubernetes-validations", [])
         if rules:
@@ -62,6 +63,7 @@ def _structural(node: Any, defs: dict[str, Any], models: dict[str, type[SpecMode
         return {
             "x-kubernetes-int-or-string": True,
             "anyOf": [{"type": "integer"}, {"type": "string"}],
+            **({"pattern": node["pattern"]} if "pattern" in node else {}),
             **({"description": node["description"]} if "description" in node else {}),
         }
     out: dict[str, Any] = {}
@@ -86,6 +88,10 @@ def _structural(node: Any, defs: dict[str, Any], models: dict[str, type[SpecMode
             out[key] = value
     if out.get("type") == "object" and "properties" in out:
         out.pop("additionalProperties", None)
+    default = out.get("default")
+    if default not in (None, {}) and "description" in out and "Default:" not in out["description"]:
+        shown = str(default).lower() if isinstance(default, bool) else default
+        out["description"] += f" Default: {shown}."  # kubectl explain shows descriptions, not defaults
     return out
 
 

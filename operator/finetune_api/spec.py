@@ -18,7 +18,10 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?
 PVC_URI = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$"
 # Storage/model/dataset locations: a pvc:// or s3:// URI, a hub id, or a path. No control characters, no shell needed.
 LOCATION = r"^[^\x00-\x1f\x7f]+$"
-QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# Kubernetes resource.Quantity, as controller-gen emits it.
+QUANTITY = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 
 TaskType = Literal["sequence-classification", "causal-lm", "seq2seq"]
 Location = Annotated[str, Field(min_length=1, max_length=1024, pattern=LOCATION)]
@@ -196,7 +199,7 @@ class MethodSpec(SpecModel):
 
     rules = (
         Rule(
-            cel="self.type == 'lora' || !has(self.lora)",
+            cel="!has(self.lora) || (has(self.type) && self.type == 'lora')",
             message="method.lora applies only to method.type lora",
             check=lambda m: m.type == "lora" or m.lora is None,
         ),
@@ -259,7 +262,7 @@ class CheckpointingSpec(SpecModel):
                            "newer one is complete.", ge=1, le=100)
 
     rules = (
-        Rule(cel="has(self.everySteps) || self.everyEpoch",
+        Rule(cel="has(self.everySteps) || !has(self.everyEpoch) || self.everyEpoch",
              message="checkpointing needs everySteps or everyEpoch, otherwise nothing could be resumed",
              check=lambda c: c.every_steps is not None or c.every_epoch),
         Rule(cel=_pvc_cel("storage"), message=f"checkpointing.storage {PVC_MESSAGE}",
@@ -408,7 +411,8 @@ class FineTuneJobSpec(SpecModel):
             check=_columns_fit_task,
         ),
         Rule(
-            cel="!has(self.output.mergeAdapter) || !self.output.mergeAdapter || self.method.type == 'lora'",
+            cel="!has(self.output.mergeAdapter) || !self.output.mergeAdapter || "
+            "(has(self.method) && has(self.method.type) && self.method.type == 'lora')",
             message="output.mergeAdapter applies only to method.type lora",
             check=lambda s: not s.output.merge_adapter or s.method.type == "lora",
         ),

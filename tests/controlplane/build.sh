@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Builds the test control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm)
+# from their published Go modules into a version-keyed cache outside the repository.
+#
+#   ${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}/bin/<component>-<version>/<component>
+#
+# A component whose binary already exists is not rebuilt, so a warm run only checks files. Progress and timings go to
+# stderr; stdout carries one "BIN <component> <path>" line per component for tests/controlplane/cluster.py.
+# Only the Go module proxy is contacted (GOTOOLCHAIN=local: the installed Go is used, never downloaded).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CACHE="${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}"
+BIN_ROOT="$CACHE/bin"
+
+# Single source of truth for the Kubernetes and etcd versions: the build modules' go.mod files.
+# module_version GO_MOD MODULE -> the version GO_MOD requires (inside or outside a require block)
+module_version() { awk -v m="$2" '{for (i = 1; i < NF; i++) if ($i == m && $(i + 1) ~ /^v/) {print $(i + 1); exit}}' "$1"; }
+K8S_VERSION="$(module_version "$HERE/go/k8s/go.mod" k8s.io/kubernetes)"
+ETCD_VERSION="$(module_version "$HERE/go/etcd/go.mod" go.etcd.io/etcd/server/v3)"
+KWOK_VERSION="v0.8.0"
+HELM_VERSION="v3.19.5"
+
+if [[ -z "$K8S_VERSION" || -z "$ETCD_VERSION" ]]; then
+  echo "build.sh: cannot read pinned versions from $HERE/go/*/go.mod" >&2
+  exit 2
+fi
+
+GO="${GO:-$(command -v go || true)}"
+if [[ -z "$GO" && -x /usr/local/go/bin/go ]]; then GO=/usr/local/go/bin/go; fi
+
+# readonly: the committed go.mod/go.sum are the pin and a build never rewrites them.
+export GOTOOLCHAIN=local GOFLAGS="-mod=readonly -buildvcs=false" CGO_ENABLED=0
+# Two cores: more parallel compile jobs only add memory pressure. Overridable for bigger machines.
+GO_PARALLEL="${FINETUNE_GO_PARALLEL:-$(nproc 2>/dev/null || echo 2)}"
+BUILD_FLAGS=(-trimpath -p "$GO_PARALLEL")
+
+log() { printf '[build.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# bin_path COMPONENT VERSION -> path of the cached binary
+bin_path() { printf '%s/%s-%s/%s' "$BIN_ROOT" "$1" "$2" "$1"; }
+
+have() { [[ -x "$(bin_path "$1" "$2")" ]]; }
+
+# install_from DIR COMPONENT VERSION: moves DIR/COMPONENT into the cache atomically (a killed build leaves no half file).
+install_from() {
+  local src="$1/$2" dest_dir
+  dest_dir="$(dirname "$(bin_path "$2" "$3")")"
+  mkdir -p "$dest_dir"
+  mv -f "$src" "$dest_dir/.$2.tmp"
+  mv -f "$dest_dir/.$2.tmp" "$dest_dir/$2"
+}
+
+require_go() {
+  if [[ -z "$GO" || ! -x "$GO" ]]; then
+    echo "build.sh: Go toolchain not found (GO='$GO'; set GO=/path/to/go or put go on PATH); cannot build the control plane" >&2
+    exit 3
+  fi
+}
+
+timed() {
+  local name="$1" start end
+  shift
+  start=$(date +%s)
+  log "building $name ..."
+  "$@"
+  end=$(date +%s)
+  log "built $name in $((end - start)) s"
+}
+
+build_k8s() {
+  local tmp module_time ver_major ver_minor ldflags pkg
+  tmp="$(mktemp -d "$BIN_ROOT/.k8s-build.XXXXXX")"
+  module_time="$(cd "$HERE/go/k8s" && "$GO" list -m -f '{{if .Time}}{{.Time.UTC.Format "2006-01-02T15:04:05Z"}}{{end}}' k8s.io/kubernetes)"
+  ver_major="${K8S_VERSION#v}"; ver_major="${ver_major%%.*}"
+  ver_minor="${K8S_VERSION#v*.}"; ver_minor="${ver_minor%%.*}"
+  ldflags="-s -w"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=$ver_major -X $pkg.gitMinor=$ver_minor"
+    ldflags+=" -X $pkg.gitCommit=module-$K8S_VERSION -X $pkg.gitTreeState=clean -X $pkg.buildDate=${module_time:-1970-01-01T00:00:00Z}"
+  done
+  local targets=()
+  for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+    have "$c" "$K8S_VERSION" || targets+=("k8s.io/kubernetes/cmd/$c")
+  done
+  (cd "$HERE/go/k8s" && "$GO" build "${BUILD_FLAGS[@]}" -ldflags "$ldflags" -o "$tmp/" "${targets[@]}")
+  for pkg in "${targets[@]}"; do install_from "$tmp" "${pkg##*/}" "$K8S_VERSION"; done
+  rm -rf "$tmp"
+}
+
+build_etcd() {
+  local tmp
+  tmp="$(mktemp -d "$BIN_ROOT/.etcd-build.XXXXXX")"
+  (cd "$HERE/go/etcd" && "$GO" build "${BUILD_FLAGS[@]}" -ldflags "-s -w" -o "$tmp/etcd" .)
+  install_from "$tmp" etcd "$ETCD_VERSION"
+  rm -rf "$tmp"
+}
+
+build_kwok() {
+  local tmp
+  tmp="$(mktemp -d "$BIN_ROOT/.kwok-build.XXXXXX")"
+  GOBIN="$tmp" "$GO" install "${BUILD_FLAGS[@]}" \
+    -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+  install_from "$tmp" kwok "$KWOK_VERSION"
+  rm -rf "$tmp"
+}
+
+build_helm() {
+  local tmp k8s_minor ldflags
+  tmp="$(mktemp -d "$BIN_ROOT/.helm-build.XXXXXX")"
+  # helm's own Makefile derives the default "helm template" Kubernetes version from its client-go (v0.34 -> 1.34).
+  k8s_minor="${K8S_VERSION#v*.}"; k8s_minor="${k8s_minor%%.*}"
+  ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  ldflags+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$k8s_minor"
+  ldflags+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$k8s_minor"
+  GOBIN="$tmp" "$GO" install "${BUILD_FLAGS[@]}" -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  install_from "$tmp" helm "$HELM_VERSION"
+  rm -rf "$tmp"
+}
+
+main() {
+  mkdir -p "$BIN_ROOT"
+  # Two concurrent builders (two pytest sessions, make cluster + pytest) would otherwise race on the same cache.
+  exec 9>"$BIN_ROOT/.build.lock"
+  if command -v flock >/dev/null; then flock 9; fi
+
+  local t0 missing=0
+  t0=$(date +%s)
+  for spec in "kube-apiserver $K8S_VERSION" "kube-controller-manager $K8S_VERSION" "kube-scheduler $K8S_VERSION" \
+    "kubectl $K8S_VERSION" "etcd $ETCD_VERSION" "kwok $KWOK_VERSION" "helm $HELM_VERSION"; do
+    # shellcheck disable=SC2086
+    have $spec || missing=1
+  done
+  if [[ $missing == 1 ]]; then
+    require_go
+    log "cache: $BIN_ROOT (go: $("$GO" version | awk '{print $3}'), parallel jobs: $GO_PARALLEL)"
+    log "a cold build takes about 10 minutes on 2 cores (downloads and compiles); later runs reuse the cache"
+  fi
+
+  have etcd "$ETCD_VERSION" || timed "etcd $ETCD_VERSION" build_etcd
+  if ! { have kube-apiserver "$K8S_VERSION" && have kube-controller-manager "$K8S_VERSION" &&
+    have kube-scheduler "$K8S_VERSION" && have kubectl "$K8S_VERSION"; }; then
+    timed "kube-apiserver, kube-controller-manager, kube-scheduler, kubectl $K8S_VERSION" build_k8s
+  fi
+  have kwok "$KWOK_VERSION" || timed "kwok $KWOK_VERSION" build_kwok
+  have helm "$HELM_VERSION" || timed "helm $HELM_VERSION" build_helm
+
+  [[ $missing == 1 ]] && log "all components ready in $(($(date +%s) - t0)) s"
+  for spec in "kube-apiserver $K8S_VERSION" "kube-controller-manager $K8S_VERSION" "kube-scheduler $K8S_VERSION" \
+    "kubectl $K8S_VERSION" "etcd $ETCD_VERSION" "kwok $KWOK_VERSION" "helm $HELM_VERSION"; do
+    # shellcheck disable=SC2086
+    set -- $spec
+    echo "BIN $1 $(bin_path "$1" "$2")"
+  done
+}
+
+main "$@"
