@@ -48,10 +48,11 @@ lint: $(STAMP)
 
 crds: $(STAMP)
 	$(PY) -m finetune_api.crd
-	@if [ -f helm/sync_crds.py ]; then $(PY) helm/sync_crds.py; fi
+	$(PY) helm/chartgen.py
 
 check-crds: $(STAMP)
 	$(PY) -m finetune_api.crd --check
+	$(PY) helm/chartgen.py --check
 
 cluster: $(STAMP) controlplane-bin
 	$(PY) -m tests.controlplane
