@@ -1,0 +1,7 @@
+"""finetune_operator: the kopf operator that turns FineTuneJobs into Indexed batch/v1 Jobs and reports their progress.
+
+Layers: handlers (kopf wiring) -> controller (the reconcile pass) -> pure builders/state/conditions/progress/ledger;
+k8s is the only module that calls the Kubernetes API.
+"""
+
+__version__ = "0.1.0"

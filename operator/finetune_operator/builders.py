@@ -1,0 +1,374 @@
+"""Pure builders: every child object of a FineTuneJob as a plain dict, from the spec and the operator's settings.
+
+Nothing here talks to the API, reads the clock or the environment, so the same inputs give byte-identical objects
+(tests compare whole objects) and a restarted operator rebuilds exactly what it created before. Names are
+deterministic, so a second create answers 409 instead of making a duplicate.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from finetune_api import exitcodes, names
+from finetune_api.spec import FineTuneJobSpec, checkpoint_storage
+
+CONTAINER = "trainer"
+LABEL_JOB = f"{names.GROUP}/job-name"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "finetune-operator"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Server-side selector for the operator's watches on Jobs and Pods: only what it created.
+CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_JOB}"
+GPU_RESOURCE = "nvidia.com/gpu"
+CONFIG_DIR = "/etc/finetune"
+CONFIG_KEY = "job.yaml"
+PVC_ROOT = "/mnt/pvc"
+TOKEN_KEY = "token"
+TRAINER_METRICS_PORT = 9400
+RENDEZVOUS_PORT = 29500
+RUN_AS_USER = 1000
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The FineTuneJob the children belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """The operator settings that shape children (kept apart from Settings so builders stay trivially testable)."""
+
+    trainer_image: str
+    progress_url: str  # base URL; the job's path is appended
+    grace_period_seconds: int = 120
+
+
+def job_name(owner: Owner) -> str:
+    return owner.name
+
+
+def service_name(owner: Owner) -> str:
+    return owner.name
+
+
+def configmap_name(owner: Owner) -> str:
+    return f"{owner.name}-config"
+
+
+def secret_name(owner: Owner) -> str:
+    return f"{owner.name}-progress"
+
+
+def progress_url(ctx: BuildContext, owner: Owner) -> str:
+    return f"{ctx.progress_url.rstrip('/')}/v1/progress/{owner.namespace}/{owner.name}"
+
+
+def labels(owner: Owner) -> dict[str, str]:
+    return {LABEL_MANAGED_BY: MANAGER, LABEL_JOB: owner.name}
+
+
+def owner_reference(owner: Owner) -> dict[str, Any]:
+    """Controller reference: garbage collection deletes the children with the FineTuneJob, no finalizer needed."""
+    return {
+        "apiVersion": names.API_VERSION,
+        "kind": names.KIND,
+        "name": owner.name,
+        "uid": owner.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(owner: Owner, name: str, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": {**labels(owner), **(extra_labels or {})},
+        "ownerReferences": [owner_reference(owner)],
+    }
+
+
+def trainer_manifest(owner: Owner, spec: FineTuneJobSpec) -> dict[str, Any]:
+    """The FineTuneJob as the trainer reads it: identity plus the spec with every default filled in."""
+    return {
+        "apiVersion": names.API_VERSION,
+        "kind": names.KIND,
+        "metadata": {"name": owner.name, "namespace": owner.namespace, "uid": owner.uid},
+        "spec": spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+    }
+
+
+def build_configmap(owner: Owner, spec: FineTuneJobSpec) -> dict[str, Any]:
+    text = yaml.safe_dump(trainer_manifest(owner, spec), sort_keys=False, width=120)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(owner, configmap_name(owner)),
+        "data": {CONFIG_KEY: text},
+    }
+
+
+def build_secret(owner: Owner, token: str, configmap_uid: str) -> dict[str, Any]:
+    """The job's progress token; immutable because it is derived from the job's identity and never changes.
+
+    Owned by the job's ConfigMap, not by the FineTuneJob: garbage collection then removes it with the ConfigMap
+    (at the TTL clean-up or with the FineTuneJob), so the operator needs only `create` on Secrets, never `delete`.
+    """
+    meta = _metadata(owner, secret_name(owner))
+    meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "ConfigMap", "name": configmap_name(owner),
+                                "uid": configmap_uid, "controller": True, "blockOwnerDeletion": False}]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": meta,
+        "type": "Opaque",
+        "immutable": True,
+        "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+    }
+
+
+def build_service(owner: Owner) -> dict[str, Any]:
+    """Headless Service: gives pod <job>-0 a DNS name for the torchrun rendezvous, before it is Ready."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, service_name(owner)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": labels(owner),
+            "ports": [
+                {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"},
+                {"name": "metrics", "port": TRAINER_METRICS_PORT, "targetPort": TRAINER_METRICS_PORT,
+                 "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
+    """Claims named by pvc:// locations -> read-only? Inputs are mounted read-only, storage read-write."""
+    claims: dict[str, bool] = {}
+    inputs = [spec.model.source, spec.dataset.train, spec.dataset.validation]
+    outputs = [checkpoint_storage(spec), spec.output.storage]
+    for location, read_only in [*((loc, True) for loc in inputs), *((loc, False) for loc in outputs)]:
+        if location and location.startswith("pvc://"):
+            claim = location.removeprefix("pvc://").split("/", 1)[0]
+            claims[claim] = claims.get(claim, True) and read_only
+    return dict(sorted(claims.items()))
+
+
+def _secret_env(name: str, ref: Any) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def trainer_env(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> list[dict[str, Any]]:
+    """Environment of the trainer container. Credentials only as secretKeyRef: values never enter the Job."""
+    env: list[dict[str, Any]] = [
+        {"name": "FINETUNE_PVC_ROOT", "value": PVC_ROOT},
+        {"name": "FINETUNE_METRICS_PORT", "value": str(TRAINER_METRICS_PORT)},
+        {"name": "FINETUNE_PROGRESS_URL", "value": progress_url(ctx, owner)},
+        {"name": "FINETUNE_PROGRESS_TOKEN",
+         "valueFrom": {"secretKeyRef": {"name": secret_name(owner), "key": TOKEN_KEY}}},
+        {"name": "FINETUNE_TERMINATION_LOG", "value": "/dev/termination-log"},
+        {"name": "FINETUNE_GRACE_PERIOD", "value": str(ctx.grace_period_seconds)},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": "/tmp/huggingface"},
+        {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    creds = spec.credentials
+    if creds and creds.hub_token:
+        env.append(_secret_env("HF_TOKEN", creds.hub_token))
+    if creds and creds.s3:
+        env.append(_secret_env("AWS_ACCESS_KEY_ID", creds.s3.access_key_id))
+        env.append(_secret_env("AWS_SECRET_ACCESS_KEY", creds.s3.secret_access_key))
+        if creds.s3.session_token:
+            env.append(_secret_env("AWS_SESSION_TOKEN", creds.s3.session_token))
+        if creds.s3.endpoint_url:
+            env.append({"name": "AWS_ENDPOINT_URL", "value": creds.s3.endpoint_url})
+        if creds.s3.region:
+            env.append({"name": "AWS_DEFAULT_REGION", "value": creds.s3.region})
+    return env
+
+
+def trainer_command(owner: Owner, spec: FineTuneJobSpec) -> list[str]:
+    """One process: run the trainer directly (its exit code reaches the podFailurePolicy); else torchrun."""
+    workers = spec.resources.workers
+    procs = max(spec.resources.gpus_per_worker, 1)
+    if workers == 1 and procs == 1:
+        return ["python", "-m", "finetune_trainer", f"{CONFIG_DIR}/{CONFIG_KEY}"]
+    master = "127.0.0.1" if workers == 1 else f"{job_name(owner)}-0.{service_name(owner)}"
+    return [
+        "torchrun",
+        f"--nnodes={workers}",
+        f"--nproc_per_node={procs}",
+        "--node_rank=$(JOB_COMPLETION_INDEX)",
+        f"--master_addr={master}",
+        f"--master_port={RENDEZVOUS_PORT}",
+        "-m",
+        "finetune_trainer",
+        f"{CONFIG_DIR}/{CONFIG_KEY}",
+    ]
+
+
+def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
+    r = spec.resources
+    amounts: dict[str, str] = {}
+    if r.cpu is not None:
+        amounts["cpu"] = str(r.cpu)
+    if r.memory is not None:
+        amounts["memory"] = str(r.memory)
+    if r.gpus_per_worker:
+        amounts[GPU_RESOURCE] = str(r.gpus_per_worker)
+    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def _volumes(owner: Owner, spec: FineTuneJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": configmap_name(owner)}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    for i, (claim, read_only) in enumerate(pvc_claims(spec).items()):
+        volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
+        mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": read_only})
+    return volumes, mounts
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """Bad data/config/storage fails the Job at once; disruptions (eviction, preemption, node loss) cost no retry."""
+    return {
+        "rules": [
+            {"action": "FailJob",
+             "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": list(exitcodes.PERMANENT)}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
+
+
+def desired_suspend(spec: FineTuneJobSpec) -> bool:
+    """Kueue admits queued Jobs by unsuspending them, so they are created suspended."""
+    return spec.run_policy.suspend or spec.run_policy.queue_name is not None
+
+
+def build_job(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[str, Any]:
+    r, rp = spec.resources, spec.run_policy
+    volumes, mounts = _volumes(owner, spec)
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": r.image or ctx.trainer_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": trainer_command(owner, spec),
+        "env": trainer_env(owner, spec, ctx),
+        "ports": [
+            {"name": "metrics", "containerPort": TRAINER_METRICS_PORT, "protocol": "TCP"},
+            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
+        ],
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": service_name(owner),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": ctx.grace_period_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if r.node_selector:
+        pod_spec["nodeSelector"] = dict(r.node_selector)
+    if r.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in r.tolerations]
+    if r.priority_class_name:
+        pod_spec["priorityClassName"] = r.priority_class_name
+    job_labels = {KUEUE_QUEUE_LABEL: rp.queue_name} if rp.queue_name else {}
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": r.workers,
+        "parallelism": r.workers,
+        "backoffLimit": rp.backoff_limit,
+        "suspend": desired_suspend(spec),
+        "podFailurePolicy": pod_failure_policy(),
+        "template": {"metadata": {"labels": labels(owner)}, "spec": pod_spec},
+    }
+    if rp.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = rp.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(owner, job_name(owner), job_labels),
+        "spec": job_spec,
+    }
+
+
+def job_spec_patch(spec: FineTuneJobSpec, current: dict[str, Any], kueue_managed: bool) -> dict[str, Any]:
+    """The merge patch that brings a live Job's mutable fields to the spec; empty when nothing differs.
+
+    `current` holds the Job's live suspend, backoffLimit and activeDeadlineSeconds. A Job carrying a Kueue
+    queue label is never (un)suspended here: Kueue owns that switch.
+    """
+    rp = spec.run_policy
+    patch: dict[str, Any] = {}
+    if not kueue_managed and bool(current.get("suspend")) != rp.suspend:
+        patch["suspend"] = rp.suspend
+    if current.get("backoffLimit") != rp.backoff_limit:
+        patch["backoffLimit"] = rp.backoff_limit
+    if current.get("activeDeadlineSeconds") != rp.active_deadline_seconds:
+        patch["activeDeadlineSeconds"] = rp.active_deadline_seconds
+    return {"spec": patch} if patch else {}
+
+
+def image_allowed(image: str, allowed_registries: tuple[str, ...]) -> bool:
+    """Whether an image reference lies under one of the allowed registry prefixes (empty list: any image)."""
+    if not allowed_registries:
+        return True
+    full = normalise_image(image)
+    for prefix in allowed_registries:
+        p = prefix.rstrip("/")
+        if full == p or full.startswith(p + "/") or full.startswith(p + ":") or full.startswith(p + "@"):
+            return True
+    return False
+
+
+def normalise_image(image: str) -> str:
+    """docker.io/library/ is implied for bare names (python:3.11), as the container runtime does."""
+    first, _, rest = image.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        return image
+    if not rest:
+        return f"docker.io/library/{image}"
+    return f"docker.io/{image}"

@@ -1,0 +1,80 @@
+"""Pure bookkeeping of the pods a job has run: restarts and GPU-seconds that outlive the pods themselves.
+
+An evicted pod is deleted from the API, and the Job controller does not count failures its podFailurePolicy ignores,
+so neither the Job's status nor the live pods can say how often training restarted. The operator therefore keeps one
+record per pod uid it has seen. When a ledger is (re)built after an operator restart, `offset` carries what the last
+written status already counted and the live pods can no longer show.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from finetune_operator.observe import JobView, PodView, parse_time
+
+TERMINAL_POD_PHASES = ("Succeeded", "Failed")
+
+
+@dataclass
+class PodRecord:
+    index: int
+    gpu_seconds: float = 0.0
+    finished: bool = False
+    stopped_by_suspend: bool = False  # deleted because the Job was suspended: not a restart
+
+
+@dataclass
+class Ledger:
+    job_uid: str
+    pods: dict[str, PodRecord] = field(default_factory=dict)
+    restart_offset: int = 0
+    gpu_offset: float = 0.0
+
+    @property
+    def restarts(self) -> int:
+        per_index: dict[int, list[PodRecord]] = {}
+        for rec in self.pods.values():
+            per_index.setdefault(rec.index, []).append(rec)
+        replaced = sum(max(0, len(recs) - 1 - sum(r.stopped_by_suspend for r in recs)) for recs in per_index.values())
+        return self.restart_offset + replaced
+
+    @property
+    def gpu_seconds(self) -> float:
+        return self.gpu_offset + sum(r.gpu_seconds for r in self.pods.values())
+
+
+def _pod_gpu_seconds(pod: PodView, now: float) -> float:
+    start = parse_time(pod.started_at)
+    if start is None or not pod.gpus:
+        return 0.0
+    end = parse_time(pod.finished_at) if pod.finished_at else now
+    return max(0.0, (end or now) - start) * pod.gpus
+
+
+def update(
+    ledger: Ledger | None,
+    job: JobView,
+    pods: list[PodView],
+    prev_restarts: int | None,
+    prev_gpu_seconds: float | None,
+    now: float,
+) -> Ledger:
+    """Record the pods seen now; a new ledger (first pass, operator restart or a new Job) is seeded from status."""
+    seeded = ledger is None or ledger.job_uid != job.uid
+    if seeded:
+        ledger = Ledger(job_uid=job.uid)
+    assert ledger is not None
+    for pod in pods:
+        rec = ledger.pods.get(pod.uid)
+        if rec is None:
+            rec = ledger.pods[pod.uid] = PodRecord(index=pod.index)
+        rec.gpu_seconds = max(rec.gpu_seconds, _pod_gpu_seconds(pod, now))
+        rec.finished = rec.finished or (pod.phase in TERMINAL_POD_PHASES and not job.suspend)
+    if job.suspend:
+        for rec in ledger.pods.values():
+            if not rec.finished:
+                rec.stopped_by_suspend = True
+    if seeded:
+        ledger.restart_offset = max(0, (prev_restarts or 0) - ledger.restarts)
+        ledger.gpu_offset = max(0.0, (prev_gpu_seconds or 0.0) - ledger.gpu_seconds)
+    return ledger

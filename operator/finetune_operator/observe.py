@@ -1,0 +1,204 @@
+"""Small frozen summaries of the Jobs and Pods the operator watches, and RFC 3339 time helpers.
+
+The watch caches hold these instead of whole objects: a thousand jobs with their pods stay a few megabytes, and
+the state machine reads exactly the facts it needs, so tests build them directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from finetune_api import names
+from finetune_operator.builders import GPU_RESOURCE, KUEUE_QUEUE_LABEL, LABEL_JOB
+
+JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
+INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+
+def parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def format_time(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(int(epoch), tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def controller_uid(meta: dict[str, Any], kind: str | None = None) -> str | None:
+    """uid of the object's controller owner (optionally only when it is of `kind`)."""
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("controller") and (kind is None or ref.get("kind") == kind):
+            return ref.get("uid")
+    return None
+
+
+@dataclass(frozen=True)
+class JobCondition:
+    type: str
+    status: str
+    reason: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class JobView:
+    """What the operator needs from a batch/v1 Job."""
+
+    name: str
+    namespace: str
+    uid: str
+    owner_uid: str | None
+    suspend: bool = False
+    backoff_limit: int | None = None
+    active_deadline_seconds: int | None = None
+    queue_name: str | None = None
+    active: int = 0
+    ready: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    conditions: tuple[JobCondition, ...] = ()
+    start_time: str | None = None
+    completion_time: str | None = None
+    created: str | None = None
+
+    def condition(self, type_: str) -> JobCondition | None:
+        for c in self.conditions:
+            if c.type == type_ and c.status == "True":
+                return c
+        return None
+
+    @property
+    def live_spec(self) -> dict[str, Any]:
+        return {"suspend": self.suspend, "backoffLimit": self.backoff_limit,
+                "activeDeadlineSeconds": self.active_deadline_seconds}
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the operator needs from one trainer pod."""
+
+    name: str
+    uid: str
+    job_uid: str | None
+    index: int = 0
+    phase: str = "Pending"
+    node: str | None = None
+    deleting: bool = False
+    gpus: int = 0
+    unschedulable: str | None = None  # the scheduler's message
+    waiting_reason: str | None = None
+    waiting_message: str | None = None
+    exit_code: int | None = None
+    terminated_reason: str | None = None
+    terminated_message: str | None = None
+    disrupted: bool = False
+    started_at: str | None = None
+    finished_at: str | None = None
+    created: str | None = None
+
+
+def summarize_job(body: dict[str, Any]) -> JobView:
+    meta, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
+    conds = tuple(
+        JobCondition(type=c.get("type", ""), status=c.get("status", ""), reason=c.get("reason") or "",
+                     message=c.get("message") or "")
+        for c in status.get("conditions") or []
+    )
+    return JobView(
+        name=meta.get("name", ""),
+        namespace=meta.get("namespace", ""),
+        uid=meta.get("uid", ""),
+        owner_uid=controller_uid(meta, names.KIND),
+        suspend=bool(spec.get("suspend")),
+        backoff_limit=spec.get("backoffLimit"),
+        active_deadline_seconds=spec.get("activeDeadlineSeconds"),
+        queue_name=(meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL),
+        active=int(status.get("active") or 0),
+        ready=int(status.get("ready") or 0),
+        succeeded=int(status.get("succeeded") or 0),
+        failed=int(status.get("failed") or 0),
+        conditions=conds,
+        start_time=status.get("startTime"),
+        completion_time=status.get("completionTime"),
+        created=meta.get("creationTimestamp"),
+    )
+
+
+def _gpus(spec: dict[str, Any]) -> int:
+    total = 0
+    for c in spec.get("containers") or []:
+        res = c.get("resources") or {}
+        value = (res.get("limits") or {}).get(GPU_RESOURCE) or (res.get("requests") or {}).get(GPU_RESOURCE)
+        with contextlib.suppress(TypeError, ValueError):
+            total += int(value or 0)
+    return total
+
+
+def summarize_pod(body: dict[str, Any]) -> PodView:
+    meta, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    unschedulable = None
+    disrupted = False
+    for c in status.get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+            unschedulable = c.get("message") or "the scheduler found no node for the pod"
+        if c.get("type") == "DisruptionTarget" and c.get("status") == "True":
+            disrupted = True
+    waiting_reason = waiting_message = None
+    exit_code = term_reason = term_message = None
+    started_at = finished_at = None
+    statuses = status.get("containerStatuses") or []
+    for cs in statuses:
+        state = cs.get("state") or {}
+        if "waiting" in state:
+            waiting_reason = state["waiting"].get("reason")
+            waiting_message = state["waiting"].get("message")
+        if "running" in state:
+            started_at = state["running"].get("startedAt")
+        if "terminated" in state:
+            t = state["terminated"]
+            exit_code = t.get("exitCode")
+            term_reason = t.get("reason")
+            term_message = t.get("message")
+            started_at = t.get("startedAt") or started_at
+            finished_at = t.get("finishedAt")
+        break  # one container: the trainer
+    try:
+        index = int(annotations.get(INDEX_ANNOTATION) or labels.get(INDEX_ANNOTATION) or 0)
+    except ValueError:
+        index = 0
+    return PodView(
+        name=meta.get("name", ""),
+        uid=meta.get("uid", ""),
+        job_uid=labels.get(JOB_UID_LABEL) or controller_uid(meta, "Job"),
+        index=index,
+        phase=status.get("phase") or "Pending",
+        node=spec.get("nodeName"),
+        deleting=bool(meta.get("deletionTimestamp")),
+        gpus=_gpus(spec),
+        unschedulable=unschedulable,
+        waiting_reason=waiting_reason,
+        waiting_message=waiting_message,
+        exit_code=exit_code,
+        terminated_reason=term_reason,
+        terminated_message=term_message,
+        disrupted=disrupted,
+        started_at=started_at if (started_at or status.get("phase") != "Running") else status.get("startTime"),
+        finished_at=finished_at,
+        created=meta.get("creationTimestamp"),
+    )
+
+
+def owner_key(body: dict[str, Any]) -> tuple[str, str] | None:
+    """(namespace, FineTuneJob name) of a watched child, from the operator's label."""
+    meta = body.get("metadata") or {}
+    name = (meta.get("labels") or {}).get(LABEL_JOB)
+    return (meta.get("namespace", ""), name) if name else None

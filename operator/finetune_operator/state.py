@@ -1,0 +1,270 @@
+"""The phase and condition state machine: a pure function from what the operator observed to the new status.
+
+`compute_status(previous, observation)` is all the policy there is; the controller only gathers the observation and
+writes the result when it differs. Succeeded and Failed are final: later observations (a TTL-deleted Job, a fixed
+image) never bring a finished job back to life.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from finetune_api import exitcodes
+from finetune_api.status import TERMINAL_PHASES, FineTuneJobStatus, OutputStatus
+from finetune_operator import conditions as cond
+from finetune_operator.observe import JobCondition, JobView, PodView, parse_time
+from finetune_operator.progress import ProgressReport, apply_report
+
+# Reasons (CamelCase, stable: dashboards and alerts match on them).
+INVALID_SPEC = "InvalidSpec"
+NAME_CONFLICT = "NameConflict"
+JOB_CREATED = "JobCreated"
+PODS_PENDING = "PodsPending"
+PODS_RUNNING = "PodsRunning"
+UNSCHEDULABLE = "Unschedulable"
+IMAGE_PULL = "ImagePullBackOff"
+CONTAINER_CONFIG = "CreateContainerConfigError"
+QUOTA_EXCEEDED = "QuotaExceeded"
+FAILED_CREATE = "FailedCreate"
+WAITING_FOR_ADMISSION = "WaitingForAdmission"
+ADMITTED = "Admitted"
+SUSPENDED = "Suspended"
+RESUMED = "Resumed"
+COMPLETED = "Completed"
+BACKOFF_LIMIT = "BackoffLimitExceeded"
+DEADLINE = "DeadlineExceeded"
+POD_FAILURE_POLICY = "PodFailurePolicy"
+EXIT_REASONS = {
+    exitcodes.DATA_ERROR: "DataError",
+    exitcodes.CONFIG_ERROR: "ConfigError",
+    exitcodes.STORAGE_ERROR: "StorageError",
+}
+IMAGE_WAIT_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull")
+MAX_TRAINER_MESSAGE = 4096
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything one reconcile pass saw, already reduced to plain facts."""
+
+    now: str
+    generation: int | None = None
+    workers: int = 1
+    output_storage: str = ""
+    suspend_requested: bool = False
+    job_name: str | None = None
+    job: JobView | None = None
+    pods: tuple[PodView, ...] = ()
+    restarts: int = 0
+    gpu_seconds: float = 0.0
+    create_failure: str | None = None  # the Job controller's latest FailedCreate message, when it has no pods
+    conflict: str | None = None
+    invalid: str | None = None
+    report: ProgressReport | None = None
+
+
+def pending_problem(pods: tuple[PodView, ...], create_failure: str | None) -> tuple[str, str] | None:
+    """Why workers are not running, in the order a user should fix things; None when nothing is wrong yet."""
+    live = [p for p in pods if p.phase not in ("Succeeded", "Failed") and not p.deleting]
+    if create_failure and not live:
+        return (QUOTA_EXCEEDED if "exceeded quota" in create_failure else FAILED_CREATE), create_failure
+    for p in live:
+        if p.unschedulable:
+            return UNSCHEDULABLE, f"pod {p.name}: {p.unschedulable}"
+    for p in live:
+        if p.waiting_reason in IMAGE_WAIT_REASONS:
+            return IMAGE_PULL, f"pod {p.name}: {p.waiting_reason}: {p.waiting_message or 'cannot pull the image'}"
+    for p in live:
+        if p.waiting_reason == CONTAINER_CONFIG:
+            return CONTAINER_CONFIG, f"pod {p.name}: {p.waiting_message or 'a referenced Secret or key is missing'}"
+    return None
+
+
+def _latest_failed(pods: tuple[PodView, ...], codes: tuple[int, ...] | None = None) -> PodView | None:
+    failed = [p for p in pods if p.phase == "Failed" and p.exit_code is not None
+              and (codes is None or p.exit_code in codes)]
+    failed.sort(key=lambda p: (parse_time(p.finished_at) or 0.0, p.name))
+    return failed[-1] if failed else None
+
+
+def failure(job_cond: JobCondition, pods: tuple[PodView, ...]) -> tuple[str, str]:
+    """(reason, message) for a failed Job, with the trainer's own words when a permanent exit code ended it."""
+    if job_cond.reason == POD_FAILURE_POLICY:
+        pod = _latest_failed(pods, exitcodes.PERMANENT)
+        if pod is not None and pod.exit_code is not None:
+            said = (pod.terminated_message or "").strip()[-MAX_TRAINER_MESSAGE:]
+            desc = exitcodes.DESCRIPTIONS.get(pod.exit_code, "")
+            text = f"trainer exited with code {pod.exit_code} ({desc})" + (f": {said}" if said else "")
+            return EXIT_REASONS.get(pod.exit_code, POD_FAILURE_POLICY), text
+        return POD_FAILURE_POLICY, job_cond.message or "a pod failure policy rule failed the Job"
+    if job_cond.reason == BACKOFF_LIMIT:
+        pod = _latest_failed(pods)
+        detail = ""
+        if pod is not None:
+            why = f" ({pod.terminated_reason})" if pod.terminated_reason else ""
+            detail = f"; last failure: pod {pod.name} exited with code {pod.exit_code}{why}"
+        return BACKOFF_LIMIT, (job_cond.message or "Job has reached the specified backoff limit") + detail
+    if job_cond.reason == DEADLINE:
+        return DEADLINE, job_cond.message or "Job was active longer than runPolicy.activeDeadlineSeconds"
+    return job_cond.reason or "JobFailed", job_cond.message or "the Job failed"
+
+
+def _set(st: FineTuneJobStatus, type_: str, status: str, reason: str, message: str, obs: Observation) -> None:
+    st.conditions, _ = cond.set_condition(st.conditions, type_, status, reason, message, obs.generation, obs.now)
+
+
+def _clear(st: FineTuneJobStatus, type_: str, reason: str, message: str, obs: Observation) -> None:
+    """Turn a condition False only if it exists: absent conditions stay absent."""
+    if cond.find(st.conditions, type_) is not None:
+        _set(st, type_, "False", reason, message, obs)
+
+
+def _first_start(pods: tuple[PodView, ...], job: JobView | None) -> str | None:
+    starts = sorted(p.started_at for p in pods if p.started_at)
+    return starts[0] if starts else (job.start_time if job else None)
+
+
+def compute_status(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStatus:
+    """The status this observation calls for. Never mutates `prev`."""
+    st = prev.model_copy(deep=True)
+    st.observed_generation = obs.generation
+    if prev.phase in TERMINAL_PHASES:
+        return apply_report(st, obs.report) if obs.report is not None else st
+
+    if obs.invalid is not None:
+        st.phase = "Failed"
+        _set(st, "Failed", "True", INVALID_SPEC, obs.invalid, obs)
+        st.completion_time = st.completion_time or obs.now
+        return st
+    if obs.conflict is not None:
+        st.phase = "Pending"
+        _set(st, "Created", "False", NAME_CONFLICT, obs.conflict, obs)
+        return st
+    job = obs.job
+    if job is None:
+        st.phase = st.phase or "Pending"
+        return st
+
+    st.job_name = job.name
+    _set(st, "Created", "True", JOB_CREATED, f"Job {job.name} with its Service, ConfigMap and Secret exists", obs)
+    st.restarts = obs.restarts
+    st.gpu_seconds = round(obs.gpu_seconds, 1)
+    if obs.report is not None:
+        st = apply_report(st, obs.report)
+
+    complete = job.condition("Complete") or job.condition("SuccessCriteriaMet")
+    failed = job.condition("Failed") or job.condition("FailureTarget")
+    if complete is not None:
+        st.phase = "Succeeded"
+        _set(st, "Succeeded", "True", COMPLETED, f"all {obs.workers} worker(s) finished training", obs)
+        _clear(st, "Running", COMPLETED, "training finished", obs)
+        st.start_time = st.start_time or _first_start(obs.pods, job)
+        st.completion_time = st.completion_time or job.completion_time or obs.now
+        if st.output is None and obs.output_storage:
+            st.output = OutputStatus(path=obs.output_storage)
+        return st
+    if failed is not None:
+        reason, message = failure(failed, obs.pods)
+        st.phase = "Failed"
+        _set(st, "Failed", "True", reason, message, obs)
+        _clear(st, "Running", reason, message, obs)
+        st.start_time = st.start_time or _first_start(obs.pods, job)
+        st.completion_time = st.completion_time or obs.now
+        return st
+
+    if job.suspend:
+        if job.queue_name and not obs.suspend_requested:
+            st.phase = "Queued"
+            _set(st, "Queued", "True", WAITING_FOR_ADMISSION,
+                 f"waiting for Kueue to admit the Job through LocalQueue {job.queue_name}", obs)
+            _clear(st, "Running", WAITING_FOR_ADMISSION, "queued", obs)
+        else:
+            st.phase = "Suspended"
+            _set(st, "Suspended", "True", SUSPENDED,
+                 "runPolicy.suspend is true: pods were stopped and resume from the latest checkpoint", obs)
+            _clear(st, "Running", SUSPENDED, "suspended", obs)
+        return st
+
+    if cond.is_true(st.conditions, "Queued"):
+        _set(st, "Queued", "False", ADMITTED, "Kueue admitted the Job", obs)
+    if cond.is_true(st.conditions, "Suspended"):
+        _set(st, "Suspended", "False", RESUMED, "resumed from the latest checkpoint", obs)
+
+    running = [p for p in obs.pods if p.phase == "Running" and not p.deleting]
+    problem = pending_problem(obs.pods, obs.create_failure)
+    # Running means training can progress: every torchrun worker is up. Messages carry no counts, so pods
+    # starting one by one do not each cost a status write.
+    # Workers that already finished count as up: between the last pod's exit and the Job's Complete condition the
+    # job is still Running, not Pending.
+    up = {p.index for p in running} | {p.index for p in obs.pods if p.phase == "Succeeded"}
+    if up and len(up) >= obs.workers and problem is None:
+        st.phase = "Running"
+        _set(st, "Running", "True", PODS_RUNNING, f"all {obs.workers} worker pod(s) are running", obs)
+        st.start_time = st.start_time or _first_start(tuple(running), job) or obs.now
+        return st
+    st.phase = "Pending"
+    reason, message = problem or (PODS_PENDING, f"waiting for {obs.workers} worker pod(s) to start")
+    _set(st, "Running", "False", reason, message, obs)
+    return st
+
+
+_HEADLINE = {"Pending": "Running", "Queued": "Queued", "Running": "Running", "Succeeded": "Succeeded",
+             "Failed": "Failed", "Suspended": "Suspended"}
+WARNING_REASONS = frozenset({NAME_CONFLICT, QUOTA_EXCEEDED, FAILED_CREATE, UNSCHEDULABLE, IMAGE_PULL, CONTAINER_CONFIG})
+
+
+def headline(st: FineTuneJobStatus) -> tuple[str, str, str] | None:
+    """(phase, reason, message) a person should read first: the condition that explains the phase."""
+    if st.phase is None:
+        return None
+    created = cond.find(st.conditions, "Created")
+    c = created if created is not None and created.status == "False" else cond.find(st.conditions,
+                                                                                      _HEADLINE[st.phase])
+    if c is None:
+        return st.phase, st.phase, f"phase {st.phase}"
+    return st.phase, c.reason, c.message
+
+
+def transition_event(prev: FineTuneJobStatus, new: FineTuneJobStatus) -> tuple[str, str, str] | None:
+    """(type, reason, message) of the Kubernetes Event for a change of phase or of its explaining reason."""
+    before, after = headline(prev), headline(new)
+    if after is None or (before is not None and before[:2] == after[:2]):
+        return None
+    if after[:2] == ("Pending", PODS_PENDING):
+        return None  # pods starting is the normal course of events; their arrival is announced as Running
+    phase, reason, message = after
+    kind = "Warning" if phase == "Failed" or reason in WARNING_REASONS else "Normal"
+    return kind, reason, f"{phase}: {message}"
+
+
+def merge_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7386 merge patch turning `old` into `new`: removed keys become null, nested maps recurse."""
+    patch: dict[str, Any] = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        before = old.get(key)
+        if before == value:
+            continue
+        if isinstance(before, dict) and isinstance(value, dict):
+            patch[key] = merge_diff(before, value)
+        else:
+            patch[key] = value
+    return patch
+
+
+def dump_status(st: FineTuneJobStatus) -> dict[str, Any]:
+    return st.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def status_patch(prev_raw: dict[str, Any], new: FineTuneJobStatus) -> dict[str, Any] | None:
+    """The status merge patch, or None when nothing worth a write changed.
+
+    `prev_raw` is the status as stored. GPU-seconds of a running job grow every second; they ride along with other
+    changes and are written on their own only at the end, so a resync of a steady job writes nothing.
+    """
+    patch = merge_diff(prev_raw, dump_status(new))
+    if not patch or (set(patch) == {"gpuSeconds"} and new.phase not in TERMINAL_PHASES):
+        return None
+    return patch

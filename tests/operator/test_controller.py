@@ -1,0 +1,445 @@
+"""The reconcile pass against an in-memory API: which calls it makes, and which it does not.
+
+The real control plane proves the behaviour end to end (test_operator_cluster.py); here the API can fail on cue
+(500 bursts, 409 on status, foreign owners), and every write is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+from typing import Any
+
+from finetune_api.spec import FineTuneJobSpec
+from finetune_operator import builders
+from finetune_operator.controller import Controller
+from finetune_operator.k8s import ApiError
+from finetune_operator.metrics import Metrics
+from finetune_operator.observe import PodView, summarize_job
+from finetune_operator.progress import job_token
+from finetune_operator.settings import Settings
+from tests.operator.helpers import manifest
+
+KEY = b"test-progress-key-0123456789"
+NS, NAME = "team-a", "job1"
+
+
+class FakeKube:
+    """Just enough of k8s.Kube: objects by (kind, namespace, name), a call log, injectable failures."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.calls: list[tuple[str, str, str]] = []
+        self.fail: list[tuple[str, str, int]] = []  # (verb, kind, status) consumed in order when matching
+        self.events: list[tuple[str, str, str]] = []
+        self.failed_create_events: list[dict[str, Any]] = []
+        self._uid = itertools.count(1)
+        self._rv = itertools.count(100)
+
+    def _maybe_fail(self, verb: str, kind: str) -> None:
+        for i, (v, k, status) in enumerate(self.fail):
+            if v == verb and k == kind:
+                del self.fail[i]
+                raise ApiError(verb, kind, status, {"reason": "Injected", "message": f"injected {status}"})
+
+    def writes(self) -> list[tuple[str, str, str]]:
+        return [c for c in self.calls if c[0] != "GET"]
+
+    def add(self, obj: dict[str, Any]) -> dict[str, Any]:
+        obj = copy.deepcopy(obj)
+        meta = obj["metadata"]
+        meta.setdefault("uid", f"uid-{next(self._uid)}")
+        meta["resourceVersion"] = str(next(self._rv))
+        meta.setdefault("creationTimestamp", "2026-01-01T00:00:00Z")
+        meta.setdefault("generation", 1)
+        self.objects[(obj["kind"], meta["namespace"], meta["name"])] = obj
+        return copy.deepcopy(obj)
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        kind, meta = obj["kind"], obj["metadata"]
+        self.calls.append(("POST", kind, meta["name"]))
+        self._maybe_fail("POST", kind)
+        if (kind, meta["namespace"], meta["name"]) in self.objects:
+            raise ApiError("POST", kind, 409, {"reason": "AlreadyExists", "message": "exists"})
+        return self.add(obj)
+
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls.append(("GET", kind, name))
+        self._maybe_fail("GET", kind)
+        obj = self.objects.get((kind, namespace, name))
+        return copy.deepcopy(obj) if obj else None
+
+    async def patch(self, api_version: str, kind: str, namespace: str, name: str, patch: dict[str, Any],
+                    subresource: str | None = None) -> dict[str, Any]:
+        self.calls.append(("PATCH", kind, name))
+        self._maybe_fail("PATCH", kind)
+        obj = self.objects[(kind, namespace, name)]
+        for section, values in patch.items():
+            obj.setdefault(section, {}).update(values)
+        obj["metadata"]["resourceVersion"] = str(next(self._rv))
+        return copy.deepcopy(obj)
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str,
+                     propagation: str | None = None) -> bool:
+        self.calls.append(("DELETE", kind, name))
+        return self.objects.pop((kind, namespace, name), None) is not None
+
+    async def patch_ftj_status(self, namespace: str, name: str, status_patch: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("PATCH", "FineTuneJob/status", name))
+        self._maybe_fail("PATCH", "FineTuneJob/status")
+        obj = self.objects[("FineTuneJob", namespace, name)]
+        obj["status"] = _merge(obj.get("status") or {}, status_patch)
+        obj["metadata"]["resourceVersion"] = str(next(self._rv))
+        return copy.deepcopy(obj)
+
+    async def job_events(self, namespace: str, job_uid: str, reason: str) -> list[dict[str, Any]]:
+        self.calls.append(("GET", "Event", job_uid))
+        return list(self.failed_create_events)
+
+    async def post_event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        self.calls.append(("POST", "Event", reason))
+        self.events.append((type_, reason, message))
+
+
+def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1767225600.0  # 2026-01-01T00:00:00Z
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class World:
+    """Controller + fake API + hand-fed caches (what kopf's indices would hold)."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.kube = FakeKube()
+        self.clock = Clock()
+        env = {"FINETUNE_PROGRESS_KEY": KEY.decode(), "FINETUNE_TRAINER_IMAGE": "registry.example.com/t:1",
+               "FINETUNE_STATUS_SETTLE_SECONDS": "5", **settings}
+        self.ctl = Controller(Settings.from_env(env), self.kube, Metrics(), clock=self.clock)  # type: ignore[arg-type]
+        self.jobs: dict[tuple[str, str], list[Any]] = {}
+        self.pods: dict[tuple[str, str], list[PodView]] = {}
+        self.ctl.bind_indices(self.jobs, self.pods)
+
+    def apply(self, **overrides: Any) -> dict[str, Any]:
+        body = self.kube.add(manifest(NAME, NS, **overrides))
+        self.ctl.observe_ftj("ADDED", body)
+        return body
+
+    def ftj(self) -> dict[str, Any]:
+        return self.kube.objects[("FineTuneJob", NS, NAME)]
+
+    def sync_caches(self) -> None:
+        """What the watches would deliver: the FineTuneJob and our Jobs."""
+        self.ctl.observe_ftj("MODIFIED", copy.deepcopy(self.ftj()))
+        jobs = [summarize_job(o) for (k, ns, _), o in self.kube.objects.items() if k == "Job" and ns == NS]
+        self.jobs[(NS, NAME)] = jobs
+
+    def run_pods(self, n: int = 1, phase: str = "Running") -> None:
+        job = self.kube.objects[("Job", NS, NAME)]
+        self.pods[(NS, NAME)] = [PodView(name=f"{NAME}-{i}-x", uid=f"pod-{i}", job_uid=job["metadata"]["uid"],
+                                         index=i, phase=phase, gpus=1, started_at="2026-01-01T00:00:00Z")
+                                 for i in range(n)]
+
+    async def reconcile(self) -> None:
+        await self.ctl.reconcile((NS, NAME))
+
+
+def test_creation_makes_four_creates_and_defers_the_pending_status() -> None:
+    async def body() -> None:
+        w = World()
+        w.apply()
+        await w.reconcile()
+        assert w.kube.writes() == [("POST", "ConfigMap", "job1-config"), ("POST", "Service", "job1"),
+                                   ("POST", "Secret", "job1-progress"), ("POST", "Job", "job1")]
+        secret = w.kube.objects[("Secret", NS, "job1-progress")]
+        cm_uid = w.kube.objects[("ConfigMap", NS, "job1-config")]["metadata"]["uid"]
+        assert secret["metadata"]["ownerReferences"][0]["uid"] == cm_uid
+        job = w.kube.objects[("Job", NS, NAME)]
+        owner = builders.Owner(NAME, NS, w.ftj()["metadata"]["uid"])
+        expected = builders.build_job(owner, FineTuneJobSpec.model_validate(w.ftj()["spec"]), w.ctl.ctx)
+        assert job["spec"] == expected["spec"]
+        assert "status" not in w.ftj(), "no Pending write while pods are starting"
+        # Pods run within the settle time: the first status write is already Running.
+        w.sync_caches()
+        w.run_pods()
+        w.clock.now += 1
+        await w.reconcile()
+        assert w.ftj()["status"]["phase"] == "Running"
+        assert w.kube.writes()[4:] == [("PATCH", "FineTuneJob/status", NAME), ("POST", "Event", "PodsRunning")]
+        # Steady state: another pass (a resync) writes nothing.
+        w.sync_caches()
+        before = len(w.kube.calls)
+        await w.reconcile()
+        assert w.kube.calls[before:] == []
+    asyncio.run(body())
+
+
+def test_pending_is_written_once_the_settle_time_passed() -> None:
+    async def body() -> None:
+        w = World()
+        w.apply()
+        await w.reconcile()
+        w.sync_caches()
+        w.clock.now += 6
+        await w.reconcile()
+        assert w.ftj()["status"]["phase"] == "Pending"
+        assert w.ftj()["status"]["conditions"][1]["reason"] == "PodsPending"
+    asyncio.run(body())
+
+
+def test_restart_after_job_created_makes_no_duplicate_and_no_create() -> None:
+    async def body() -> None:
+        w = World()
+        w.apply()
+        await w.reconcile()
+        # A new operator process: empty memory, caches from the watches.
+        w.ctl = Controller(w.ctl.settings, w.kube, Metrics(), clock=w.clock)  # type: ignore[arg-type]
+        w.ctl.bind_indices(w.jobs, w.pods)
+        w.sync_caches()
+        w.run_pods()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert [c for c in w.kube.writes() if c[0] == "POST" and c[1] != "Event"] == []
+        assert w.ftj()["status"]["phase"] == "Running"
+        assert sum(1 for k in w.kube.objects if k[0] == "Job") == 1
+    asyncio.run(body())
+
+
+def test_restart_with_children_present_but_not_yet_watched_treats_409_as_ours() -> None:
+    async def body() -> None:
+        w = World()
+        w.apply()
+        await w.reconcile()
+        w.ctl = Controller(w.ctl.settings, w.kube, Metrics(), clock=w.clock)  # type: ignore[arg-type]
+        w.ctl.bind_indices({}, {})  # the Job watch has not delivered yet
+        w.ctl.observe_ftj("MODIFIED", copy.deepcopy(w.ftj()))
+        w.kube.calls.clear()
+        await w.reconcile()
+        posts = [c for c in w.kube.calls if c[0] == "POST"]
+        assert posts == [("POST", "ConfigMap", "job1-config"), ("POST", "Service", "job1"),
+                         ("POST", "Secret", "job1-progress"), ("POST", "Job", "job1")]  # all answered 409
+        assert sum(1 for k in w.kube.objects if k[0] == "Job") == 1
+        assert "NameConflict" not in str(w.ftj().get("status"))
+    asyncio.run(body())
+
+
+def test_foreign_owner_is_never_adopted() -> None:
+    async def body() -> None:
+        w = World()
+        w.kube.add({"apiVersion": "v1", "kind": "Service", "metadata": {"name": NAME, "namespace": NS},
+                    "spec": {"selector": {"app": "someone-else"}}})
+        w.apply()
+        await w.reconcile()
+        status = w.ftj()["status"]
+        assert status["phase"] == "Pending"
+        created = status["conditions"][0]
+        assert (created["type"], created["status"], created["reason"]) == ("Created", "False", "NameConflict")
+        assert "Service job1 already exists" in created["message"]
+        assert ("Job", NS, NAME) not in w.kube.objects
+        assert w.kube.objects[("Service", NS, NAME)]["spec"] == {"selector": {"app": "someone-else"}}
+        assert "ownerReferences" not in w.kube.objects[("Service", NS, NAME)]["metadata"]
+        assert w.kube.events[-1][:2] == ("Warning", "NameConflict")
+    asyncio.run(body())
+
+
+def test_invalid_image_fails_permanently_and_creates_nothing() -> None:
+    async def body() -> None:
+        w = World(FINETUNE_ALLOWED_REGISTRIES="registry.example.com")
+        w.apply(merge_resources={"image": "evil.example.org/miner:latest"})
+        await w.reconcile()
+        assert [c for c in w.kube.writes() if c[1] in ("Job", "ConfigMap", "Secret", "Service")] == []
+        status = w.ftj()["status"]
+        assert status["phase"] == "Failed"
+        assert status["conditions"][0]["reason"] == "InvalidSpec"
+        assert "evil.example.org/miner:latest" in status["conditions"][0]["message"]
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.writes() == [], "a permanent failure is not retried"
+    asyncio.run(body())
+
+
+def test_api_errors_are_retried_with_backoff_and_no_condition_is_lost() -> None:
+    async def body() -> None:
+        w = World()
+        w.ctl.queue.base_delay = 0.02
+        w.apply()
+        w.kube.fail = [("POST", "Job", 500), ("POST", "Job", 500), ("POST", "Job", 503)]
+        w.ctl.start()
+        try:
+            for _ in range(200):
+                if ("Job", NS, NAME) in w.kube.objects:
+                    break
+                await asyncio.sleep(0.01)
+            assert ("Job", NS, NAME) in w.kube.objects
+            job_posts = [c for c in w.kube.calls if c == ("POST", "Job", NAME)]
+            assert len(job_posts) == 4, "three failures, one success: bounded, no hot loop"
+            # A 409 on the status write (as if another writer won): retried, the condition still lands.
+            w.sync_caches()
+            w.run_pods()
+            w.kube.fail = [("PATCH", "FineTuneJob/status", 409)]
+            w.clock.now += 10
+            w.ctl.queue.add((NS, NAME))
+            for _ in range(200):
+                if (w.ftj().get("status") or {}).get("phase") == "Running":
+                    break
+                await asyncio.sleep(0.01)
+            status = w.ftj()["status"]
+            assert status["phase"] == "Running"
+            assert [c["type"] for c in status["conditions"]] == ["Created", "Running"]
+            assert w.ctl.metrics.reconciles.labels(result="retry")._value.get() >= 4
+        finally:
+            await w.ctl.stop()
+    asyncio.run(body())
+
+
+def test_progress_push_authenticates_and_lands_in_one_write() -> None:
+    async def body() -> None:
+        w = World()
+        w.apply()
+        await w.reconcile()
+        w.sync_caches()
+        w.run_pods()
+        w.clock.now += 1
+        await w.reconcile()
+        uid = w.ftj()["metadata"]["uid"]
+        token = job_token(KEY, NS, NAME, uid)
+        assert w.ctl.accept_report(NS, NAME, "wrong", {"step": 1})[0] == 401
+        assert w.ctl.accept_report(NS, "other", token, {"step": 1})[0] == 401
+        assert w.ctl.accept_report(NS, NAME, token, {"step": -5})[0] == 400
+        report = {"state": "running", "step": 40, "totalSteps": 100, "loss": 0.5, "samplesPerSecond": 12.5,
+                  "etaSeconds": 120, "checkpoint": {"step": 40, "path": "s3://bucket/out/checkpoints/checkpoint-40"}}
+        assert w.ctl.accept_report(NS, NAME, token, report) == (202, "accepted")
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.writes() == [("PATCH", "FineTuneJob/status", NAME)]
+        status = w.ftj()["status"]
+        assert status["progress"]["step"] == 40 and status["progress"]["eta"] == "2m00s"
+        assert status["checkpoints"] == {"latest": {"step": 40, "path": "s3://bucket/out/checkpoints/checkpoint-40"},
+                                         "count": 1}
+        samples = {(s.namespace, s.name): s for s in w.ctl.samples()}
+        assert samples[(NS, NAME)].step == 40
+    asyncio.run(body())
+
+
+def test_quota_exhaustion_is_read_from_failed_create_events() -> None:
+    async def body() -> None:
+        w = World()
+        w.apply()
+        await w.reconcile()
+        w.sync_caches()
+        w.kube.failed_create_events = [{"lastTimestamp": "2026-01-01T00:00:03Z", "message":
+                                        'Error creating: pods "job1-0-x" is forbidden: exceeded quota: gpu, '
+                                        'requested: nvidia.com/gpu=1, used: nvidia.com/gpu=0, limited: '
+                                        'nvidia.com/gpu=0'}]
+        w.clock.now += 10
+        await w.reconcile()
+        running = w.ftj()["status"]["conditions"][1]
+        assert (running["reason"], running["status"]) == ("QuotaExceeded", "False")
+        assert "exceeded quota" in running["message"]
+    asyncio.run(body())
+
+
+def test_terminal_job_is_cleaned_up_after_ttl_and_status_stays() -> None:
+    async def body() -> None:
+        w = World()
+        w.apply(run_policy={"ttlSecondsAfterFinished": 30})
+        await w.reconcile()
+        job = w.kube.objects[("Job", NS, NAME)]
+        job["status"] = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}],
+                         "completionTime": "2026-01-01T00:00:05Z"}
+        w.sync_caches()
+        w.clock.now += 5
+        await w.reconcile()
+        assert w.ftj()["status"]["phase"] == "Succeeded"
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.writes() == [], "TTL not reached yet"
+        w.clock.now += 31
+        await w.reconcile()
+        assert [c for c in w.kube.calls if c[0] == "DELETE"] == [
+            ("DELETE", "Job", NAME), ("DELETE", "Service", NAME), ("DELETE", "ConfigMap", "job1-config")]
+        # (the Secret is owned by the ConfigMap: garbage collection removes it; the operator cannot delete Secrets)
+        assert w.ftj()["status"]["phase"] == "Succeeded"
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.calls == []
+    asyncio.run(body())
+
+
+def test_spec_edits_reach_the_job_but_kueue_owns_suspend() -> None:
+    async def body() -> None:
+        w = World()
+        w.apply()
+        await w.reconcile()
+        w.sync_caches()
+        ftj = w.ftj()
+        ftj["spec"]["runPolicy"] = {"suspend": True, "backoffLimit": 9}
+        ftj["metadata"]["generation"] = 2
+        ftj["status"] = {"observedGeneration": 1}
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert ("PATCH", "Job", NAME) in w.kube.calls
+        assert w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] is True
+        assert w.kube.objects[("Job", NS, NAME)]["spec"]["backoffLimit"] == 9
+        assert ("GET", "ConfigMap", "job1-config") in w.kube.calls  # the trainer's copy is refreshed too
+    asyncio.run(body())
+
+
+def test_kueue_job_is_created_suspended_and_never_unsuspended() -> None:
+    async def body() -> None:
+        w = World()
+        w.apply(run_policy={"queueName": "gpu-queue"})
+        await w.reconcile()
+        job = w.kube.objects[("Job", NS, NAME)]
+        assert job["spec"]["suspend"] is True
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+        w.sync_caches()
+        w.clock.now += 10
+        await w.reconcile()
+        assert w.ftj()["status"]["phase"] == "Queued"
+        job["spec"]["suspend"] = False  # Kueue admits
+        w.sync_caches()
+        w.run_pods()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert ("PATCH", "Job", NAME) not in w.kube.calls
+        assert w.ftj()["status"]["phase"] == "Running"
+    asyncio.run(body())
+
+
+def test_failed_job_reports_the_trainer_message() -> None:
+    async def body() -> None:
+        w = World()
+        w.apply()
+        await w.reconcile()
+        job = w.kube.objects[("Job", NS, NAME)]
+        job["status"] = {"failed": 1, "conditions": [
+            {"type": "FailureTarget", "status": "True", "reason": "PodFailurePolicy", "message": "rule 0"}]}
+        w.sync_caches()
+        w.pods[(NS, NAME)] = [PodView(name="job1-0-x", uid="p", job_uid=job["metadata"]["uid"], phase="Failed",
+                                      exit_code=65, terminated_message="label 'maybe' is not one of [negative, "
+                                      "positive] (line 17)")]
+        await w.reconcile()
+        failed = next(c for c in w.ftj()["status"]["conditions"] if c["type"] == "Failed")
+        assert failed["reason"] == "DataError"
+        assert "label 'maybe' is not one of" in failed["message"]
+        assert w.kube.events[-1][:2] == ("Warning", "DataError")
+    asyncio.run(body())

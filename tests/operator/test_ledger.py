@@ -1,0 +1,56 @@
+"""Restarts and GPU-seconds survive pods that disappear and operators that restart."""
+
+from __future__ import annotations
+
+from finetune_operator.ledger import update
+from finetune_operator.observe import JobView, PodView
+
+T0, T60 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z"
+NOW = 1767225660.0  # 2026-01-01T00:01:00Z
+
+
+def job(suspend: bool = False, uid: str = "job-1") -> JobView:
+    return JobView(name="j", namespace="ns", uid=uid, owner_uid="f", suspend=suspend)
+
+
+def pod(uid: str, phase: str = "Running", index: int = 0, gpus: int = 2, finished: str | None = None) -> PodView:
+    return PodView(name=f"j-{index}-{uid}", uid=uid, job_uid="job-1", index=index, phase=phase, gpus=gpus,
+                   started_at=T0, finished_at=finished)
+
+
+def test_a_replaced_pod_is_one_restart_even_after_it_is_gone() -> None:
+    led = update(None, job(), [pod("a")], 0, 0.0, NOW)
+    assert (led.restarts, led.gpu_seconds) == (0, 120.0)
+    led = update(led, job(), [pod("a", "Failed", finished=T60)], 0, 0.0, NOW + 30)
+    led = update(led, job(), [pod("b")], 0, 0.0, NOW + 30)  # evicted pod deleted, replacement running
+    assert led.restarts == 1
+    assert led.gpu_seconds == 120.0 + 0.0 + 2 * 90  # a: 60 s x 2 GPUs, b: started T0 in this fake, 90 s x 2
+
+
+def test_suspend_and_resume_is_not_a_restart() -> None:
+    led = update(None, job(), [pod("a")], 0, 0.0, NOW)
+    led = update(led, job(suspend=True), [pod("a", "Failed", finished=T60)], 0, 0.0, NOW)
+    led = update(led, job(), [pod("b")], 0, 0.0, NOW)
+    assert led.restarts == 0
+
+
+def test_indexes_count_separately() -> None:
+    led = update(None, job(), [pod("a", index=0), pod("b", index=1)], 0, 0.0, NOW)
+    led = update(led, job(), [pod("c", index=0), pod("d", index=1), pod("e", index=1)], 0, 0.0, NOW)
+    assert led.restarts == 3
+
+
+def test_operator_restart_seeds_from_status() -> None:
+    # Status said 2 restarts and 500 GPU-seconds; the evicted pods are gone, only the current one is visible.
+    led = update(None, job(), [pod("z", gpus=1)], 2, 500.0, NOW)
+    assert led.restarts == 2 and led.gpu_seconds == 500.0
+    led = update(led, job(), [pod("z", "Failed", gpus=1, finished=T60)], 2, 500.0, NOW)
+    led = update(led, job(), [pod("y", gpus=1)], 2, 500.0, NOW)
+    assert led.restarts == 3
+
+
+def test_a_recreated_job_keeps_the_counts() -> None:
+    led = update(None, job(), [pod("a"), pod("b")], 0, 0.0, NOW)
+    assert led.restarts == 1
+    led2 = update(led, job(uid="job-2"), [], led.restarts, led.gpu_seconds, NOW)
+    assert led2.restarts == 1 and led2.gpu_seconds == led.gpu_seconds
