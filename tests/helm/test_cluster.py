@@ -195,13 +195,14 @@ OPERATOR_CALLS = [
     ("get", "configmaps", None), ("create", "configmaps", None), ("patch", "configmaps", None),
     ("delete", "configmaps", None),
     ("get", "services", None), ("create", "services", None), ("delete", "services", None),
-    ("create", "secrets", None), ("delete", "secrets", None),
+    ("create", "secrets", None),
+    ("update", "finetunejobs.finetune.dev", "finalizers"),
     ("create", "events", None), ("list", "events", None),
 ]
 # What the operator must never be able to do.
 OPERATOR_DENIED = [
-    ("get", "secrets", None), ("list", "secrets", None), ("watch", "secrets", None),
-    ("update", "finetunejobs.finetune.dev", None), ("patch", "finetunejobs.finetune.dev", None),
+    ("get", "secrets", None), ("list", "secrets", None), ("watch", "secrets", None), ("delete", "secrets", None),
+    ("get", "finetunejobs.finetune.dev", None), ("update", "finetunejobs.finetune.dev", None), ("patch", "finetunejobs.finetune.dev", None),
     ("delete", "finetunejobs.finetune.dev", None), ("create", "pods", None), ("create", "pods", "exec"),
     ("get", "pods", "log"), ("create", "serviceaccounts", "token"),
     ("create", "rolebindings.rbac.authorization.k8s.io", None), ("escalate", "roles.rbac.authorization.k8s.io", None),

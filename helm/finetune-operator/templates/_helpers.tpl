@@ -103,10 +103,15 @@ tests/helm/test_cluster.py checks each call, and a few that must stay denied, wi
 # FineTuneJobs: kopf lists and watches them; the operator writes status only (never spec, never metadata).
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
+# Children carry a blocking controller ownerReference to their FineTuneJob; where the
+# OwnerReferencesPermissionEnforcement admission plugin is on, that needs update on the owner's finalizers.
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs/finalizers"]
+  verbs: ["update"]
 # The trainer's batch/v1 Job: watched through a label selector, created, patched (suspend, backoffLimit, deadline)
 # and deleted after ttlSecondsAfterFinished. Its pods are only watched.
 - apiGroups: ["batch"]
@@ -122,10 +127,11 @@ tests/helm/test_cluster.py checks each call, and a few that must stay denied, wi
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "create", "delete"]
-# The per-job progress-token Secret: written, never read. No get/list/watch, so no tenant Secret is readable.
+# The per-job progress-token Secret: created, never read (garbage collection deletes it with its ConfigMap).
+# No get/list/watch/delete, so no tenant Secret is readable or removable.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["create", "delete"]
+  verbs: ["create"]
 # Events on FineTuneJobs, and the Job controller's FailedCreate events (e.g. a pod refused by a quota).
 - apiGroups: [""]
   resources: ["events"]
