@@ -201,14 +201,17 @@ def trainer_env(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> list[
 
 
 def trainer_command(owner: Owner, spec: FineTuneJobSpec) -> list[str]:
-    """One process: run the trainer directly (its exit code reaches the podFailurePolicy); else torchrun."""
+    """One process: the trainer itself; else torchrun through the trainer's launcher, which exits with the workers'
+    own code (plain torchrun exits 1 on any failure, hiding the permanent codes from the podFailurePolicy)."""
     workers = spec.resources.workers
     procs = max(spec.resources.gpus_per_worker, 1)
     if workers == 1 and procs == 1:
         return ["python", "-m", "finetune_trainer", f"{CONFIG_DIR}/{CONFIG_KEY}"]
     master = "127.0.0.1" if workers == 1 else f"{job_name(owner)}-0.{service_name(owner)}"
     return [
-        "torchrun",
+        "python",
+        "-m",
+        "finetune_trainer.launch",
         f"--nnodes={workers}",
         f"--nproc_per_node={procs}",
         "--node_rank=$(JOB_COMPLETION_INDEX)",

@@ -132,7 +132,7 @@ def test_multi_worker_job_runs_torchrun_with_rendezvous_on_index_zero() -> None:
     assert (job["spec"]["completions"], job["spec"]["parallelism"], job["spec"]["suspend"]) == (4, 4, True)
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == [
-        "torchrun", "--nnodes=4", "--nproc_per_node=8", "--node_rank=$(JOB_COMPLETION_INDEX)",
+        "python", "-m", "finetune_trainer.launch", "--nnodes=4", "--nproc_per_node=8", "--node_rank=$(JOB_COMPLETION_INDEX)",
         "--master_addr=sentiment-0.sentiment", "--master_port=29500", "-m", "finetune_trainer",
         "/etc/finetune/job.yaml",
     ]
@@ -153,7 +153,7 @@ def test_cpu_only_single_process_and_single_node_multi_gpu() -> None:
     assert container["resources"] == {}
     multi = builders.build_job(OWNER, spec(resources={"workers": 1, "gpusPerWorker": 4}), CTX)
     command = multi["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert command[:3] == ["torchrun", "--nnodes=1", "--nproc_per_node=4"]
+    assert command[:5] == ["python", "-m", "finetune_trainer.launch", "--nnodes=1", "--nproc_per_node=4"]
     assert "--master_addr=127.0.0.1" in command
 
 
