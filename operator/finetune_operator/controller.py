@@ -1,8 +1,9 @@
 """The reconcile loop: gather what the watches saw, let the pure modules decide, write only what changed.
 
-kopf supplies the watch streams (FineTuneJobs, and the operator's own Jobs and Pods through server-side label
-selectors) and feeds this controller; the controller owns a work queue with per-job exclusivity, retries with
-backoff and a periodic resync. One pass = at most the missing creates, one Job patch, one status patch, one Event.
+kopf supplies the watch streams (FineTuneJobs, and the operator's own Jobs, Pods, ConfigMaps and Services through
+server-side label selectors) and feeds this controller; the controller owns a work queue with per-job exclusivity,
+retries with backoff and a periodic resync. One pass = at most the missing creates, one Job patch, one ConfigMap or
+Service repair, one status patch, one Event.
 """
 
 from __future__ import annotations
@@ -26,7 +27,17 @@ from finetune_operator.k8s import ApiError, Kube
 from finetune_operator.ledger import Ledger
 from finetune_operator.ledger import update as update_ledger
 from finetune_operator.metrics import JobSample, Metrics
-from finetune_operator.observe import JobView, PodView, format_time, parse_time, summarize_job
+from finetune_operator.observe import (
+    ConfigMapView,
+    JobView,
+    PodView,
+    ServiceView,
+    data_digest,
+    format_time,
+    parse_time,
+    service_shape,
+    summarize_job,
+)
 from finetune_operator.progress import ProgressReport, job_token, merge_reports, token_valid
 from finetune_operator.settings import Settings
 from finetune_operator.workqueue import WorkQueue
@@ -38,6 +49,7 @@ PROGRESS_MIN_INTERVAL = 2.0  # seconds between progress-driven status writes of 
 QUOTA_RECHECK = 10.0  # seconds between looks at a pod-less Job's FailedCreate events
 STALE_OWNER_RETRY = 2.0  # a same-named child of a deleted FineTuneJob is being garbage-collected
 CREATE_GRACE = 2.0  # seconds a new Job may have no pods before its FailedCreate events are read
+SECRET_RETRIES = 3  # passes that try the progress Secret again after its ConfigMap was recreated (GC race)
 
 
 @dataclass
@@ -101,6 +113,9 @@ class Controller:
         self.ftjs: dict[Key, dict[str, Any]] = {}
         self.jobs_index: Any = None  # kopf.Index[Key, JobView], bound at startup
         self.pods_index: Any = None  # kopf.Index[Key, PodView]
+        self.configmaps_index: Any = None  # kopf.Index[Key, ConfigMapView]; None: no drift repair
+        self.services_index: Any = None  # kopf.Index[Key, ServiceView]
+        self.secret_retries: dict[Key, int] = {}
         self.ledgers: dict[Key, Ledger] = {}
         self.reports: dict[Key, ProgressReport] = {}
         self.created_at: dict[Key, float] = {}
@@ -113,8 +128,9 @@ class Controller:
 
     # ------------------------------------------------------------------------------------------ watch intake
 
-    def bind_indices(self, jobs: Any, pods: Any) -> None:
+    def bind_indices(self, jobs: Any, pods: Any, configmaps: Any = None, services: Any = None) -> None:
         self.jobs_index, self.pods_index = jobs, pods
+        self.configmaps_index, self.services_index = configmaps, services
 
     def observe_ftj(self, event_type: str | None, body: dict[str, Any]) -> None:
         meta = body.get("metadata") or {}
@@ -148,6 +164,7 @@ class Controller:
         self.created_at.pop(key, None)
         self.last_status_write.pop(key, None)
         self.create_failures.pop(key, None)
+        self.secret_retries.pop(key, None)
         self.cleaned.discard(key)
         self.queue.forget(key)
         self.metrics.forget(*key)
@@ -259,6 +276,13 @@ class Controller:
         except RuntimeError:  # the index changed while iterating: take a fresh look next pass
             return []
 
+    @staticmethod
+    def _cached(index: Any, key: Key) -> list[Any]:
+        try:
+            return list(index.get(key, ()))
+        except RuntimeError:  # the index changed while iterating
+            return []
+
     def _pods(self, key: Key, job_uid: str) -> list[PodView]:
         if self.pods_index is None:
             return []
@@ -307,8 +331,8 @@ class Controller:
                 self.created_at[key] = now
         else:
             await self._sync_job(key, spec, job)
-            if prev.observed_generation is not None and generation != prev.observed_generation:
-                await self._sync_configmap(owner, spec)
+            if not job.condition("Complete") and not job.condition("Failed"):
+                await self._repair_children(key, owner, spec)
         assert job is not None
 
         pods = self._pods(key, job.uid)
@@ -436,15 +460,21 @@ class Controller:
                 raise
             if kind == "Secret":
                 return child  # the operator may not read Secrets; its deterministic name is trusted (README)
-            existing = await self.kube.get(child["apiVersion"], kind, owner.namespace, child_name)
-            if existing is None:
-                raise kopf.TemporaryError(f"{kind} {child_name} vanished during create", delay=1.0) from exc
-            if self._owned(existing, owner):
-                return existing
-            if self._stale_owner(existing, owner):
-                return CreateResult(stale=True)
-            return CreateResult(conflict=f"{kind} {child_name} already exists and is not owned by this FineTuneJob; "
-                                         f"it is left alone (rename the FineTuneJob or delete the {kind})")
+            return await self._existing(owner, child, exc)
+
+    async def _existing(self, owner: builders.Owner, child: dict[str, Any],
+                        exc: ApiError) -> dict[str, Any] | CreateResult:
+        """After a 409: the existing object if it is ours, else why it is not (NameConflict, or a stale owner)."""
+        kind, child_name = child["kind"], child["metadata"]["name"]
+        existing = await self.kube.get(child["apiVersion"], kind, owner.namespace, child_name)
+        if existing is None:
+            raise kopf.TemporaryError(f"{kind} {child_name} vanished during create", delay=1.0) from exc
+        if self._owned(existing, owner):
+            return existing
+        if self._stale_owner(existing, owner):
+            return CreateResult(stale=True)
+        return CreateResult(conflict=f"{kind} {child_name} already exists and is not owned by this FineTuneJob; "
+                                     f"it is left alone (rename the FineTuneJob or delete the {kind})")
 
     async def _sync_job(self, key: Key, spec: FineTuneJobSpec, job: JobView) -> None:
         """Carry allowed spec edits (suspend, backoffLimit, activeDeadlineSeconds) to the live Job."""
@@ -455,13 +485,76 @@ class Controller:
             await self.kube.patch("batch/v1", "Job", key[0], job.name, patch)
             log.info("%s/%s: updated Job %s: %s", *key, job.name, patch["spec"])
 
-    async def _sync_configmap(self, owner: builders.Owner, spec: FineTuneJobSpec) -> None:
-        """After a spec edit, refresh the trainer's configuration (restarted pods read the new one)."""
-        desired = builders.build_configmap(owner, spec)
-        current = await self.kube.get("v1", "ConfigMap", owner.namespace, desired["metadata"]["name"])
-        if current is not None and self._owned(current, owner) and current.get("data") != desired["data"]:
-            await self.kube.patch("v1", "ConfigMap", owner.namespace, desired["metadata"]["name"],
-                                  {"data": desired["data"]})
+    async def _repair_children(self, key: Key, owner: builders.Owner, spec: FineTuneJobSpec) -> None:
+        """Put the ConfigMap and the Service back as the builders say: recreate a missing one, patch (ConfigMap data)
+        or recreate (Service) a drifted one. Compared against the watch caches, so a steady job costs no request.
+        A spec edit refreshes the ConfigMap the same way (restarted pods read the new configuration).
+        Foreign objects are never touched: a create answered 409 with another owner is a logged conflict."""
+        if self.configmaps_index is None or self.services_index is None:
+            return  # no caches to compare against (drift repair needs the ConfigMap and Service watches)
+        desired_cm = builders.build_configmap(owner, spec)
+        cms: list[ConfigMapView] = self._cached(self.configmaps_index, key)
+        cm = next((c for c in cms if c.owner_uid == owner.uid and c.name == desired_cm["metadata"]["name"]), None)
+        if cm is None:
+            try:
+                created = await self.kube.create(desired_cm)
+            except ApiError as exc:  # 409: already there (the watch is behind), ours or someone else's
+                if not exc.conflict:
+                    raise
+                existing = await self._existing(owner, desired_cm, exc)
+                if not isinstance(existing, dict):
+                    self._repair_refused(key, existing)
+                elif existing.get("data") != desired_cm["data"]:
+                    await self.kube.patch("v1", "ConfigMap", owner.namespace, desired_cm["metadata"]["name"],
+                                          {"data": desired_cm["data"]})
+            else:
+                log.info("%s/%s: ConfigMap %s recreated", *key, desired_cm["metadata"]["name"])
+                self.secret_retries[key] = SECRET_RETRIES
+                await self._recreate_secret(key, owner, created["metadata"]["uid"])
+        else:
+            if not cm.deleting and cm.data_digest != data_digest(desired_cm["data"]):
+                await self.kube.patch("v1", "ConfigMap", owner.namespace, cm.name, {"data": desired_cm["data"]})
+                log.info("%s/%s: ConfigMap %s put back to the spec", *key, cm.name)
+            if self.secret_retries.get(key):
+                await self._recreate_secret(key, owner, cm.uid)
+
+        desired_svc = builders.build_service(owner)
+        svcs: list[ServiceView] = self._cached(self.services_index, key)
+        svc = next((s for s in svcs if s.owner_uid == owner.uid and s.name == desired_svc["metadata"]["name"]), None)
+        if svc is not None and not svc.deleting and svc.shape != service_shape(desired_svc["spec"]):
+            await self.kube.delete("v1", "Service", owner.namespace, svc.name)
+            log.info("%s/%s: Service %s differed from the spec; recreating it", *key, svc.name)
+            svc = None
+        if svc is None:
+            created = await self._create_one(owner, desired_svc)
+            if isinstance(created, dict):
+                log.info("%s/%s: Service %s recreated", *key, desired_svc["metadata"]["name"])
+            else:
+                self._repair_refused(key, created)
+
+    async def _recreate_secret(self, key: Key, owner: builders.Owner, configmap_uid: str) -> None:
+        """The progress Secret is owned by the ConfigMap: a recreated ConfigMap needs a new one. The old one may still
+        be on its way out (garbage collection), answering 409; a few later passes try again (Secrets are not read)."""
+        tries = self.secret_retries.get(key, 0)
+        if tries <= 0:
+            return
+        token = job_token(self.settings.progress_key, owner.namespace, owner.name, owner.uid)
+        try:
+            await self.kube.create(builders.build_secret(owner, token, configmap_uid))
+        except ApiError as exc:
+            if not exc.conflict:
+                raise
+            self.secret_retries[key] = tries - 1
+            if tries > 1:
+                self.queue.add(key, STALE_OWNER_RETRY)
+            return
+        self.secret_retries.pop(key, None)
+
+    def _repair_refused(self, key: Key, result: CreateResult) -> None:
+        if result.stale:
+            self.queue.add(key, STALE_OWNER_RETRY)
+        elif result.conflict is not None:
+            log.warning("%s/%s: %s", *key, result.conflict)
 
     async def _create_failure(self, key: Key, job: JobView, pods: list[PodView], now: float) -> str | None:
         """Why a running Job has no pods (quota, admission), from the Job controller's FailedCreate events."""

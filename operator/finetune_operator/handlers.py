@@ -14,7 +14,13 @@ import kopf
 
 from finetune_api import names
 from finetune_operator import builders, k8s
-from finetune_operator.observe import owner_key, summarize_job, summarize_pod
+from finetune_operator.observe import (
+    owner_key,
+    summarize_configmap,
+    summarize_job,
+    summarize_pod,
+    summarize_service,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,8 @@ def configure(settings: kopf.OperatorSettings) -> None:
     """kopf settings: server-side selectors for the children, no scanning (no CRD/namespace RBAC), no kopf Events."""
     settings.watching.label_selectors["batch", "v1", "jobs"] = builders.CHILD_SELECTOR
     settings.watching.label_selectors["v1", "pods"] = builders.CHILD_SELECTOR
+    settings.watching.label_selectors["v1", "configmaps"] = builders.CHILD_SELECTOR
+    settings.watching.label_selectors["v1", "services"] = builders.CHILD_SELECTOR
     settings.scanning.disabled = True
     settings.posting.enabled = False
     settings.watching.server_timeout = 300
@@ -40,9 +48,10 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.startup(registry=REGISTRY)
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, jobs_by_owner: kopf.Index,
-                  pods_by_owner: kopf.Index, **_: Any) -> None:
+                  pods_by_owner: kopf.Index, configmaps_by_owner: kopf.Index, services_by_owner: kopf.Index,
+                  **_: Any) -> None:
     configure(settings)
-    memo.controller.bind_indices(jobs_by_owner, pods_by_owner)
+    memo.controller.bind_indices(jobs_by_owner, pods_by_owner, configmaps_by_owner, services_by_owner)
     memo.controller.start()
 
 
@@ -63,6 +72,18 @@ async def pods_by_owner(body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
     return {key: summarize_pod(dict(body))} if key else None
 
 
+@kopf.index("v1", "configmaps", labels=_CHILD_LABELS, registry=REGISTRY)
+async def configmaps_by_owner(body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
+    key = owner_key(dict(body))
+    return {key: summarize_configmap(dict(body))} if key else None
+
+
+@kopf.index("v1", "services", labels=_CHILD_LABELS, registry=REGISTRY)
+async def services_by_owner(body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
+    key = owner_key(dict(body))
+    return {key: summarize_service(dict(body))} if key else None
+
+
 @kopf.on.event(names.GROUP, names.VERSION, names.PLURAL, registry=REGISTRY)
 async def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     memo.controller.observe_ftj(event.get("type"), event["object"])
@@ -75,4 +96,14 @@ async def job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.event("v1", "pods", labels=_CHILD_LABELS, registry=REGISTRY)
 async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.observe_child(owner_key(event["object"]))
+
+
+@kopf.on.event("v1", "configmaps", labels=_CHILD_LABELS, registry=REGISTRY)
+async def configmap_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.observe_child(owner_key(event["object"]))
+
+
+@kopf.on.event("v1", "services", labels=_CHILD_LABELS, registry=REGISTRY)
+async def service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     memo.controller.observe_child(owner_key(event["object"]))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,6 +197,55 @@ def summarize_pod(body: dict[str, Any]) -> PodView:
         finished_at=finished_at,
         created=meta.get("creationTimestamp"),
     )
+
+
+@dataclass(frozen=True)
+class ConfigMapView:
+    """What the operator needs from its ConfigMap: identity, owner, and a digest of `data` (drift detection)."""
+
+    name: str
+    uid: str
+    owner_uid: str | None
+    data_digest: str
+    deleting: bool = False
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    """What the operator needs from its Service: identity, owner, and the fields the builders set."""
+
+    name: str
+    uid: str
+    owner_uid: str | None
+    shape: tuple[Any, ...]
+    deleting: bool = False
+
+
+def data_digest(data: dict[str, Any] | None) -> str:
+    return hashlib.sha256(json.dumps(data or {}, sort_keys=True).encode()).hexdigest()
+
+
+def service_shape(spec: dict[str, Any] | None) -> tuple[Any, ...]:
+    """The parts of a Service spec the operator sets, normalised (the API server fills in the rest)."""
+    spec = spec or {}
+    ports = tuple(sorted((p.get("name") or "", int(p.get("port") or 0), str(p.get("targetPort", p.get("port"))),
+                          p.get("protocol") or "TCP") for p in spec.get("ports") or []))
+    return (spec.get("clusterIP"), bool(spec.get("publishNotReadyAddresses")),
+            tuple(sorted((spec.get("selector") or {}).items())), ports)
+
+
+def summarize_configmap(body: dict[str, Any]) -> ConfigMapView:
+    meta = body.get("metadata") or {}
+    return ConfigMapView(name=meta.get("name", ""), uid=meta.get("uid", ""),
+                         owner_uid=controller_uid(meta, names.KIND), data_digest=data_digest(body.get("data")),
+                         deleting=bool(meta.get("deletionTimestamp")))
+
+
+def summarize_service(body: dict[str, Any]) -> ServiceView:
+    meta = body.get("metadata") or {}
+    return ServiceView(name=meta.get("name", ""), uid=meta.get("uid", ""),
+                       owner_uid=controller_uid(meta, names.KIND), shape=service_shape(body.get("spec")),
+                       deleting=bool(meta.get("deletionTimestamp")))
 
 
 def owner_key(body: dict[str, Any]) -> tuple[str, str] | None:

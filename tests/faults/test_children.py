@@ -82,13 +82,7 @@ def test_hand_edited_job_is_put_back(control_plane: ControlPlane, namespace: str
                 desc="backoffLimit put back to the spec's value within a resync")
 
 
-# Known gap (tests/faults/README.md): the operator checks its ConfigMap and Service only when it creates the Job or
-# after a spec edit; repairing drift needs list/watch on both (a chart RBAC change) or a GET per job per resync.
-# strict: the day it is fixed, this XPASS fails and the marker must go.
-DRIFT_GAP = pytest.mark.xfail(strict=True, reason="operator does not repair a hand-edited ConfigMap or deleted Service")
-
-
-@pytest.mark.parametrize("kind", [pytest.param("ConfigMap", marks=DRIFT_GAP), pytest.param("Service", marks=DRIFT_GAP)])
+@pytest.mark.parametrize("kind", ["ConfigMap", "Service"])
 def test_hand_deleted_or_edited_child_is_repaired_within_a_resync(control_plane: ControlPlane, namespace: str,
                                                                   start_operator: StartOperator, kind: str) -> None:
     """The trainer pods read the ConfigMap when they (re)start and find each other through the Service: a restart

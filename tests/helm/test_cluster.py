@@ -185,15 +185,18 @@ def test_upgrade_keeps_the_progress_key_and_uninstall_keeps_the_crd(control_plan
 # --------------------------------------------------------------------------------------------- operator RBAC
 
 # Every API call of operator/finetune_operator, as (verb, resource, subresource), from k8s.py and its callers
-# (controller.py, leader.py) plus kopf's watch streams (handlers.py: FineTuneJobs, and Jobs and Pods by label).
+# (controller.py, leader.py) plus kopf's watch streams (handlers.py: FineTuneJobs, and Jobs, Pods, ConfigMaps and
+# Services by label).
 OPERATOR_CALLS = [
     ("list", "finetunejobs.finetune.dev", None), ("watch", "finetunejobs.finetune.dev", None),
     ("patch", "finetunejobs.finetune.dev", "status"),
     ("list", "jobs.batch", None), ("watch", "jobs.batch", None), ("get", "jobs.batch", None),
     ("create", "jobs.batch", None), ("patch", "jobs.batch", None), ("delete", "jobs.batch", None),
     ("list", "pods", None), ("watch", "pods", None),
+    ("list", "configmaps", None), ("watch", "configmaps", None),
     ("get", "configmaps", None), ("create", "configmaps", None), ("patch", "configmaps", None),
     ("delete", "configmaps", None),
+    ("list", "services", None), ("watch", "services", None),
     ("get", "services", None), ("create", "services", None), ("delete", "services", None),
     ("create", "secrets", None),
     ("update", "finetunejobs.finetune.dev", "finalizers"),
@@ -202,7 +205,8 @@ OPERATOR_CALLS = [
 # What the operator must never be able to do.
 OPERATOR_DENIED = [
     ("get", "secrets", None), ("list", "secrets", None), ("watch", "secrets", None), ("delete", "secrets", None),
-    ("get", "finetunejobs.finetune.dev", None), ("update", "finetunejobs.finetune.dev", None), ("patch", "finetunejobs.finetune.dev", None),
+    ("get", "finetunejobs.finetune.dev", None), ("update", "finetunejobs.finetune.dev", None),
+    ("patch", "finetunejobs.finetune.dev", None),
     ("delete", "finetunejobs.finetune.dev", None), ("create", "pods", None), ("create", "pods", "exec"),
     ("get", "pods", "log"), ("create", "serviceaccounts", "token"),
     ("create", "rolebindings.rbac.authorization.k8s.io", None), ("escalate", "roles.rbac.authorization.k8s.io", None),

@@ -132,7 +132,8 @@ def test_multi_worker_job_runs_torchrun_with_rendezvous_on_index_zero() -> None:
     assert (job["spec"]["completions"], job["spec"]["parallelism"], job["spec"]["suspend"]) == (4, 4, True)
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == [
-        "python", "-m", "finetune_trainer.launch", "--nnodes=4", "--nproc_per_node=8", "--node_rank=$(JOB_COMPLETION_INDEX)",
+        "python", "-m", "finetune_trainer.launch", "--nnodes=4", "--nproc_per_node=8",
+        "--node_rank=$(JOB_COMPLETION_INDEX)",
         "--master_addr=sentiment-0.sentiment", "--master_port=29500", "-m", "finetune_trainer",
         "/etc/finetune/job.yaml",
     ]

@@ -16,7 +16,7 @@ from finetune_operator import builders
 from finetune_operator.controller import Controller
 from finetune_operator.k8s import ApiError
 from finetune_operator.metrics import Metrics
-from finetune_operator.observe import PodView, summarize_job
+from finetune_operator.observe import PodView, summarize_configmap, summarize_job, summarize_service
 from finetune_operator.progress import job_token
 from finetune_operator.settings import Settings
 from tests.operator.helpers import manifest
@@ -133,7 +133,9 @@ class World:
         self.ctl = Controller(Settings.from_env(env), self.kube, Metrics(), clock=self.clock)  # type: ignore[arg-type]
         self.jobs: dict[tuple[str, str], list[Any]] = {}
         self.pods: dict[tuple[str, str], list[PodView]] = {}
-        self.ctl.bind_indices(self.jobs, self.pods)
+        self.configmaps: dict[tuple[str, str], list[Any]] = {}
+        self.services: dict[tuple[str, str], list[Any]] = {}
+        self.ctl.bind_indices(self.jobs, self.pods, self.configmaps, self.services)
 
     def apply(self, **overrides: Any) -> dict[str, Any]:
         body = self.kube.add(manifest(NAME, NS, **overrides))
@@ -144,10 +146,12 @@ class World:
         return self.kube.objects[("FineTuneJob", NS, NAME)]
 
     def sync_caches(self) -> None:
-        """What the watches would deliver: the FineTuneJob and our Jobs."""
+        """What the watches would deliver: the FineTuneJob and our Jobs, ConfigMaps and Services."""
         self.ctl.observe_ftj("MODIFIED", copy.deepcopy(self.ftj()))
-        jobs = [summarize_job(o) for (k, ns, _), o in self.kube.objects.items() if k == "Job" and ns == NS]
-        self.jobs[(NS, NAME)] = jobs
+        objs = [o for (_, ns, _), o in self.kube.objects.items() if ns == NS]
+        self.jobs[(NS, NAME)] = [summarize_job(o) for o in objs if o["kind"] == "Job"]
+        self.configmaps[(NS, NAME)] = [summarize_configmap(o) for o in objs if o["kind"] == "ConfigMap"]
+        self.services[(NS, NAME)] = [summarize_service(o) for o in objs if o["kind"] == "Service"]
 
     def run_pods(self, n: int = 1, phase: str = "Running") -> None:
         job = self.kube.objects[("Job", NS, NAME)]
@@ -399,7 +403,9 @@ def test_spec_edits_reach_the_job_but_kueue_owns_suspend() -> None:
         assert ("PATCH", "Job", NAME) in w.kube.calls
         assert w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] is True
         assert w.kube.objects[("Job", NS, NAME)]["spec"]["backoffLimit"] == 9
-        assert ("GET", "ConfigMap", "job1-config") in w.kube.calls  # the trainer's copy is refreshed too
+        assert ("PATCH", "ConfigMap", "job1-config") in w.kube.calls  # the trainer's copy is refreshed too
+        assert ("GET", "ConfigMap", "job1-config") not in w.kube.calls  # compared against the watch cache
+        assert "backoffLimit: 9" in w.kube.objects[("ConfigMap", NS, "job1-config")]["data"]["job.yaml"]
     asyncio.run(body())
 
 
@@ -442,4 +448,78 @@ def test_failed_job_reports_the_trainer_message() -> None:
         assert failed["reason"] == "DataError"
         assert "label 'maybe' is not one of" in failed["message"]
         assert w.kube.events[-1][:2] == ("Warning", "DataError")
+    asyncio.run(body())
+
+
+def test_deleted_or_edited_configmap_and_service_are_repaired_from_the_caches() -> None:
+    async def body() -> None:
+        w = World()
+        w.apply()
+        await w.reconcile()
+        w.sync_caches()
+        w.run_pods()
+        w.clock.now += 1
+        await w.reconcile()
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.calls == [], "a steady job costs no request"
+        desired = copy.deepcopy(w.kube.objects[("ConfigMap", NS, "job1-config")]["data"])
+
+        # Edited by hand: the data is patched back, without a GET.
+        w.kube.objects[("ConfigMap", NS, "job1-config")]["data"] = {"job.yaml": "tampered: true\n"}
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.calls == [("PATCH", "ConfigMap", "job1-config")]
+        assert w.kube.objects[("ConfigMap", NS, "job1-config")]["data"] == desired
+
+        # Deleted by hand (garbage collection takes its Secret): both are created again, the Secret owned by the new
+        # ConfigMap; the Service too.
+        del w.kube.objects[("ConfigMap", NS, "job1-config")]
+        del w.kube.objects[("Secret", NS, "job1-progress")]
+        del w.kube.objects[("Service", NS, NAME)]
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.calls == [("POST", "ConfigMap", "job1-config"), ("POST", "Secret", "job1-progress"),
+                                ("POST", "Service", NAME)]
+        cm = w.kube.objects[("ConfigMap", NS, "job1-config")]
+        assert cm["data"] == desired
+        assert w.kube.objects[("Secret", NS, "job1-progress")]["metadata"]["ownerReferences"][0]["uid"] == \
+            cm["metadata"]["uid"]
+
+        # A Service whose selector was edited is recreated as the builders say.
+        w.kube.objects[("Service", NS, NAME)]["spec"]["selector"] = {"app": "other"}
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.calls == [("DELETE", "Service", NAME), ("POST", "Service", NAME)]
+        owner = builders.Owner(NAME, NS, w.ftj()["metadata"]["uid"])
+        assert w.kube.objects[("Service", NS, NAME)]["spec"] == builders.build_service(owner)["spec"]
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.calls == []
+    asyncio.run(body())
+
+
+def test_a_foreign_configmap_in_place_of_ours_is_never_adopted_or_changed() -> None:
+    async def body() -> None:
+        w = World()
+        w.apply()
+        await w.reconcile()
+        w.sync_caches()
+        w.run_pods()
+        w.clock.now += 1
+        await w.reconcile()
+        foreign = {"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": "job1-config", "namespace": NS}, "data": {"mine": "yes"}}
+        w.kube.objects[("ConfigMap", NS, "job1-config")] = foreign  # no labels: not in the cache
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.writes() == [("POST", "ConfigMap", "job1-config")]  # answered 409, then left alone
+        assert w.kube.objects[("ConfigMap", NS, "job1-config")] == foreign
+        assert w.ftj()["status"]["phase"] == "Running"
     asyncio.run(body())

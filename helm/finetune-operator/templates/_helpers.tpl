@@ -120,13 +120,14 @@ tests/helm/test_cluster.py checks each call, and a few that must stay denied, wi
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
-# Per-job children: the ConfigMap with the rendered spec and the headless Service of multi-node jobs.
+# Per-job children: the ConfigMap with the rendered spec and the headless Service of multi-node jobs. Watched through
+# the same label selector as the Jobs, so a deleted or hand-edited one is put back; get only after a 409.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "create", "delete"]
+  verbs: ["get", "list", "watch", "create", "delete"]
 # The per-job progress-token Secret: created, never read (garbage collection deletes it with its ConfigMap).
 # No get/list/watch/delete, so no tenant Secret is readable or removable.
 - apiGroups: [""]
