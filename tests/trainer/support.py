@@ -1,0 +1,166 @@
+"""Helpers for the trainer tests: tiny offline models and tokenizers, manifests, data files, and a trainer
+subprocess that tests poll with deadlines (never with fixed sleeps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+WORDS = [
+    "the", "a", "an", "is", "was", "red", "green", "blue", "cat", "dog", "bird", "fish", "small", "big", "fast",
+    "slow", "happy", "sad", "good", "bad", "what", "colour", "size", "speed", "mood", "of", "answer", "question",
+    "say", "repeat", "translate", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "yes", "no", "please", "thanks", "hello", "world"
+]
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+def word_tokenizer(save_to: Path | None = None) -> Any:
+    """A word-level tokenizer built offline from a fixed vocabulary, with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    vocab = {t: i for i, t in enumerate(specials + WORDS + [str(d) for d in range(10)] + [".", ",", "?", ":"])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>",
+                                  eos_token="</s>", additional_special_tokens=specials[4:])
+    tok.chat_template = CHAT_TEMPLATE
+    if save_to is not None:
+        tok.save_pretrained(save_to)
+    return tok
+
+
+def tiny_gpt2(path: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = word_tokenizer(path)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    return path
+
+
+def tiny_t5(path: Path) -> Path:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = word_tokenizer(path)
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_decoder_layers=2,
+                   num_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
+    T5ForConditionalGeneration(cfg).save_pretrained(path)
+    return path
+
+
+def tiny_bert(path: Path) -> Path:
+    from transformers import BertConfig, BertModel
+
+    tok = word_tokenizer(path)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+    BertModel(cfg).save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sentiment_rows(n: int, offset: int = 0) -> list[dict[str, Any]]:
+    """Short, clearly labelled sentences in the word tokenizer's vocabulary (also fine for MiniLM)."""
+    good = ["happy", "good", "fast", "big"]
+    bad = ["sad", "bad", "slow", "small"]
+    animals = ["cat", "dog", "bird", "fish"]
+    rows = []
+    for i in range(offset, offset + n):
+        pos = i % 2 == 0
+        adj = (good if pos else bad)[i // 2 % 4]
+        extra = " the dog was happy" * (i % 3) if pos else " the cat was sad" * (i % 3)
+        rows.append({"text": f"the {animals[i % 4]} was {adj}{extra} .", "label": "positive" if pos else "negative"})
+    return rows
+
+
+def qa_rows(n: int, offset: int = 0) -> list[dict[str, str]]:
+    colours = ["red", "green", "blue"]
+    animals = ["cat", "dog", "bird", "fish"]
+    out = []
+    for i in range(offset, offset + n):
+        a, c = animals[i % 4], colours[i % 3]
+        out.append({"prompt": f"question : what colour is the {a} ? answer :", "response": f"the {a} is {c}"})
+    return out
+
+
+def manifest(path: Path, spec: dict[str, Any], name: str = "test-job") -> Path:
+    doc = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def trainer_env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "FINETUNE_THREADS": "1", "HF_DATASETS_CACHE": str(tmp / "hf-datasets"),
+                "FINETUNE_CACHE_DIR": str(tmp / "cache"), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.pop("FINETUNE_PVC_ROOT", None)
+    env.pop("FINETUNE_PROGRESS_URL", None)
+    env.update(extra)
+    return env
+
+
+def start_trainer(args: list[str], env: dict[str, str], log: Path, **popen: Any) -> subprocess.Popen[bytes]:
+    """The trainer as a real process (`python -m finetune_trainer`), output to a log file for failure messages."""
+    out = log.open("wb")
+    return subprocess.Popen([PYTHON, "-m", "finetune_trainer", *args, "--no-progress-bar"], cwd=REPO, env=env,
+                            stdout=out, stderr=subprocess.STDOUT, **popen)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None,
+             log: Path | None = None, interval: float = 0.02) -> Any:
+    """Poll until predicate() is truthy; fail with the trainer's log if the deadline passes or the process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            value = predicate()
+            if value:
+                return value
+            raise AssertionError(f"trainer exited ({proc.returncode}) before {what}:\n{tail(log)}")
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{tail(log)}")
+
+
+def tail(log: Path | None, n: int = 4000) -> str:
+    if log is None or not log.exists():
+        return ""
+    return log.read_text(errors="replace")[-n:]
+
+
+def complete_steps(ckpt_dir: Path) -> list[int]:
+    """Steps of checkpoints with a COMPLETE marker."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(int(p.name.split("-")[1]) for p in ckpt_dir.glob("checkpoint-*") if (p / "COMPLETE").exists())
