@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,30 +18,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.controlplane.cluster import ApiError, ControlPlane
+from tests.controlplane.cluster import ApiError, ControlPlane, _die_with_parent, _free_ports
 
 PROGRESS_KEY = "operator-test-progress-key-0123456789"
 ALLOWED_REGISTRIES = "registry.example.com,ghcr.io/finetune-operator"
 TRAINER_IMAGE = "registry.example.com/finetune-trainer:test"
 FTJ = "/apis/finetune.dev/v1alpha1"
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _die_with_parent() -> None:
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 class OperatorProcess:
