@@ -240,6 +240,14 @@ class Result:
     cpu_to_running: str = ""
 
 
+def _lists(cp: ControlPlane, path: str) -> bool:
+    try:
+        cp.request("GET", f"{path}?limit=1", timeout=10)
+    except Exception:  # 429 "storage is (re)initializing", or not served yet
+        return False
+    return True
+
+
 def operator_writes(before: Counter[tuple[str, str, str, str]], after: Counter[tuple[str, str, str, str]],
                     events: int) -> tuple[int, dict[str, int]]:
     by_kind = {label: after[key] - before[key] for key, label in OPERATOR_WRITES.items() if after[key] - before[key]}
@@ -261,6 +269,9 @@ def run(n: int, namespaces: int, workdir: Path, operator_env: dict[str, str], ti
 
         cp.apply(CRD_PATH.read_text())
         cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.finetune.dev")
+        # Established is not "served": until the CRD's storage is initialised a LIST answers 429, which kopf logs as
+        # a WARNING and retries. Wait for a LIST to work so the operator starts as it would in a settled cluster.
+        wait_until(lambda: _lists(cp, "/apis/finetune.dev/v1alpha1/finetunejobs"), 60, "FineTuneJobs served")
         ns_names = [f"bench-{i}" for i in range(namespaces)]
         for ns in ns_names:
             cp.create_namespace(ns)

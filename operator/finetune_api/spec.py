@@ -398,7 +398,13 @@ class FineTuneJobSpec(SpecModel):
     output: OutputSpec = Field(description="Where the fine-tuned model goes. Immutable.",
                                json_schema_extra={"x-kubernetes-validations": [
                                    {"rule": "self == oldSelf", "message": "output is immutable"}]})
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Workers, GPUs, placement, image.")
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec,
+        description="Workers, GPUs, placement, image. Immutable: they shape the Job's pod template, which Kubernetes "
+        "does not let change; delete and re-create the FineTuneJob to change them.",
+        json_schema_extra={"x-kubernetes-validations": [
+            {"rule": "self == oldSelf", "message": "resources are immutable: they shape the Job's pod template, which "
+             "cannot change; delete and re-create the FineTuneJob to change them"}]})
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, suspend, Kueue.")
     credentials: CredentialsSpec | None = Field(default=None, description="Secret references for the hub and "
                                                 "object stores.")

@@ -135,8 +135,15 @@ def build_secret(owner: Owner, token: str, configmap_uid: str) -> dict[str, Any]
     }
 
 
+def needs_service(spec: FineTuneJobSpec) -> bool:
+    """Only a multi-pod job needs the rendezvous Service: one pod rendezvouses on 127.0.0.1, and skipping it saves a
+    write per job and the EndpointSlice churn the Service would cause in the control plane."""
+    return spec.resources.workers > 1
+
+
 def build_service(owner: Owner) -> dict[str, Any]:
-    """Headless Service: gives pod <job>-0 a DNS name for the torchrun rendezvous, before it is Ready."""
+    """Headless Service: gives pod <job>-0 a DNS name for the torchrun rendezvous, before it is Ready.
+    Built only for multi-pod jobs (needs_service)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -298,7 +305,6 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[st
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "subdomain": service_name(owner),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": ctx.grace_period_seconds,
@@ -312,6 +318,8 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[st
         "containers": [container],
         "volumes": volumes,
     }
+    if needs_service(spec):
+        pod_spec["subdomain"] = service_name(owner)
     if r.node_selector:
         pod_spec["nodeSelector"] = dict(r.node_selector)
     if r.tolerations:
@@ -356,13 +364,18 @@ def job_spec_patch(spec: FineTuneJobSpec, current: dict[str, Any], kueue_managed
 
 
 def image_allowed(image: str, allowed_registries: tuple[str, ...]) -> bool:
-    """Whether an image reference lies under one of the allowed registry prefixes (empty list: any image)."""
+    """Whether an image reference lies under one of the allowed prefixes (empty list: any image).
+
+    A prefix is a registry host (`registry.example.com`, `localhost:5000`) or a repository path under one
+    (`ghcr.io/acme`). After a bare host only `/` may follow (a `:` there would be another port, another registry);
+    after a repository path also a tag (`:`) or a digest (`@`)."""
     if not allowed_registries:
         return True
     full = normalise_image(image)
     for prefix in allowed_registries:
         p = prefix.rstrip("/")
-        if full == p or full.startswith(p + "/") or full.startswith(p + ":") or full.startswith(p + "@"):
+        follows = ("/",) if "/" not in p else ("/", ":", "@")
+        if full == p or any(full.startswith(p + sep) for sep in follows):
             return True
     return False
 

@@ -396,8 +396,9 @@ class Controller:
             self.queue.add(key, max(0.0, done + ttl - now))
 
     async def _cleanup(self, key: Key, body: dict[str, Any]) -> None:
-        """Delete the Job (and with it the pods), the Service, then the ConfigMap, whose garbage collection takes the
-        Secret along. The ConfigMap goes last: its absence means "cleaned", so an interrupted clean-up resumes."""
+        """Delete the Job (and with it the pods), the Service if there is one, then the ConfigMap, whose garbage
+        collection takes the Secret along. The ConfigMap goes last: its absence means "cleaned", so an interrupted
+        clean-up resumes."""
         ns, name = key
         owner = builders.Owner(name=name, namespace=ns, uid=body["metadata"]["uid"])
         for job in self._jobs(key):
@@ -406,9 +407,13 @@ class Controller:
         cm = await self.kube.get("v1", "ConfigMap", ns, builders.configmap_name(owner))
         if cm is None or not self._owned(cm, owner):
             return
-        svc = await self.kube.get("v1", "Service", ns, builders.service_name(owner))
-        if svc is not None and self._owned(svc, owner):
-            await self.kube.delete("v1", "Service", ns, builders.service_name(owner))
+        if self.services_index is not None:  # the watch cache says whether there is one (single-pod jobs have none)
+            services = [s.name for s in self._cached(self.services_index, key) if s.owner_uid == owner.uid]
+        else:
+            svc = await self.kube.get("v1", "Service", ns, builders.service_name(owner))
+            services = [builders.service_name(owner)] if svc is not None and self._owned(svc, owner) else []
+        for service in services:
+            await self.kube.delete("v1", "Service", ns, service)
         await self.kube.delete("v1", "ConfigMap", ns, builders.configmap_name(owner), propagation="Background")
         log.info("%s/%s: children deleted after ttlSecondsAfterFinished", ns, name)
 
@@ -425,13 +430,16 @@ class Controller:
                    for r in refs)
 
     async def _create_children(self, owner: builders.Owner, spec: FineTuneJobSpec) -> CreateResult:
-        """ConfigMap and Service together, then the Secret (owned by the ConfigMap), then the Job that uses them.
+        """ConfigMap (and, for multi-pod jobs, the Service) together, then the Secret (owned by the ConfigMap), then
+        the Job that uses them.
 
         A 409 is "already there" (a restarted operator, or an earlier pass that failed half-way) unless the existing
         object has another owner: that is a NameConflict and nothing is adopted or changed.
         """
-        first = await asyncio.gather(self._create_one(owner, builders.build_configmap(owner, spec)),
-                                     self._create_one(owner, builders.build_service(owner)), return_exceptions=True)
+        children = [builders.build_configmap(owner, spec)]
+        if builders.needs_service(spec):
+            children.append(builders.build_service(owner))
+        first = await asyncio.gather(*(self._create_one(owner, c) for c in children), return_exceptions=True)
         for result in first:
             if isinstance(result, BaseException):
                 raise result
@@ -486,9 +494,9 @@ class Controller:
             log.info("%s/%s: updated Job %s: %s", *key, job.name, patch["spec"])
 
     async def _repair_children(self, key: Key, owner: builders.Owner, spec: FineTuneJobSpec) -> None:
-        """Put the ConfigMap and the Service back as the builders say: recreate a missing one, patch (ConfigMap data)
-        or recreate (Service) a drifted one. Compared against the watch caches, so a steady job costs no request.
-        A spec edit refreshes the ConfigMap the same way (restarted pods read the new configuration).
+        """Put the ConfigMap and the Service (multi-pod jobs) back as the builders say: recreate a missing one, patch
+        (ConfigMap data) or recreate (Service) a drifted one. Compared against the watch caches, so a steady job costs
+        no request. A spec edit refreshes the ConfigMap the same way (restarted pods read the new configuration).
         Foreign objects are never touched: a create answered 409 with another owner is a logged conflict."""
         if self.configmaps_index is None or self.services_index is None:
             return  # no caches to compare against (drift repair needs the ConfigMap and Service watches)
@@ -518,6 +526,8 @@ class Controller:
             if self.secret_retries.get(key):
                 await self._recreate_secret(key, owner, cm.uid)
 
+        if not builders.needs_service(spec):
+            return
         desired_svc = builders.build_service(owner)
         svcs: list[ServiceView] = self._cached(self.services_index, key)
         svc = next((s for s in svcs if s.owner_uid == owner.uid and s.name == desired_svc["metadata"]["name"]), None)
@@ -560,8 +570,14 @@ class Controller:
         """Why a running Job has no pods (quota, admission), from the Job controller's FailedCreate events."""
         finished = job.condition("Complete") or job.condition("Failed") or job.condition("FailureTarget")
         live = [p for p in pods if p.phase not in ("Succeeded", "Failed")]
-        if job.suspend or finished or live or job.active:
+        if job.suspend or finished or live or job.active or job.succeeded >= job.completions:
+            # (every index succeeded: the Job is about to be Complete, not short of pods)
             self.create_failures.pop(key, None)
+            return None
+        if job.start_time is None:
+            # The Job controller has not synced this Job yet (a backlog after a burst): its first sync sets startTime
+            # even when every pod create fails, and that update comes through the Job watch. Until then no Event
+            # can exist, so none is listed (at 1,000 new jobs this saved nearly one LIST per job).
             return None
         age = now - (parse_time(job.created) or now)
         if age < CREATE_GRACE:  # the Job controller has not had its chance yet: look again then

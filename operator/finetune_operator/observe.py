@@ -61,6 +61,7 @@ class JobView:
     backoff_limit: int | None = None
     active_deadline_seconds: int | None = None
     queue_name: str | None = None
+    completions: int = 1
     active: int = 0
     ready: int = 0
     succeeded: int = 0
@@ -122,6 +123,7 @@ def summarize_job(body: dict[str, Any]) -> JobView:
         backoff_limit=spec.get("backoffLimit"),
         active_deadline_seconds=spec.get("activeDeadlineSeconds"),
         queue_name=(meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL),
+        completions=int(spec.get("completions") or 1),
         active=int(status.get("active") or 0),
         ready=int(status.get("ready") or 0),
         succeeded=int(status.get("succeeded") or 0),

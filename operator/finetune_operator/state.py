@@ -147,7 +147,8 @@ def compute_status(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStat
         return st
 
     st.job_name = job.name
-    _set(st, "Created", "True", JOB_CREATED, f"Job {job.name} with its Service, ConfigMap and Secret exists", obs)
+    children = "ConfigMap and progress Secret" + (" and rendezvous Service" if obs.workers > 1 else "")
+    _set(st, "Created", "True", JOB_CREATED, f"Job {job.name} exists with its {children}", obs)
     st.restarts = obs.restarts
     st.gpu_seconds = round(obs.gpu_seconds, 1)
     if obs.report is not None:

@@ -76,6 +76,8 @@ def test_immutable_fields_and_allowed_edits(finetune_crd: None, control_plane: C
         ({"spec": {"model": {"source": "pvc://models/other"}}}, "model is immutable"),
         ({"spec": {"dataset": {"train": "pvc://data/other.jsonl"}}}, "dataset is immutable"),
         ({"spec": {"hyperparameters": {"learningRate": 0.1}}}, "hyperparameters are immutable"),
+        ({"spec": {"resources": {"gpusPerWorker": 4}}}, "resources are immutable"),
+        ({"spec": {"resources": {"image": "ghcr.io/acme/trainer:2"}}}, "resources are immutable"),
     ]:
         with pytest.raises(ApiError) as err:
             control_plane.request("PATCH", _path(namespace, name), patch, content_type=merge)

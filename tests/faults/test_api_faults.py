@@ -94,13 +94,13 @@ def test_killed_with_writes_in_flight_then_restarted_converges(control_plane: Co
                                                                 start_operator: StartOperator,
                                                                 start_proxy: StartProxy) -> None:
     """SIGKILL while one job's Job POST has reached the server but its answer has not come back (status not yet
-    written), and another job has only its ConfigMap and Secret: the restarted operator makes exactly one Job each,
-    keeps the first Job (same uid), reports no NameConflict and logs no error."""
+    written), and another job has only its ConfigMap (its Secret POST hangs): the restarted operator makes exactly one
+    Job each, keeps the first Job (same uid), reports no NameConflict and logs no error."""
     cp = control_plane
     proxy = start_proxy()
     op = start_operator(proxy=proxy)
     proxy.inject(Fault("POST", JOBS, body=r'"name":"held"', action="forward_then_hang"))
-    proxy.inject(Fault("POST", r"/services$", body=r'"name":"partial"', action="hang"))
+    proxy.inject(Fault("POST", r"/secrets$", body=r'"name":"partial-progress"', action="hang"))
     create_ftj(cp, manifest("held", namespace))
     create_ftj(cp, manifest("partial", namespace))
     cp.wait_for(lambda: sum(1 for s in proxy.requests() if s.injected) >= 2, timeout=20,
@@ -111,7 +111,7 @@ def test_killed_with_writes_in_flight_then_restarted_converges(control_plane: Co
     assert held_job is not None, "the held Job POST did reach the server"
     assert not get_ftj(cp, namespace, "held").get("status"), "killed before the status write"
     assert get_or_none(cp, f"/api/v1/namespaces/{namespace}/configmaps/partial-config") is not None
-    assert get_or_none(cp, f"/api/v1/namespaces/{namespace}/services/partial") is None
+    assert get_or_none(cp, f"/api/v1/namespaces/{namespace}/secrets/partial-progress") is None
     assert get_or_none(cp, f"/apis/batch/v1/namespaces/{namespace}/jobs/partial") is None
 
     proxy.clear()
@@ -126,7 +126,5 @@ def test_killed_with_writes_in_flight_then_restarted_converges(control_plane: Co
     for name, job in jobs.items():
         owner = get_ftj(cp, namespace, name)["metadata"]["uid"]
         assert [r["uid"] for r in job["metadata"]["ownerReferences"]] == [owner]
-    for path in (f"/api/v1/namespaces/{namespace}/services/partial",
-                 f"/api/v1/namespaces/{namespace}/secrets/partial-progress"):
-        assert get_or_none(cp, path) is not None, path
+    assert get_or_none(cp, f"/api/v1/namespaces/{namespace}/secrets/partial-progress") is not None
     assert operator_errors(restarted) == []

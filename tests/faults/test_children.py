@@ -90,7 +90,8 @@ def test_hand_deleted_or_edited_child_is_repaired_within_a_resync(control_plane:
     (The progress Secret is not checked: the operator may not read Secrets, by design.)"""
     cp = control_plane
     op = start_operator()
-    create_ftj(cp, manifest("drift", namespace))
+    # Two pods: a multi-pod job is the one that has a rendezvous Service.
+    create_ftj(cp, manifest("drift", namespace, resources={"workers": 2, "gpusPerWorker": 1}))
     wait_phase(cp, namespace, "drift", "Running")
     plural, name = {"ConfigMap": ("configmaps", "drift-config"), "Service": ("services", "drift")}[kind]
     path = f"/api/v1/namespaces/{namespace}/{plural}/{name}"

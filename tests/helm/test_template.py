@@ -323,6 +323,58 @@ def test_peering_objects_are_post_install_hooks(helm: Helm, namespaced: list[dic
     assert env_of(one(clusterwide, "Deployment"))["FINETUNE_PEERING"] == "ft-finetune-operator"
 
 
+# ------------------------------------------------------------------------------------------------- network policy
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes LabelSelector evaluated the way the API does (matchLabels and matchExpressions, ANDed)."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], e.get("values") or []
+        ok = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def test_network_policy_is_off_by_default(default: list[dict[str, Any]]) -> None:
+    assert not find(default, "NetworkPolicy")
+
+
+def test_network_policy_admits_trainer_pods_of_watched_namespaces_only(namespaced: list[dict[str, Any]]) -> None:
+    from finetune_operator import builders
+
+    policy = one(namespaced, "NetworkPolicy")
+    deployment = one(namespaced, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert _selects(policy["spec"]["podSelector"], pod_labels), "the policy must select the operator pods"
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    ports = {p["name"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    rules = {r["ports"][0]["port"]: r for r in policy["spec"]["ingress"]}
+    assert set(rules) == ports == {"progress", "metrics", "health"}, "every named port exists on the container"
+
+    (peer,) = rules["progress"]["from"]
+    trainer = builders.labels(builders.Owner(name="bert-sst2", namespace="team-a", uid="u"))
+    assert _selects(peer["podSelector"], trainer), "the labels the operator gives trainer pods must be admitted"
+    assert not _selects(peer["podSelector"], {"app": "curl"})
+    assert not _selects(peer["podSelector"], pod_labels)
+    namespaces = peer["namespaceSelector"]
+    for ns, admitted in (("team-a", True), ("team-b", True), ("team-c", False)):
+        assert _selects(namespaces, {"kubernetes.io/metadata.name": ns}) is admitted, ns
+    assert rules["metrics"]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert "from" not in rules["health"], "kubelet probes come from the node"
+
+
+def test_network_policy_cluster_wide_admits_every_namespace(helm: Helm) -> None:
+    policy = one(helm.render(sets=["networkPolicy.enabled=true"]), "NetworkPolicy")
+    rules = {r["ports"][0]["port"]: r for r in policy["spec"]["ingress"]}
+    assert rules["progress"]["from"][0]["namespaceSelector"] == {}
+    assert "from" not in rules["metrics"], "no metricsFrom: any scraper"
+
+
 # ------------------------------------------------------------------------------------------------- monitoring
 
 

@@ -72,7 +72,6 @@ def test_single_worker_job_is_exactly_this() -> None:
                 "metadata": {"labels": LABELS},
                 "spec": {
                     "restartPolicy": "Never",
-                    "subdomain": "sentiment",
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                     "terminationGracePeriodSeconds": 90,
@@ -145,6 +144,16 @@ def test_multi_worker_job_runs_torchrun_with_rendezvous_on_index_zero() -> None:
     ]
     assert container["resources"] == {"requests": {"nvidia.com/gpu": "8"}, "limits": {"nvidia.com/gpu": "8"}}
     assert [v["name"] for v in job["spec"]["template"]["spec"]["volumes"]] == ["config", "tmp", "dshm"]
+    # The pods are <job>-<index>.<service>: the headless Service gives index 0 its rendezvous name.
+    assert job["spec"]["template"]["spec"]["subdomain"] == builders.service_name(OWNER) == "sentiment"
+    assert builders.needs_service(s)
+
+
+def test_single_pod_jobs_need_no_service() -> None:
+    for resources in ({"workers": 1, "gpusPerWorker": 1}, {"workers": 1, "gpusPerWorker": 8}):
+        s = spec(resources=resources)
+        assert not builders.needs_service(s)
+        assert "subdomain" not in builders.build_job(OWNER, s, CTX)["spec"]["template"]["spec"]
 
 
 def test_cpu_only_single_process_and_single_node_multi_gpu() -> None:
@@ -230,6 +239,14 @@ def test_pvc_claims_merge_read_only_inputs_with_writable_storage() -> None:
         ("acme/trainer", ("docker.io/acme",), True),
         ("localhost:5000/trainer", ("localhost:5000",), True),
         ("registry.example.com:5000/x/y:1", ("registry.example.com:5000/x",), True),
+        # A bare host allows that host on its default port only: another port is another registry.
+        ("registry.example.com:5000/x:1", ("registry.example.com",), False),
+        ("registry.example.com/x:1", ("registry.example.com",), True),
+        ("registry.example.com/x:1", ("registry.example.com:5000",), False),
+        ("registry.example.com.evil.org/x:1", ("registry.example.com",), False),
+        # A repository prefix: a tag or digest may follow, not more characters of the name.
+        ("ghcr.io/acme/trainer:2", ("ghcr.io/acme/trainer",), True),
+        ("ghcr.io/acme/trainer-evil:2", ("ghcr.io/acme/trainer",), False),
     ],
 )
 def test_image_allowed(image: str, allowed: tuple[str, ...], ok: bool) -> None:

@@ -11,6 +11,8 @@ import copy
 import itertools
 from typing import Any
 
+import pytest
+
 from finetune_api.spec import FineTuneJobSpec
 from finetune_operator import builders
 from finetune_operator.controller import Controller
@@ -163,13 +165,14 @@ class World:
         await self.ctl.reconcile((NS, NAME))
 
 
-def test_creation_makes_four_creates_and_defers_the_pending_status() -> None:
+def test_creation_makes_three_creates_and_defers_the_pending_status() -> None:
     async def body() -> None:
         w = World()
         w.apply()
         await w.reconcile()
-        assert w.kube.writes() == [("POST", "ConfigMap", "job1-config"), ("POST", "Service", "job1"),
-                                   ("POST", "Secret", "job1-progress"), ("POST", "Job", "job1")]
+        # One pod: no rendezvous Service (multi-pod jobs get one, below).
+        assert w.kube.writes() == [("POST", "ConfigMap", "job1-config"), ("POST", "Secret", "job1-progress"),
+                                   ("POST", "Job", "job1")]
         secret = w.kube.objects[("Secret", NS, "job1-progress")]
         cm_uid = w.kube.objects[("ConfigMap", NS, "job1-config")]["metadata"]["uid"]
         assert secret["metadata"]["ownerReferences"][0]["uid"] == cm_uid
@@ -184,12 +187,33 @@ def test_creation_makes_four_creates_and_defers_the_pending_status() -> None:
         w.clock.now += 1
         await w.reconcile()
         assert w.ftj()["status"]["phase"] == "Running"
-        assert w.kube.writes()[4:] == [("PATCH", "FineTuneJob/status", NAME), ("POST", "Event", "PodsRunning")]
+        assert w.kube.writes()[3:] == [("PATCH", "FineTuneJob/status", NAME), ("POST", "Event", "PodsRunning")]
         # Steady state: another pass (a resync) writes nothing.
         w.sync_caches()
         before = len(w.kube.calls)
         await w.reconcile()
         assert w.kube.calls[before:] == []
+    asyncio.run(body())
+
+
+def test_multi_pod_job_also_gets_its_rendezvous_service() -> None:
+    async def body() -> None:
+        w = World()
+        w.apply(merge_resources={"workers": 2})
+        await w.reconcile()
+        assert w.kube.writes() == [("POST", "ConfigMap", "job1-config"), ("POST", "Service", "job1"),
+                                   ("POST", "Secret", "job1-progress"), ("POST", "Job", "job1")]
+        owner = builders.Owner(NAME, NS, w.ftj()["metadata"]["uid"])
+        assert w.kube.objects[("Service", NS, NAME)]["spec"] == builders.build_service(owner)["spec"]
+        w.sync_caches()
+        w.run_pods(2)
+        w.clock.now += 1
+        await w.reconcile()
+        assert w.ftj()["status"]["phase"] == "Running"
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.calls == [], "a steady multi-pod job costs no request either"
     asyncio.run(body())
 
 
@@ -235,8 +259,8 @@ def test_restart_with_children_present_but_not_yet_watched_treats_409_as_ours() 
         w.kube.calls.clear()
         await w.reconcile()
         posts = [c for c in w.kube.calls if c[0] == "POST"]
-        assert posts == [("POST", "ConfigMap", "job1-config"), ("POST", "Service", "job1"),
-                         ("POST", "Secret", "job1-progress"), ("POST", "Job", "job1")]  # all answered 409
+        assert posts == [("POST", "ConfigMap", "job1-config"), ("POST", "Secret", "job1-progress"),
+                         ("POST", "Job", "job1")]  # all answered 409
         assert sum(1 for k in w.kube.objects if k[0] == "Job") == 1
         assert "NameConflict" not in str(w.ftj().get("status"))
     asyncio.run(body())
@@ -247,7 +271,7 @@ def test_foreign_owner_is_never_adopted() -> None:
         w = World()
         w.kube.add({"apiVersion": "v1", "kind": "Service", "metadata": {"name": NAME, "namespace": NS},
                     "spec": {"selector": {"app": "someone-else"}}})
-        w.apply()
+        w.apply(merge_resources={"workers": 2})
         await w.reconcile()
         status = w.ftj()["status"]
         assert status["phase"] == "Pending"
@@ -347,6 +371,13 @@ def test_quota_exhaustion_is_read_from_failed_create_events() -> None:
         w.apply()
         await w.reconcile()
         w.sync_caches()
+        # Until the Job controller has synced the Job (startTime), no FailedCreate Event can exist: none is listed.
+        w.clock.now += 10
+        await w.reconcile()
+        assert ("GET", "Event", w.kube.objects[("Job", NS, NAME)]["metadata"]["uid"]) not in w.kube.calls
+        # Its first sync sets startTime even though every pod create fails (quota): now the Events are read.
+        w.kube.objects[("Job", NS, NAME)]["status"] = {"startTime": "2026-01-01T00:00:01Z", "active": 0}
+        w.sync_caches()
         w.kube.failed_create_events = [{"lastTimestamp": "2026-01-01T00:00:03Z", "message":
                                         'Error creating: pods "job1-0-x" is forbidden: exceeded quota: gpu, '
                                         'requested: nvidia.com/gpu=1, used: nvidia.com/gpu=0, limited: '
@@ -359,10 +390,38 @@ def test_quota_exhaustion_is_read_from_failed_create_events() -> None:
     asyncio.run(body())
 
 
-def test_terminal_job_is_cleaned_up_after_ttl_and_status_stays() -> None:
+def test_no_event_list_while_a_succeeded_job_awaits_its_complete_condition() -> None:
+    """Between the last pod's success and the Job's Complete condition the Job has no live pods and no active count:
+    that is not a pod-creation problem, and listing Events then cost one request per job at scale."""
     async def body() -> None:
         w = World()
-        w.apply(run_policy={"ttlSecondsAfterFinished": 30})
+        w.apply(merge_resources={"workers": 2})
+        await w.reconcile()
+        job = w.kube.objects[("Job", NS, NAME)]
+        job["status"] = {"startTime": "2026-01-01T00:00:01Z", "active": 0, "succeeded": 2}
+        w.sync_caches()
+        w.run_pods(2, phase="Succeeded")
+        w.clock.now += 10
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert [c for c in w.kube.calls if c[1] == "Event" and c[0] == "GET"] == []
+        # One index succeeded, the other could not be re-created: that is worth a look.
+        job["status"] = {"startTime": "2026-01-01T00:00:01Z", "active": 0, "succeeded": 1, "failed": 1}
+        w.sync_caches()
+        w.clock.now += 10
+        await w.reconcile()
+        assert ("GET", "Event", job["metadata"]["uid"]) in w.kube.calls
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize(("workers", "deleted"), [
+    (1, [("DELETE", "Job", NAME), ("DELETE", "ConfigMap", "job1-config")]),
+    (2, [("DELETE", "Job", NAME), ("DELETE", "Service", NAME), ("DELETE", "ConfigMap", "job1-config")]),
+])
+def test_terminal_job_is_cleaned_up_after_ttl_and_status_stays(workers: int, deleted: list[tuple[str, ...]]) -> None:
+    async def body() -> None:
+        w = World()
+        w.apply(run_policy={"ttlSecondsAfterFinished": 30}, merge_resources={"workers": workers})
         await w.reconcile()
         job = w.kube.objects[("Job", NS, NAME)]
         job["status"] = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}],
@@ -377,8 +436,8 @@ def test_terminal_job_is_cleaned_up_after_ttl_and_status_stays() -> None:
         assert w.kube.writes() == [], "TTL not reached yet"
         w.clock.now += 31
         await w.reconcile()
-        assert [c for c in w.kube.calls if c[0] == "DELETE"] == [
-            ("DELETE", "Job", NAME), ("DELETE", "Service", NAME), ("DELETE", "ConfigMap", "job1-config")]
+        assert [c for c in w.kube.calls if c[0] == "DELETE"] == deleted
+        assert ("GET", "Service", NAME) not in w.kube.calls, "the watch cache says whether there is a Service"
         # (the Secret is owned by the ConfigMap: garbage collection removes it; the operator cannot delete Secrets)
         assert w.ftj()["status"]["phase"] == "Succeeded"
         w.kube.calls.clear()
@@ -454,10 +513,10 @@ def test_failed_job_reports_the_trainer_message() -> None:
 def test_deleted_or_edited_configmap_and_service_are_repaired_from_the_caches() -> None:
     async def body() -> None:
         w = World()
-        w.apply()
+        w.apply(merge_resources={"workers": 2})
         await w.reconcile()
         w.sync_caches()
-        w.run_pods()
+        w.run_pods(2)
         w.clock.now += 1
         await w.reconcile()
         w.sync_caches()

@@ -123,6 +123,8 @@ def test_progress_push_reaches_status_and_bad_tokens_are_refused(control_plane: 
     cp = control_plane
     create_ftj(cp, manifest("progress", namespace))
     wait_phase(cp, namespace, "progress", "Running")
+    assert get_or_none(cp, f"/api/v1/namespaces/{namespace}/services/progress") is None, \
+        "a one-pod job needs no rendezvous Service"
     secret = cp.request("GET", f"/api/v1/namespaces/{namespace}/secrets/progress-progress")
     token = base64.b64decode(secret["data"]["token"]).decode()
 
@@ -319,7 +321,8 @@ def test_child_job_deleted_by_hand_is_recreated(control_plane: ControlPlane, nam
 def test_steady_state_resync_writes_nothing(control_plane: ControlPlane, namespace: str,
                                             operator: OperatorProcess) -> None:
     cp = control_plane
-    create_ftj(cp, manifest("steady", namespace))
+    # Two pods, so that the rendezvous Service is among the children that must stay untouched.
+    create_ftj(cp, manifest("steady", namespace, resources={"workers": 2, "gpusPerWorker": 1}))
     wait_phase(cp, namespace, "steady", "Running")
     paths = [f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs/steady",
              f"/apis/batch/v1/namespaces/{namespace}/jobs/steady", f"/api/v1/namespaces/{namespace}/services/steady",
@@ -342,10 +345,12 @@ def test_steady_state_resync_writes_nothing(control_plane: ControlPlane, namespa
 def test_ttl_removes_children_and_keeps_status(control_plane: ControlPlane, namespace: str,
                                                operator: OperatorProcess) -> None:
     cp = control_plane
-    create_ftj(cp, manifest("brief", namespace, run_policy={"ttlSecondsAfterFinished": 2}))
-    pod = wait_running_pods(cp, namespace, "brief", 1)[0]
-    cp.finish_pod(namespace, pod["metadata"]["name"], exit_code=0)
+    create_ftj(cp, manifest("brief", namespace, run_policy={"ttlSecondsAfterFinished": 2},
+                            resources={"workers": 2, "gpusPerWorker": 1}))
+    for pod in wait_running_pods(cp, namespace, "brief", 2):
+        cp.finish_pod(namespace, pod["metadata"]["name"], exit_code=0)
     wait_phase(cp, namespace, "brief", "Succeeded")
+    assert get_or_none(cp, f"/api/v1/namespaces/{namespace}/services/brief") is not None
     paths = [f"/apis/batch/v1/namespaces/{namespace}/jobs/brief", f"/api/v1/namespaces/{namespace}/services/brief",
              f"/api/v1/namespaces/{namespace}/configmaps/brief-config",
              f"/api/v1/namespaces/{namespace}/secrets/brief-progress"]
