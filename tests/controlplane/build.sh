@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the test control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm)
-# from their published Go modules into a version-keyed cache outside the repository.
+# Builds the test control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm),
+# and promql-check (the Prometheus PromQL parser, for tests/helm/test_promql.py), from their published Go modules into
+# a version-keyed cache outside the repository.
 #
 #   ${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}/bin/<component>-<version>/<component>
 #
@@ -13,15 +14,16 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}"
 BIN_ROOT="$CACHE/bin"
 
-# Single source of truth for the Kubernetes and etcd versions: the build modules' go.mod files.
+# Single source of truth for the Kubernetes, etcd and Prometheus versions: the build modules' go.mod files.
 # module_version GO_MOD MODULE -> the version GO_MOD requires (inside or outside a require block)
 module_version() { awk -v m="$2" '{for (i = 1; i < NF; i++) if ($i == m && $(i + 1) ~ /^v/) {print $(i + 1); exit}}' "$1"; }
 K8S_VERSION="$(module_version "$HERE/go/k8s/go.mod" k8s.io/kubernetes)"
 ETCD_VERSION="$(module_version "$HERE/go/etcd/go.mod" go.etcd.io/etcd/server/v3)"
+PROMQL_VERSION="$(module_version "$HERE/go/promql/go.mod" github.com/prometheus/prometheus)"
 KWOK_VERSION="v0.8.0"
 HELM_VERSION="v3.19.5"
 
-if [[ -z "$K8S_VERSION" || -z "$ETCD_VERSION" ]]; then
+if [[ -z "$K8S_VERSION" || -z "$ETCD_VERSION" || -z "$PROMQL_VERSION" ]]; then
   echo "build.sh: cannot read pinned versions from $HERE/go/*/go.mod" >&2
   exit 2
 fi
@@ -118,23 +120,35 @@ build_helm() {
   rm -rf "$tmp"
 }
 
+# promql-check: a small program around github.com/prometheus/prometheus/promql/parser (about 30 s cold).
+build_promql_check() {
+  local tmp
+  tmp="$(mktemp -d "$BIN_ROOT/.promql-check-build.XXXXXX")"
+  (cd "$HERE/go/promql" && "$GO" build "${BUILD_FLAGS[@]}" -ldflags "-s -w" -o "$tmp/promql-check" .)
+  install_from "$tmp" promql-check "$PROMQL_VERSION"
+  rm -rf "$tmp"
+}
+
 main() {
   mkdir -p "$BIN_ROOT"
   # Two concurrent builders (two pytest sessions, make cluster + pytest) would otherwise race on the same cache.
   exec 9>"$BIN_ROOT/.build.lock"
   if command -v flock >/dev/null; then flock 9; fi
 
-  local t0 missing=0
+  local t0 missing=0 slow=0
   t0=$(date +%s)
   for spec in "kube-apiserver $K8S_VERSION" "kube-controller-manager $K8S_VERSION" "kube-scheduler $K8S_VERSION" \
     "kubectl $K8S_VERSION" "etcd $ETCD_VERSION" "kwok $KWOK_VERSION" "helm $HELM_VERSION"; do
     # shellcheck disable=SC2086
-    have $spec || missing=1
+    have $spec || { missing=1; slow=1; }
   done
+  have promql-check "$PROMQL_VERSION" || missing=1
   if [[ $missing == 1 ]]; then
     require_go
     log "cache: $BIN_ROOT (go: $("$GO" version | awk '{print $3}'), parallel jobs: $GO_PARALLEL)"
-    log "a cold build takes about 10 minutes on 2 cores (downloads and compiles); later runs reuse the cache"
+    if [[ $slow == 1 ]]; then
+      log "a cold build takes about 10 minutes on 2 cores (downloads and compiles); later runs reuse the cache"
+    fi
   fi
 
   have etcd "$ETCD_VERSION" || timed "etcd $ETCD_VERSION" build_etcd
@@ -144,10 +158,12 @@ main() {
   fi
   have kwok "$KWOK_VERSION" || timed "kwok $KWOK_VERSION" build_kwok
   have helm "$HELM_VERSION" || timed "helm $HELM_VERSION" build_helm
+  have promql-check "$PROMQL_VERSION" || timed "promql-check $PROMQL_VERSION" build_promql_check
 
   [[ $missing == 1 ]] && log "all components ready in $(($(date +%s) - t0)) s"
   for spec in "kube-apiserver $K8S_VERSION" "kube-controller-manager $K8S_VERSION" "kube-scheduler $K8S_VERSION" \
-    "kubectl $K8S_VERSION" "etcd $ETCD_VERSION" "kwok $KWOK_VERSION" "helm $HELM_VERSION"; do
+    "kubectl $K8S_VERSION" "etcd $ETCD_VERSION" "kwok $KWOK_VERSION" "helm $HELM_VERSION" \
+    "promql-check $PROMQL_VERSION"; do
     # shellcheck disable=SC2086
     set -- $spec
     echo "BIN $1 $(bin_path "$1" "$2")"

@@ -181,6 +181,7 @@ REFUSED_IMAGES = [
     "localhost/registry.example.com/trainer:1",
     "registry.example.com@sha256:" + "a" * 64,  # a docker.io image named like the registry
     "trainer:1",  # docker.io/library/trainer
+    "registry.example.com:5000/trainer:1",  # the allowed host on another port: another registry
 ]
 
 

@@ -9,6 +9,7 @@ import os
 import resource
 import signal
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -151,6 +152,41 @@ def test_sigterm_saves_checkpoint_and_exits_75(live_run: dict[str, Any]) -> None
     assert progress["checkpoint"]["step"] == steps[-1]
     last_push = live_run["sink"].received[-1][1]
     assert last_push["checkpoint"]["step"] == steps[-1]
+
+
+def test_sigterm_during_a_long_evaluation_checkpoints_at_once(models: dict[str, Path], tmp_path: Path,
+                                                             isolated: Path) -> None:
+    """An evaluation can outlast the grace period: the stop is honoured between evaluation batches, the step just
+    trained is checkpointed and the trainer exits 75 long before the watchdog would have fired (without a checkpoint
+    for that step)."""
+    train = support.write_jsonl(tmp_path / "train.jsonl", support.qa_rows(64))
+    validation = support.write_jsonl(tmp_path / "validation.jsonl", support.qa_rows(20_000, offset=64))
+    out = tmp_path / "out"
+    spec = _clean(_gpt2_spec(models["gpt2"], train, out, 1000, 5))
+    spec["dataset"]["validation"] = str(validation)
+    spec["hyperparameters"]["evalEverySteps"] = 5
+    spec["checkpointing"]["everySteps"] = 1000  # no checkpoint at step 5 but the one the stop writes
+    job = support.manifest(tmp_path / "job.yaml", spec)
+    log = tmp_path / "trainer.log"
+    grace = 60.0
+    proc = support.start_trainer([str(job), "--no-progress-bar"],
+                                 support.trainer_env(tmp_path, FINETUNE_GRACE_PERIOD=str(grace)), log)
+    try:
+        support.wait_for(lambda: "evaluating at step 5" in log.read_text(), 120, "the evaluation at step 5", proc,
+                         log, interval=0.01)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=grace + 30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = support.tail(log, 20000)
+    assert code == exitcodes.INTERRUPTED, text
+    assert "evaluation at step 5 stopped by signal" in text, text
+    assert took < grace / 2, f"exit took {took:.1f}s: the watchdog, not the evaluation loop, ended the run"
+    assert support.complete_steps(out / "checkpoints") == [5]
 
 
 def test_resume_after_sigkill_reaches_the_same_end(models: dict[str, Path], tmp_path: Path, isolated: Path) -> None:

@@ -52,6 +52,11 @@ def format_confusion(matrix: list[list[int]], labels: list[str]) -> str:
     return "\n".join(lines)
 
 
+class EvaluationStopped(Exception):
+    """A stop was requested (SIGTERM) between two evaluation batches: the caller checkpoints and exits instead of
+    finishing an evaluation that may outlast the grace period."""
+
+
 class Evaluator:
     """Runs the model over the validation data and computes the task's metrics."""
 
@@ -64,13 +69,16 @@ class Evaluator:
         self.rank, self.world = rank, world
         self.gather = gather or (lambda x: [x])
         self.labels = task.labels or [str(i) for i in range(task.n_classes)]
+        self._should_stop: Callable[[], bool] | None = None
 
     def _batches(self) -> list[np.ndarray]:
         return eval_batches(self.enc.cost(), self.batch_size, self.world, self.rank)
 
     @torch.no_grad()
-    def run(self, model: Any) -> tuple[dict[str, float], dict[str, Any]]:
-        """Return (scalar metrics, extras such as the confusion matrix)."""
+    def run(self, model: Any, should_stop: Callable[[], bool] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+        """Return (scalar metrics, extras such as the confusion matrix). `should_stop` is asked before every batch;
+        when it answers True, EvaluationStopped is raised (single process only: ranks would disagree on when)."""
+        self._should_stop = should_stop if self.world == 1 else None
         was_training = model.training
         model.eval()
         try:
@@ -81,6 +89,8 @@ class Evaluator:
             model.train(was_training)
 
     def _forward(self, model: Any, idx: np.ndarray) -> tuple[Any, dict[str, torch.Tensor]]:
+        if self._should_stop is not None and self._should_stop():
+            raise EvaluationStopped
         batch, _ = collate(self.enc, idx, self.tok.pad_token_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with self.autocast():

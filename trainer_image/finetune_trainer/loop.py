@@ -31,7 +31,7 @@ from finetune_trainer.checkpoint import CheckpointInfo, CheckpointManager, rfc33
 from finetune_trainer.data import Encoded, collate, epoch_batches
 from finetune_trainer.distributed import Dist
 from finetune_trainer.errors import Interrupted, StorageError
-from finetune_trainer.evaluation import Evaluator
+from finetune_trainer.evaluation import EvaluationStopped, Evaluator
 from finetune_trainer.modeling import Precision
 from finetune_trainer.progress import Display, Progress
 
@@ -108,8 +108,9 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> None:
 
 # --------------------------------------------------------------------------------------------------------- signals
 class StopSignal:
-    """SIGTERM/SIGINT set a flag the loop checks after every optimizer step; a watchdog exits with 75 once the grace
-    period is spent, whatever the loop is doing (a save still in progress stays a partial, ignored checkpoint)."""
+    """SIGTERM/SIGINT set a flag checked after every optimizer step and before every evaluation batch; a watchdog
+    exits with 75 once the grace period is spent, whatever the loop is doing (a save still in progress stays a
+    partial, ignored checkpoint)."""
 
     def __init__(self, grace_period: float) -> None:
         self.grace_period = grace_period
@@ -390,8 +391,16 @@ class Trainer:
         if self.evaluator is None:
             return {}
         t0 = time.monotonic()
+        log.info("evaluating at step %d", self.state.step)
         # The unwrapped model: DDP's forward broadcasts buffers, and ranks may hold one eval batch more or less.
-        metrics, extras = self.evaluator.run(self.raw_model)
+        try:
+            metrics, extras = self.evaluator.run(self.raw_model, should_stop=lambda: self.stop.requested)
+        except EvaluationStopped:
+            # Checkpoint the step just trained (unless saved) and exit 75: the restart resumes from it. A stop during
+            # the final evaluation finds the final checkpoint saved; the restart evaluates and writes the output.
+            log.warning("evaluation at step %d stopped by signal after %.1fs", self.state.step,
+                        time.monotonic() - t0)
+            raise self._interrupt() from None
         self.extras.update(extras)
         self.state.metrics.update(metrics)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()))
