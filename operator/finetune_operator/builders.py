@@ -346,16 +346,19 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[st
     }
 
 
-def job_spec_patch(spec: FineTuneJobSpec, current: dict[str, Any], kueue_managed: bool) -> dict[str, Any]:
+def job_spec_patch(spec: FineTuneJobSpec, current: dict[str, Any], kueue_managed: bool,
+                   hold: bool = False) -> dict[str, Any]:
     """The merge patch that brings a live Job's mutable fields to the spec; empty when nothing differs.
 
-    `current` holds the Job's live suspend, backoffLimit and activeDeadlineSeconds. A Job carrying a Kueue
-    queue label is never (un)suspended here: Kueue owns that switch.
+    `current` holds the Job's live suspend, backoffLimit and activeDeadlineSeconds. `hold` keeps the Job suspended
+    whatever the spec says (a whole-group restart, see gang.py). A Job carrying a Kueue queue label is never
+    (un)suspended here: Kueue owns that switch.
     """
     rp = spec.run_policy
     patch: dict[str, Any] = {}
-    if not kueue_managed and bool(current.get("suspend")) != rp.suspend:
-        patch["suspend"] = rp.suspend
+    suspend = rp.suspend or hold
+    if not kueue_managed and bool(current.get("suspend")) != suspend:
+        patch["suspend"] = suspend
     if current.get("backoffLimit") != rp.backoff_limit:
         patch["backoffLimit"] = rp.backoff_limit
     if current.get("activeDeadlineSeconds") != rp.active_deadline_seconds:

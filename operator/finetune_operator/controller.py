@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from finetune_api import names
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import TERMINAL_PHASES, FineTuneJobStatus
-from finetune_operator import builders, state
+from finetune_operator import builders, gang, state
 from finetune_operator.k8s import ApiError, Kube
 from finetune_operator.ledger import Ledger
 from finetune_operator.ledger import update as update_ledger
@@ -313,6 +314,7 @@ class Controller:
             return
 
         job = next((j for j in self._jobs(key) if j.owner_uid == owner.uid), None)
+        result: CreateResult | None = None
         if job is None:
             if (problem := image_problem(spec, self.settings)) is not None:
                 obs = state.Observation(now=format_time(now), generation=generation, invalid=problem)
@@ -329,15 +331,19 @@ class Controller:
             job = result.job
             if key not in self.created_at:
                 self.created_at[key] = now
-        else:
-            await self._sync_job(key, spec, job)
-            if not job.condition("Complete") and not job.condition("Failed"):
-                await self._repair_children(key, owner, spec)
         assert job is not None
 
         pods = self._pods(key, job.uid)
         ledger = self.ledgers[key] = update_ledger(self.ledgers.get(key), job, pods, prev.restarts,
                                                    prev.gpu_seconds, now)
+        broken = None
+        if result is None:  # an existing Job: carry spec edits, hold a broken torchrun group, repair children
+            finished = job.condition("Complete") or job.condition("Failed") or job.condition("FailureTarget")
+            if not finished and job.queue_name is None:
+                broken = gang.broken_member(spec.resources.workers, pods, ledger.doomed)
+            job = await self._sync_job(key, spec, job, hold=broken is not None)
+            if not job.condition("Complete") and not job.condition("Failed"):
+                await self._repair_children(key, owner, spec)
         obs = state.Observation(
             now=format_time(now),
             generation=generation,
@@ -351,6 +357,7 @@ class Controller:
             gpu_seconds=ledger.gpu_seconds,
             create_failure=await self._create_failure(key, job, pods, now),
             report=self.reports.get(key),
+            restarting=gang.restart_message(broken, spec.resources.workers) if broken is not None else None,
         )
         new = state.compute_status(prev, obs)
         self.metrics.add_delta(self.metrics.gpu_seconds, ns, name, ledger.gpu_seconds)
@@ -484,14 +491,19 @@ class Controller:
         return CreateResult(conflict=f"{kind} {child_name} already exists and is not owned by this FineTuneJob; "
                                      f"it is left alone (rename the FineTuneJob or delete the {kind})")
 
-    async def _sync_job(self, key: Key, spec: FineTuneJobSpec, job: JobView) -> None:
-        """Carry allowed spec edits (suspend, backoffLimit, activeDeadlineSeconds) to the live Job."""
+    async def _sync_job(self, key: Key, spec: FineTuneJobSpec, job: JobView, hold: bool = False) -> JobView:
+        """Carry allowed spec edits (suspend, backoffLimit, activeDeadlineSeconds) to the live Job, and keep it
+        suspended while `hold` (a broken torchrun group is being stopped). Returns the Job as patched."""
         if job.condition("Complete") or job.condition("Failed"):
-            return
-        patch = builders.job_spec_patch(spec, job.live_spec, kueue_managed=job.queue_name is not None)
-        if patch:
-            await self.kube.patch("batch/v1", "Job", key[0], job.name, patch)
-            log.info("%s/%s: updated Job %s: %s", *key, job.name, patch["spec"])
+            return job
+        patch = builders.job_spec_patch(spec, job.live_spec, kueue_managed=job.queue_name is not None, hold=hold)
+        if not patch:
+            return job
+        await self.kube.patch("batch/v1", "Job", key[0], job.name, patch)
+        log.info("%s/%s: updated Job %s: %s", *key, job.name, patch["spec"])
+        if "suspend" in patch["spec"]:
+            return dataclasses.replace(job, suspend=patch["spec"]["suspend"])
+        return job
 
     async def _repair_children(self, key: Key, owner: builders.Owner, spec: FineTuneJobSpec) -> None:
         """Put the ConfigMap and the Service (multi-pod jobs) back as the builders say: recreate a missing one, patch

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from finetune_operator.gang import members_at_failure
 from finetune_operator.observe import JobView, PodView, parse_time
 
 TERMINAL_POD_PHASES = ("Succeeded", "Failed")
@@ -29,13 +30,16 @@ class Ledger:
     pods: dict[str, PodRecord] = field(default_factory=dict)
     restart_offset: int = 0
     gpu_offset: float = 0.0
+    doomed: set[str] = field(default_factory=set)  # pods alive when another member of their group failed
 
     @property
     def restarts(self) -> int:
-        per_index: dict[int, list[PodRecord]] = {}
-        for rec in self.pods.values():
-            per_index.setdefault(rec.index, []).append(rec)
-        replaced = sum(max(0, len(recs) - 1 - sum(r.stopped_by_suspend for r in recs)) for recs in per_index.values())
+        """Pods replaced after a failure. Pods stopped by a suspension, the user's or a whole-group restart's, are
+        not restarts of their own: the failure that caused the group restart is the one restart."""
+        per_index: dict[int, list[bool]] = {}
+        for uid, rec in self.pods.items():
+            per_index.setdefault(rec.index, []).append(rec.stopped_by_suspend or uid in self.doomed)
+        replaced = sum(max(0, len(stopped) - 1 - sum(stopped)) for stopped in per_index.values())
         return self.restart_offset + replaced
 
     @property
@@ -69,7 +73,11 @@ def update(
         if rec is None:
             rec = ledger.pods[pod.uid] = PodRecord(index=pod.index)
         rec.gpu_seconds = max(rec.gpu_seconds, _pod_gpu_seconds(pod, now))
+        was_finished = rec.finished
         rec.finished = rec.finished or (pod.phase in TERMINAL_POD_PHASES and not job.suspend)
+        if rec.finished and not was_finished and pod.phase == "Failed" and pod.uid not in ledger.doomed \
+                and not rec.stopped_by_suspend:
+            ledger.doomed |= members_at_failure(pods, pod)
     if job.suspend:
         for rec in ledger.pods.values():
             if not rec.finished:

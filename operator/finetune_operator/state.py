@@ -35,6 +35,7 @@ COMPLETED = "Completed"
 BACKOFF_LIMIT = "BackoffLimitExceeded"
 DEADLINE = "DeadlineExceeded"
 POD_FAILURE_POLICY = "PodFailurePolicy"
+RESTARTING_WORKERS = "RestartingWorkers"
 EXIT_REASONS = {
     exitcodes.DATA_ERROR: "DataError",
     exitcodes.CONFIG_ERROR: "ConfigError",
@@ -62,6 +63,7 @@ class Observation:
     conflict: str | None = None
     invalid: str | None = None
     report: ProgressReport | None = None
+    restarting: str | None = None  # why a broken torchrun group is being stopped and restarted (gang.py)
 
 
 def pending_problem(pods: tuple[PodView, ...], create_failure: str | None) -> tuple[str, str] | None:
@@ -174,6 +176,10 @@ def compute_status(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStat
         st.completion_time = st.completion_time or obs.now
         return st
 
+    if obs.restarting is not None and not obs.suspend_requested:
+        st.phase = "Pending"
+        _set(st, "Running", "False", RESTARTING_WORKERS, obs.restarting, obs)
+        return st
     if job.suspend:
         if job.queue_name and not obs.suspend_requested:
             st.phase = "Queued"
@@ -212,7 +218,8 @@ def compute_status(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStat
 
 _HEADLINE = {"Pending": "Running", "Queued": "Queued", "Running": "Running", "Succeeded": "Succeeded",
              "Failed": "Failed", "Suspended": "Suspended"}
-WARNING_REASONS = frozenset({NAME_CONFLICT, QUOTA_EXCEEDED, FAILED_CREATE, UNSCHEDULABLE, IMAGE_PULL, CONTAINER_CONFIG})
+WARNING_REASONS = frozenset({NAME_CONFLICT, QUOTA_EXCEEDED, FAILED_CREATE, UNSCHEDULABLE, IMAGE_PULL, CONTAINER_CONFIG,
+                             RESTARTING_WORKERS})
 
 
 def headline(st: FineTuneJobStatus) -> tuple[str, str, str] | None:

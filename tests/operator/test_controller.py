@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import itertools
 from typing import Any
 
@@ -163,6 +164,16 @@ class World:
 
     async def reconcile(self) -> None:
         await self.ctl.reconcile((NS, NAME))
+
+    async def running(self, workers: int) -> None:
+        """Create the job and bring all its workers up: the FineTuneJob is Running."""
+        self.apply(merge_resources={"workers": workers})
+        await self.reconcile()
+        self.sync_caches()
+        self.run_pods(workers)
+        self.clock.now += 1
+        await self.reconcile()
+        assert self.ftj()["status"]["phase"] == "Running"
 
 
 def test_creation_makes_three_creates_and_defers_the_pending_status() -> None:
@@ -468,6 +479,83 @@ def test_spec_edits_reach_the_job_but_kueue_owns_suspend() -> None:
     asyncio.run(body())
 
 
+def _fail_worker(w: World, index: int, exit_code: int = 1) -> None:
+    """Worker `index` of the running pods ends Failed; the others keep running."""
+    w.pods[(NS, NAME)] = [
+        dataclasses.replace(p, phase="Failed", exit_code=exit_code, finished_at="2026-01-01T00:00:30Z")
+        if p.index == index else p for p in w.pods[(NS, NAME)]]
+
+
+def test_a_failed_worker_restarts_the_whole_group_once() -> None:
+    async def body() -> None:
+        w = World()
+        await w.running(2)
+
+        # Worker 1 crashes: the Job is suspended, so the Job controller stops worker 0 too (not counted as failures).
+        _fail_worker(w, 1)
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert ("PATCH", "Job", NAME) in w.kube.calls
+        assert w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] is True
+        status = w.ftj()["status"]
+        running = next(c for c in status["conditions"] if c["type"] == "Running")
+        assert (status["phase"], running["reason"]) == ("Pending", "RestartingWorkers")
+        assert running["message"] == ("worker 1 (pod job1-1-x) exited with code 1: stopping the other workers, "
+                                      "then restarting all 2 from the latest checkpoint")
+        assert w.kube.events[-1][:2] == ("Warning", "RestartingWorkers")
+
+        # While worker 0 is still stopping: held, and nothing is written again.
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.writes() == []
+
+        # Worker 0 is gone: the Job is resumed and every index starts afresh.
+        w.pods[(NS, NAME)] = [p for p in w.pods[(NS, NAME)] if p.index == 1]
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] is False
+        assert w.ftj()["status"]["phase"] == "Pending"
+        assert [e for e in w.kube.events if e[1] == "Suspended"] == [], "a group restart is not a user's suspension"
+
+        job_uid = w.kube.objects[("Job", NS, NAME)]["metadata"]["uid"]
+        w.pods[(NS, NAME)] += [PodView(name=f"{NAME}-{i}-y", uid=f"new-{i}", job_uid=job_uid, index=i,
+                                       phase="Running", gpus=1, started_at="2026-01-01T00:01:00Z",
+                                       created="2026-01-01T00:00:50Z") for i in range(2)]
+        w.sync_caches()
+        await w.reconcile()
+        status = w.ftj()["status"]
+        assert (status["phase"], status["restarts"]) == ("Running", 1)
+        assert w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] is False
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("case", ["one pod", "kueue", "bad data"])
+def test_no_group_restart_for_one_pod_kueue_or_permanent_failures(case: str) -> None:
+    async def body() -> None:
+        w = World()
+        overrides: dict[str, Any] = {"merge_resources": {"workers": 1 if case == "one pod" else 2}}
+        if case == "kueue":
+            overrides["run_policy"] = {"queueName": "gpu-queue"}
+        w.apply(**overrides)
+        await w.reconcile()
+        w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] = False  # (Kueue admitted it)
+        w.sync_caches()
+        w.run_pods(overrides["merge_resources"]["workers"])
+        w.clock.now += 1
+        await w.reconcile()
+        _fail_worker(w, 0, exit_code=65 if case == "bad data" else 1)
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert ("PATCH", "Job", NAME) not in w.kube.calls
+        assert w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] is False
+        assert "RestartingWorkers" not in str(w.ftj()["status"]["conditions"])
+    asyncio.run(body())
+
+
 def test_kueue_job_is_created_suspended_and_never_unsuspended() -> None:
     async def body() -> None:
         w = World()
@@ -513,12 +601,7 @@ def test_failed_job_reports_the_trainer_message() -> None:
 def test_deleted_or_edited_configmap_and_service_are_repaired_from_the_caches() -> None:
     async def body() -> None:
         w = World()
-        w.apply(merge_resources={"workers": 2})
-        await w.reconcile()
-        w.sync_caches()
-        w.run_pods(2)
-        w.clock.now += 1
-        await w.reconcile()
+        await w.running(2)
         w.sync_caches()
         w.kube.calls.clear()
         await w.reconcile()

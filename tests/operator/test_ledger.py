@@ -54,3 +54,15 @@ def test_a_recreated_job_keeps_the_counts() -> None:
     assert led.restarts == 1
     led2 = update(led, job(uid="job-2"), [], led.restarts, led.gpu_seconds, NOW)
     assert led2.restarts == 1 and led2.gpu_seconds == led.gpu_seconds
+
+
+def test_a_whole_group_restart_counts_one_restart() -> None:
+    """Worker 1 crashes; the operator stops worker 0 (and the replacement the Job controller already made for index 1)
+    by suspending the Job, then both indexes start afresh: one restart, not three."""
+    led = update(None, job(), [pod("a", index=0), pod("b", index=1)], 0, 0.0, NOW)
+    crashed = pod("b", "Failed", index=1, finished=T60)
+    led = update(led, job(), [pod("a", index=0), crashed, pod("c", "Pending", index=1)], 0, 0.0, NOW)
+    assert led.doomed == {"a", "c"}, "the members alive at the failure are recorded"
+    led = update(led, job(suspend=True), [pod("a", "Failed", index=0, finished=T60), crashed], 0, 0.0, NOW)
+    led = update(led, job(), [crashed, pod("d", index=0), pod("e", index=1)], 0, 0.0, NOW)
+    assert led.restarts == 1

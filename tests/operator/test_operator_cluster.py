@@ -195,6 +195,51 @@ def test_evicted_pod_is_retried_and_counted(control_plane: ControlPlane, namespa
     assert live and first not in live
 
 
+@pytest.mark.parametrize("how", ["crash", "eviction"])
+def test_a_failed_worker_restarts_the_whole_group(control_plane: ControlPlane, namespace: str,
+                                                  operator: OperatorProcess, how: str) -> None:
+    """A torchrun group cannot take a replacement member: one worker failing restarts all of them, from the latest
+    checkpoint, and costs one restart (the stopped survivors are not counted against backoffLimit)."""
+    cp = control_plane
+    limit = 1 if how == "crash" else 0
+    create_ftj(cp, manifest("gang", namespace, resources={"workers": 2, "gpusPerWorker": 1},
+                            run_policy={"backoffLimit": limit}))
+    first = wait_running_pods(cp, namespace, "gang", 2)
+    wait_phase(cp, namespace, "gang", "Running")
+    by_index = {int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]): p for p in first}
+    if how == "crash":
+        cp.finish_pod(namespace, by_index[1]["metadata"]["name"], exit_code=1)
+    else:
+        cp.evict_pod(namespace, by_index[1]["metadata"]["name"])
+    survivor = f"/api/v1/namespaces/{namespace}/pods/{by_index[0]['metadata']['name']}"
+    cp.wait_for(lambda: get_or_none(cp, survivor) is None, timeout=30, desc="the surviving worker stopped")
+
+    old = {p["metadata"]["uid"] for p in first}
+
+    def restarted() -> list[dict[str, Any]] | None:
+        pods = [p for p in pods_of(cp, namespace, "gang", live_only=True)
+                if p["metadata"]["uid"] not in old and p.get("status", {}).get("phase") == "Running"]
+        return pods if len(pods) == 2 else None
+
+    fresh = cp.wait_for(restarted, timeout=30, desc="both workers running again as new pods")
+    assert {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in fresh} == {"0", "1"}
+    ftj = cp.wait_for(lambda: (lambda f: f if (f.get("status") or {}).get("phase") == "Running"
+                               and f["status"].get("restarts") == 1 else None)(get_ftj(cp, namespace, "gang")),
+                      timeout=30, desc="Running again with restarts 1")
+    job = cp.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs/gang")
+    assert job["spec"]["suspend"] is False
+    assert job["status"].get("failed", 0) == (1 if how == "crash" else 0), "only the failure itself counted"
+    assert not [c for c in job["status"].get("conditions") or [] if c["type"] == "Failed" and c["status"] == "True"]
+    assert ftj["status"]["restarts"] == 1
+    events = cp.request("GET", f"/api/v1/namespaces/{namespace}/events?fieldSelector=involvedObject.name=gang,"
+                               "involvedObject.kind=FineTuneJob")["items"]
+    restarting = [e for e in events if e["reason"] == "RestartingWorkers"]
+    assert len(restarting) == 1 and restarting[0]["type"] == "Warning"
+    assert "worker 1" in restarting[0]["message"]
+    assert not [e for e in events if e["reason"] == "Suspended"]
+    assert operator_errors(operator) == []
+
+
 def test_bad_data_exit_fails_at_once_with_the_trainer_message(control_plane: ControlPlane, namespace: str,
                                                              operator: OperatorProcess) -> None:
     cp = control_plane

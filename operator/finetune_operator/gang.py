@@ -1,0 +1,67 @@
+"""Whole-group restarts of multi-pod jobs: pure decisions, no I/O.
+
+A torchrun group is static: when one pod of a multi-pod job fails (a crash, an eviction, a lost node), the Job
+controller replaces only that index, and the replacement cannot join the running group, while the surviving workers
+hang in a collective until a timeout and then fail one by one, each failure counted against backoffLimit. So the
+operator restarts the whole group instead: it suspends the Job (the Job controller stops every pod, and pods stopped
+by a suspension are not counted as failures), waits until none of the pods that belonged to the broken group is left,
+then resumes the Job; every index starts afresh, the rendezvous forms again, and all workers resume from the latest
+complete checkpoint. One failure costs one restart.
+
+Kueue owns `suspend` of a queued Job, so Kueue-managed jobs are left to the Job controller (and Kueue).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from finetune_api import exitcodes
+from finetune_operator.observe import PodView, parse_time
+
+LIVE = ("Pending", "Running", "Unknown")
+
+
+def members_at_failure(pods: Iterable[PodView], failed: PodView) -> set[str]:
+    """The uids of the pods still alive when `failed` was seen failing: the rest of the broken group (a replacement
+    the Job controller already made for the failed index is included; the suspension stops it too)."""
+    return {p.uid for p in pods if p.phase in LIVE and p.uid != failed.uid}
+
+
+def broken_member(workers: int, pods: Iterable[PodView], doomed: set[str]) -> PodView | None:
+    """The failed pod of the newest broken group whose other members still run, else None.
+
+    A live pod belongs to a broken group when it was alive when a member failed: recorded in `doomed` as the operator
+    saw it happen, or, after an operator restart, because it was created before that member's failure.
+    """
+    if workers <= 1:
+        return None
+    pods = list(pods)
+    # Members stopped by the restart itself are not new failures. (An evicted pod is Failed and being deleted: that
+    # is a failure like any other.)
+    failed = [p for p in pods if p.phase == "Failed" and p.finished_at is not None and p.uid not in doomed]
+    if not failed:
+        return None
+    latest = max(failed, key=lambda p: (parse_time(p.finished_at) or 0.0, p.name))
+    if latest.exit_code in exitcodes.PERMANENT:
+        return None  # the pod failure policy fails the whole Job: nothing to restart
+    failed_at = parse_time(latest.finished_at) or 0.0
+    for p in pods:
+        if p.phase not in LIVE:
+            continue
+        created = parse_time(p.created)
+        if p.uid in doomed or (created is not None and created < failed_at):
+            return latest
+    return None
+
+
+def restart_message(failed: PodView, workers: int) -> str:
+    """Why the workers are being restarted, stable across passes (no counts that change while pods stop)."""
+    if failed.disrupted:
+        what = "was disrupted (eviction, preemption or node loss)"
+    elif failed.exit_code is not None:
+        why = f", {failed.terminated_reason}" if failed.terminated_reason else ""
+        what = f"exited with code {failed.exit_code}{why}"
+    else:
+        what = "failed"
+    return (f"worker {failed.index} (pod {failed.name}) {what}: stopping the other workers, then restarting all "
+            f"{workers} from the latest checkpoint")
