@@ -260,12 +260,15 @@ def _volumes(owner: Owner, spec: FineTuneJobSpec) -> tuple[list[dict[str, Any]],
 
 
 def pod_failure_policy() -> dict[str, Any]:
-    """Bad data/config/storage fails the Job at once; disruptions (eviction, preemption, node loss) cost no retry."""
+    """Bad data/config/storage fails the Job at once; disruptions (eviction, preemption, node loss) cost no retry, and
+    neither does a worker that only lost its peers (the failure that broke the group is counted on its own pod)."""
     return {
         "rules": [
             {"action": "FailJob",
              "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": list(exitcodes.PERMANENT)}},
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {"action": "Ignore",
+             "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [exitcodes.PEER_LOST]}},
         ]
     }
 

@@ -41,7 +41,8 @@ def broken_member(workers: int, pods: Iterable[PodView], doomed: set[str]) -> Po
     failed = [p for p in pods if p.phase == "Failed" and p.finished_at is not None and p.uid not in doomed]
     if not failed:
         return None
-    latest = max(failed, key=lambda p: (parse_time(p.finished_at) or 0.0, p.name))
+    # Newest first; within the same second, the cause before its echoes (workers that only lost their peers).
+    latest = max(failed, key=lambda p: (parse_time(p.finished_at) or 0.0, p.exit_code != exitcodes.PEER_LOST, p.name))
     if latest.exit_code in exitcodes.PERMANENT:
         return None  # the pod failure policy fails the whole Job: nothing to restart
     failed_at = parse_time(latest.finished_at) or 0.0
@@ -58,6 +59,8 @@ def restart_message(failed: PodView, workers: int) -> str:
     """Why the workers are being restarted, stable across passes (no counts that change while pods stop)."""
     if failed.disrupted:
         what = "was disrupted (eviction, preemption or node loss)"
+    elif failed.exit_code == exitcodes.PEER_LOST:
+        what = "lost contact with the other workers"
     elif failed.exit_code is not None:
         why = f", {failed.terminated_reason}" if failed.terminated_reason else ""
         what = f"exited with code {failed.exit_code}{why}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from finetune_api import exitcodes
 from finetune_operator.gang import members_at_failure
 from finetune_operator.observe import JobView, PodView, parse_time
 
@@ -22,6 +23,7 @@ class PodRecord:
     gpu_seconds: float = 0.0
     finished: bool = False
     stopped_by_suspend: bool = False  # deleted because the Job was suspended: not a restart
+    peer_lost: bool = False  # exited because another member of its group failed: that member's failure is the restart
 
 
 @dataclass
@@ -38,7 +40,7 @@ class Ledger:
         not restarts of their own: the failure that caused the group restart is the one restart."""
         per_index: dict[int, list[bool]] = {}
         for uid, rec in self.pods.items():
-            per_index.setdefault(rec.index, []).append(rec.stopped_by_suspend or uid in self.doomed)
+            per_index.setdefault(rec.index, []).append(rec.stopped_by_suspend or rec.peer_lost or uid in self.doomed)
         replaced = sum(max(0, len(stopped) - 1 - sum(stopped)) for stopped in per_index.values())
         return self.restart_offset + replaced
 
@@ -73,6 +75,7 @@ def update(
         if rec is None:
             rec = ledger.pods[pod.uid] = PodRecord(index=pod.index)
         rec.gpu_seconds = max(rec.gpu_seconds, _pod_gpu_seconds(pod, now))
+        rec.peer_lost = rec.peer_lost or (pod.phase == "Failed" and pod.exit_code == exitcodes.PEER_LOST)
         was_finished = rec.finished
         rec.finished = rec.finished or (pod.phase in TERMINAL_POD_PHASES and not job.suspend)
         if rec.finished and not was_finished and pod.phase == "Failed" and pod.uid not in ledger.doomed \

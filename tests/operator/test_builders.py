@@ -67,6 +67,7 @@ def test_single_worker_job_is_exactly_this() -> None:
                 {"action": "FailJob",
                  "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [65, 74, 78]}},
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [76]}},
             ]},
             "template": {
                 "metadata": {"labels": LABELS},

@@ -57,3 +57,10 @@ def test_restart_message_says_what_happened_and_stays_stable() -> None:
                                            "then restarting all 4 from the latest checkpoint")
     evicted = pod("b", 1, "Failed", finished=T5, disrupted=True)
     assert "was disrupted (eviction, preemption or node loss)" in restart_message(evicted, 2)
+
+
+def test_the_cause_is_named_before_its_echoes() -> None:
+    echo = pod("a", 0, "Failed", finished=T5, exit_code=76)
+    survivor = pod("c", 2)
+    assert broken_member(3, [echo, CRASHED, survivor], set()) == CRASHED
+    assert "lost contact with the other workers" in restart_message(echo, 3)

@@ -66,3 +66,13 @@ def test_a_whole_group_restart_counts_one_restart() -> None:
     led = update(led, job(suspend=True), [pod("a", "Failed", index=0, finished=T60), crashed], 0, 0.0, NOW)
     led = update(led, job(), [crashed, pod("d", index=0), pod("e", index=1)], 0, 0.0, NOW)
     assert led.restarts == 1
+
+
+def test_workers_that_only_lost_their_peers_are_not_restarts_of_their_own() -> None:
+    """On gloo every worker fails within moments of the one that crashed, exiting 76 (peer lost): the group has
+    restarted once."""
+    led = update(None, job(), [pod("a", index=0), pod("b", index=1)], 0, 0.0, NOW)
+    echo = PodView(name="j-0-a", uid="a", job_uid="job-1", index=0, phase="Failed", exit_code=76, finished_at=T60)
+    led = update(led, job(), [echo, pod("b", "Failed", index=1, finished=T60)], 0, 0.0, NOW)
+    led = update(led, job(), [pod("c", index=0), pod("d", index=1)], 0, 0.0, NOW)
+    assert led.restarts == 1

@@ -129,10 +129,11 @@ def trainer_env(tmp: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_trainer(args: list[str], env: dict[str, str], log: Path, **popen: Any) -> subprocess.Popen[bytes]:
-    """The trainer as a real process (`python -m finetune_trainer`), output to a log file for failure messages."""
+def start_trainer(args: list[str], env: dict[str, str], log: Path, module: str = "finetune_trainer",
+                  **popen: Any) -> subprocess.Popen[bytes]:
+    """The trainer as a real process (`python -m finetune_trainer`, or the launcher), output to a log file."""
     out = log.open("wb")
-    return subprocess.Popen([PYTHON, "-m", "finetune_trainer", *args, "--no-progress-bar"], cwd=REPO, env=env,
+    return subprocess.Popen([PYTHON, "-m", module, *args, "--no-progress-bar"], cwd=REPO, env=env,
                             stdout=out, stderr=subprocess.STDOUT, **popen)
 
 

@@ -143,3 +143,23 @@ def test_launcher_picks_the_most_telling_worker_code() -> None:
     assert worker_exit_code([1, 65]) == 65  # a permanent failure wins: do not retry
     assert worker_exit_code([75, 1]) == 75
     assert worker_exit_code([-9, 0]) == 137
+    # Lost peers: only when nothing else went wrong in this pod (SIGTERM from the agent after the first loss is fine).
+    assert worker_exit_code([76, 75]) == worker_exit_code([76, 76]) == 76
+    assert worker_exit_code([76, 1]) == 1, "a local crash that left the other local worker without a peer"
+    assert worker_exit_code([76, 78]) == 78
+
+
+def test_peer_loss_is_read_narrowly() -> None:
+    from finetune_trainer.distributed import is_peer_loss
+
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [10.0.0.7]:4242: Connection reset by peer")
+    assert is_peer_loss(gloo, world=2)
+    assert not is_peer_loss(gloo, world=1), "one process has no peers"
+    nccl = RuntimeError("NCCL error: remote process exited or there was a network error, NCCL version 2.21.5")
+    assert is_peer_loss(nccl, world=8)
+    wrapped = ValueError("step failed")
+    wrapped.__cause__ = gloo
+    assert is_peer_loss(wrapped, world=2)
+    for local in (RuntimeError("CUDA out of memory"), RuntimeError("NCCL error: unhandled system error"),
+                  OSError("Connection reset by peer")):  # (an OSError is storage or the hub, not the group)
+        assert not is_peer_loss(local, world=2), local

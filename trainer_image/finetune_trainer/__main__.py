@@ -49,6 +49,12 @@ def _terminate(message: str, code: int, path: Path | None) -> None:
             print(f"warning: cannot write the termination message to {path}: {exc}", file=sys.stderr)
 
 
+def _peer_loss(exc: BaseException, world: int) -> bool:
+    from finetune_trainer.distributed import is_peer_loss  # torch: only imported where a group can exist
+
+    return is_peer_loss(exc, world)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one job; return the exit code (the console scripts pass it to sys.exit)."""
     _setup_logging()
@@ -72,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.INTERRUPTED
     except Exception as exc:
         traceback.print_exc()
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and _peer_loss(exc, world):
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            _terminate(f"lost contact with another worker of the group: {first}", exitcodes.PEER_LOST, termination)
+            return exitcodes.PEER_LOST
         _terminate(f"crashed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                    exitcodes.CRASH, termination)
         return exitcodes.CRASH

@@ -53,6 +53,32 @@ class Dist:
             dist.destroy_process_group()
 
 
+# What torch's transports say when the other end of a connection went away: gloo's TCP pairs and the TCPStore
+# ("Connection reset/closed by peer"), NCCL's remote errors. Deliberately narrow: a local fault misread as a lost peer
+# would not be counted against backoffLimit.
+PEER_LOSS_MARKERS = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "remote process exited or there was a network error",  # ncclRemoteError
+)
+
+
+def is_peer_loss(exc: BaseException, world: int) -> bool:
+    """Whether `exc` (or what caused it) says that another process of the group died or became unreachable."""
+    if world <= 1:
+        return False
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, dist.DistNetworkError):
+            return True
+        if isinstance(e, RuntimeError) and any(m in str(e) for m in PEER_LOSS_MARKERS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def init_from_env(timeout_s: float = 1800.0) -> Dist:
     """Join the torchrun group if WORLD_SIZE > 1; pick the device (this rank's GPU, else CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -15,16 +15,21 @@ from finetune_api import exitcodes
 
 
 def worker_exit_code(codes: list[int]) -> int:
-    """One container exit code from the workers' codes (negative = killed by that signal)."""
+    """One container exit code from the workers' codes (negative = killed by that signal).
+
+    A permanent code wins; "peer lost" only when nothing else went wrong in this pod (a local crash that made the
+    other local workers lose their peer is a crash), else "interrupted", else the first failure."""
     codes = [128 - c if c < 0 else c for c in codes if c != 0]
     if not codes:
         return exitcodes.OK
     for code in codes:
         if code in exitcodes.PERMANENT:
             return code
+    if exitcodes.PEER_LOST in codes and set(codes) <= {exitcodes.PEER_LOST, exitcodes.INTERRUPTED}:
+        return exitcodes.PEER_LOST
     if exitcodes.INTERRUPTED in codes:
         return exitcodes.INTERRUPTED
-    return codes[0]
+    return next(c for c in codes if c != exitcodes.PEER_LOST)  # the local crash, not its echo
 
 
 def main(argv: list[str] | None = None) -> int:
