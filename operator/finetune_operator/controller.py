@@ -339,9 +339,12 @@ class Controller:
         broken = None
         if result is None:  # an existing Job: carry spec edits, hold a broken torchrun group, repair children
             finished = job.condition("Complete") or job.condition("Failed") or job.condition("FailureTarget")
-            if not finished and job.queue_name is None:
+            if not finished:
                 broken = gang.broken_member(spec.resources.workers, pods, ledger.doomed)
-            job = await self._sync_job(key, spec, job, hold=broken is not None)
+            kueue = job.queue_name is not None
+            job = await self._sync_job(key, spec, job, hold=broken is not None and not kueue)
+            if broken is not None and kueue:
+                await self._evict_group(key, pods, ledger.doomed, broken)
             if not job.condition("Complete") and not job.condition("Failed"):
                 await self._repair_children(key, owner, spec)
         obs = state.Observation(
@@ -490,6 +493,17 @@ class Controller:
             return CreateResult(stale=True)
         return CreateResult(conflict=f"{kind} {child_name} already exists and is not owned by this FineTuneJob; "
                                      f"it is left alone (rename the FineTuneJob or delete the {kind})")
+
+    async def _evict_group(self, key: Key, pods: list[PodView], doomed: set[str], broken: PodView) -> None:
+        """Kueue owns `suspend` of its Jobs, so their broken groups are stopped by evicting the survivors instead
+        (ignored by the pod failure policy like any disruption); the Job controller replaces them, and a replacement
+        that meets a dying member exits 76 (peer lost), also ignored, until the whole group is new."""
+        for pod in gang.survivors(pods, doomed, broken):
+            if pod.deleting:
+                continue  # already on its way out (evicted in an earlier pass)
+            if await self.kube.evict(key[0], pod.name, pod.uid):
+                log.info("%s/%s: evicted pod %s: worker %d failed and its group must restart", *key, pod.name,
+                         broken.index)
 
     async def _sync_job(self, key: Key, spec: FineTuneJobSpec, job: JobView, hold: bool = False) -> JobView:
         """Carry allowed spec edits (suspend, backoffLimit, activeDeadlineSeconds) to the live Job, and keep it

@@ -8,7 +8,9 @@ by a suspension are not counted as failures), waits until none of the pods that 
 then resumes the Job; every index starts afresh, the rendezvous forms again, and all workers resume from the latest
 complete checkpoint. One failure costs one restart.
 
-Kueue owns `suspend` of a queued Job, so Kueue-managed jobs are left to the Job controller (and Kueue).
+Kueue owns `suspend` of a queued Job, so for Kueue-managed jobs the operator evicts the surviving members instead:
+evictions are disruptions, which the pod failure policy ignores, and a replacement that meets a dying member exits
+76 (peer lost), also ignored, until every member is new.
 """
 
 from __future__ import annotations
@@ -45,14 +47,20 @@ def broken_member(workers: int, pods: Iterable[PodView], doomed: set[str]) -> Po
     latest = max(failed, key=lambda p: (parse_time(p.finished_at) or 0.0, p.exit_code != exitcodes.PEER_LOST, p.name))
     if latest.exit_code in exitcodes.PERMANENT:
         return None  # the pod failure policy fails the whole Job: nothing to restart
-    failed_at = parse_time(latest.finished_at) or 0.0
+    return latest if survivors(pods, doomed, latest) else None
+
+
+def survivors(pods: Iterable[PodView], doomed: set[str], failed: PodView) -> list[PodView]:
+    """The live members (some maybe already being deleted) of the group that `failed` broke."""
+    failed_at = parse_time(failed.finished_at) or 0.0
+    out = []
     for p in pods:
-        if p.phase not in LIVE:
+        if p.phase not in LIVE or p.uid == failed.uid:
             continue
         created = parse_time(p.created)
         if p.uid in doomed or (created is not None and created < failed_at):
-            return latest
-    return None
+            out.append(p)
+    return out
 
 
 def restart_message(failed: PodView, workers: int) -> str:

@@ -205,6 +205,19 @@ class Kube:
         result: dict[str, Any] = await self.request("PUT", path, obj, resource=obj["kind"])
         return result
 
+    async def evict(self, namespace: str, pod: str, uid: str) -> bool:
+        """Evict one pod through the Eviction API (the pod gets the DisruptionTarget condition, so the Job's pod
+        failure policy ignores it), only if it is still that pod (uid precondition). False if it is already gone."""
+        body = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": namespace},
+                "deleteOptions": {"preconditions": {"uid": uid}}}
+        try:
+            await self.request("POST", path_for("v1", "Pod", namespace, pod, "eviction"), body, resource="Pod/eviction")
+        except ApiError as exc:
+            if exc.not_found or exc.conflict:  # gone, or replaced by another pod of the same name
+                return False
+            raise
+        return True
+
     async def patch_ftj_status(self, namespace: str, name: str, status_patch: dict[str, Any]) -> dict[str, Any]:
         return await self.patch(names.API_VERSION, names.KIND, namespace, name, {"status": status_patch}, "status")
 

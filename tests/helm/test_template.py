@@ -249,7 +249,7 @@ def test_operator_never_writes_spec_or_reads_cluster_scope(default: list[dict[st
     assert {v for g, r, v in rules if r == "finetunejobs"} == {"list", "watch"}
     assert {v for g, r, v in rules if r == "finetunejobs/finalizers"} == {"update"}
     assert {r for _, r, _ in rules} <= {"finetunejobs", "finetunejobs/status", "finetunejobs/finalizers", "jobs",
-                                        "pods", "configmaps", "services", "secrets", "events"}
+                                        "pods", "pods/eviction", "configmaps", "services", "secrets", "events"}
 
 
 def test_leader_election_role_is_pinned_to_its_lease(default: list[dict[str, Any]]) -> None:

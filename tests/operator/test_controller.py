@@ -37,6 +37,7 @@ class FakeKube:
         self.fail: list[tuple[str, str, int]] = []  # (verb, kind, status) consumed in order when matching
         self.events: list[tuple[str, str, str]] = []
         self.failed_create_events: list[dict[str, Any]] = []
+        self.evicted: list[str] = []
         self._uid = itertools.count(1)
         self._rv = itertools.count(100)
 
@@ -99,6 +100,11 @@ class FakeKube:
     async def job_events(self, namespace: str, job_uid: str, reason: str) -> list[dict[str, Any]]:
         self.calls.append(("GET", "Event", job_uid))
         return list(self.failed_create_events)
+
+    async def evict(self, namespace: str, pod: str, uid: str) -> bool:
+        self.calls.append(("POST", "Pod/eviction", pod))
+        self.evicted.append(pod)
+        return True
 
     async def post_event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
         self.calls.append(("POST", "Event", reason))
@@ -532,16 +538,47 @@ def test_a_failed_worker_restarts_the_whole_group_once() -> None:
     asyncio.run(body())
 
 
-@pytest.mark.parametrize("case", ["one pod", "kueue", "bad data"])
-def test_no_group_restart_for_one_pod_kueue_or_permanent_failures(case: str) -> None:
+def test_a_kueue_job_restarts_its_group_by_evicting_the_survivors() -> None:
+    """Kueue owns the Job's suspend: the surviving workers are evicted instead (a disruption: not counted)."""
+    async def body() -> None:
+        w = World()
+        w.apply(merge_resources={"workers": 3}, run_policy={"queueName": "gpu-queue"})
+        await w.reconcile()
+        w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] = False  # Kueue admitted it
+        w.sync_caches()
+        w.run_pods(3)
+        w.clock.now += 1
+        await w.reconcile()
+        _fail_worker(w, 2)
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert sorted(w.kube.evicted) == ["job1-0-x", "job1-1-x"]
+        assert ("PATCH", "Job", NAME) not in w.kube.calls, "Kueue's suspend is never touched"
+        running = next(c for c in w.ftj()["status"]["conditions"] if c["type"] == "Running")
+        assert running["reason"] == "RestartingWorkers"
+        # Being deleted: not evicted again; once gone, the group is whole again.
+        w.pods[(NS, NAME)] = [dataclasses.replace(p, deleting=True) if p.phase == "Running" else p
+                              for p in w.pods[(NS, NAME)]]
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert [c for c in w.kube.calls if c[1] == "Pod/eviction"] == []
+        w.pods[(NS, NAME)] = [p for p in w.pods[(NS, NAME)] if p.phase == "Failed"]
+        w.sync_caches()
+        await w.reconcile()
+        assert w.ftj()["status"]["phase"] == "Pending"
+        assert "RestartingWorkers" not in str(w.ftj()["status"]["conditions"][1])
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("case", ["one pod", "bad data"])
+def test_no_group_restart_for_one_pod_or_permanent_failures(case: str) -> None:
     async def body() -> None:
         w = World()
         overrides: dict[str, Any] = {"merge_resources": {"workers": 1 if case == "one pod" else 2}}
-        if case == "kueue":
-            overrides["run_policy"] = {"queueName": "gpu-queue"}
         w.apply(**overrides)
         await w.reconcile()
-        w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] = False  # (Kueue admitted it)
         w.sync_caches()
         w.run_pods(overrides["merge_resources"]["workers"])
         w.clock.now += 1
@@ -550,7 +587,7 @@ def test_no_group_restart_for_one_pod_kueue_or_permanent_failures(case: str) -> 
         w.sync_caches()
         w.kube.calls.clear()
         await w.reconcile()
-        assert ("PATCH", "Job", NAME) not in w.kube.calls
+        assert ("PATCH", "Job", NAME) not in w.kube.calls and w.kube.evicted == []
         assert w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] is False
         assert "RestartingWorkers" not in str(w.ftj()["status"]["conditions"])
     asyncio.run(body())

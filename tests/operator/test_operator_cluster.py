@@ -196,16 +196,23 @@ def test_evicted_pod_is_retried_and_counted(control_plane: ControlPlane, namespa
     assert live and first not in live
 
 
-@pytest.mark.parametrize("how", ["crash", "eviction", "crash and echo"])
+@pytest.mark.parametrize("how", ["crash", "eviction", "crash and echo", "crash under kueue"])
 def test_a_failed_worker_restarts_the_whole_group(control_plane: ControlPlane, namespace: str,
                                                   operator: OperatorProcess, how: str) -> None:
     """A torchrun group cannot take a replacement member: one worker failing restarts all of them, from the latest
     checkpoint, and costs one restart (the stopped survivors are not counted against backoffLimit). "crash and echo":
-    on gloo the survivor fails by itself at once, exiting 76 (peer lost), which the pod failure policy ignores."""
+    on gloo the survivor fails by itself at once, exiting 76 (peer lost), which the pod failure policy ignores.
+    "crash under kueue": Kueue owns the Job's suspend, so the operator evicts the survivor instead."""
     cp = control_plane
     limit = 0 if how == "eviction" else 1
+    kueue = {"queueName": "gpu-queue"} if how == "crash under kueue" else {}
     create_ftj(cp, manifest("gang", namespace, resources={"workers": 2, "gpusPerWorker": 1},
-                            run_policy={"backoffLimit": limit}))
+                            run_policy={"backoffLimit": limit, **kueue}))
+    if kueue:  # admitted, as Kueue would: it unsuspends the Job
+        cp.wait_for(lambda: get_or_none(cp, f"/apis/batch/v1/namespaces/{namespace}/jobs/gang"), timeout=20,
+                    desc="Job created")
+        cp.request("PATCH", f"/apis/batch/v1/namespaces/{namespace}/jobs/gang", {"spec": {"suspend": False}},
+                   content_type="application/merge-patch+json")
     first = wait_running_pods(cp, namespace, "gang", 2)
     wait_phase(cp, namespace, "gang", "Running")
     by_index = {int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]): p for p in first}

@@ -113,13 +113,17 @@ tests/helm/test_cluster.py checks each call, and a few that must stay denied, wi
   resources: ["finetunejobs/finalizers"]
   verbs: ["update"]
 # The trainer's batch/v1 Job: watched through a label selector, created, patched (suspend, backoffLimit, deadline)
-# and deleted after ttlSecondsAfterFinished. Its pods are only watched.
+# and deleted after ttlSecondsAfterFinished. Its pods are watched, never written; the surviving workers of a Kueue
+# job whose torchrun group broke are evicted (Kueue owns the Job's suspend), an eviction is not a pod write.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
+- apiGroups: [""]
+  resources: ["pods/eviction"]
+  verbs: ["create"]
 # Per-job children: the ConfigMap with the rendered spec and the headless Service of multi-node jobs. Watched through
 # the same label selector as the Jobs, so a deleted or hand-edited one is put back; get only after a 409.
 - apiGroups: [""]
