@@ -63,6 +63,7 @@ async def run(settings: Settings) -> int:
             elector = LeaderElector(kube, settings.lease_namespace, settings.lease_name, settings.lease_seconds)
             if not await elector.acquire(stop):
                 return 0
+            kube.write_guard = elector.holds
         leading = True
         metrics.leader.set(1)
         kopf_stop = asyncio.Event()

@@ -105,6 +105,8 @@ class Kube:
         self._server = ""
         self._lock = asyncio.Lock()
         self._event_seq = itertools.count()
+        # Leader fencing (LeaderElector.holds): writes other than the Lease's own are withheld while it is false.
+        self.write_guard: Callable[[], bool] | None = None
 
     async def start(self) -> None:
         async with self._lock:
@@ -131,6 +133,9 @@ class Kube:
 
     async def request(self, verb: str, path: str, body: Any = None, params: dict[str, str] | None = None,
                       content_type: str = "application/json", resource: str = "") -> Any:
+        if verb != "GET" and resource != "Lease" and self.write_guard is not None and not self.write_guard():
+            self._metrics.api_requests.labels(verb=verb, resource=resource, code="withheld").inc()
+            raise ApiError(verb, path, 0, "write withheld: this replica is not sure it still holds the leader lease")
         for attempt in (1, 2):
             if self._session is None:
                 await self.start()

@@ -4,6 +4,11 @@ Two replicas (a rolling update, a mistaken `replicas: 2`) must not both create c
 peering pauses operators of equal priority instead of choosing one, so the operator holds a Lease: the holder runs
 kopf and the reconciler, a standby only serves health probes. Expiry is judged by when *this* process last saw the
 record change (not by comparing clocks), and a leader that cannot renew in time exits, so it never acts unsure.
+
+`holds()` fences writes: it is true only within `renew_deadline` of the *start* of the last successful renewal, which
+is before any other replica can see the lease expire (they wait a full lease duration from when they saw that
+renewal). A leader that was paused (SIGSTOP, a stalled VM, a long GC) and wakes up after another replica took over
+therefore withholds its writes, even those a reconcile pass had already decided on, until it notices and exits.
 """
 
 from __future__ import annotations
@@ -41,6 +46,19 @@ class LeaderElector:
         self._observed: tuple[Any, float] | None = None  # (holder, renewTime) record and when it was first seen
         self._lease: dict[str, Any] | None = None
         self._renewer: asyncio.Task[None] | None = None
+        self._renewed_at: float | None = None  # monotonic start of the last successful acquire or renew
+
+    def holds(self) -> bool:
+        """Whether this replica may still act as the leader (see the module docstring)."""
+        return (not self.lost.is_set() and self._renewed_at is not None
+                and time.monotonic() - self._renewed_at < self.renew_deadline)
+
+    async def _attempt(self) -> bool:
+        started = time.monotonic()
+        if await self._try():
+            self._renewed_at = started
+            return True
+        return False
 
     def _record(self, now: float, transitions: int) -> dict[str, Any]:
         return {
@@ -92,7 +110,7 @@ class LeaderElector:
         announced = False
         while not stop.is_set():
             try:
-                if await self._try():
+                if await self._attempt():
                     log.info("became leader (lease %s/%s, identity %s)", self.namespace, self.name, self.identity)
                     self._renewer = asyncio.create_task(self._renew_loop(), name="lease-renewer")
                     return True
@@ -110,7 +128,7 @@ class LeaderElector:
         while True:
             await asyncio.sleep(self.retry_period)
             try:
-                if await self._try():
+                if await self._attempt():
                     last_ok = time.monotonic()
                     continue
                 log.error("lost the lease %s/%s to another replica", self.namespace, self.name)

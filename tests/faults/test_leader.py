@@ -1,5 +1,5 @@
 """Two operator replicas started at the same instant: one leads, the other never writes; killing the leader hands
-over within the lease duration, without double work.
+over within the lease duration, without double work; a leader paused past its lease wakes up and writes nothing.
 
 A clean hand-over (SIGTERM releases the lease) is tests/operator/test_operator_cluster.py::
 test_second_replica_waits_for_the_lease; here the start is a race and the leader dies by SIGKILL.
@@ -7,6 +7,7 @@ test_second_replica_waits_for_the_lease; here the start is a race and the leader
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -68,3 +69,35 @@ def test_two_replicas_started_at_once_do_no_double_work(control_plane: ControlPl
     lease_obj = cp.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/default/leases/{lease}")
     assert lease_obj["spec"]["leaseTransitions"] >= 1
     assert operator_errors(replicas[standby]) == []
+
+
+def test_a_paused_leader_that_lost_its_lease_writes_nothing_when_it_wakes(
+        control_plane: ControlPlane, namespace: str, start_operator: StartOperator, start_proxy: StartProxy) -> None:
+    """SIGSTOP the leader (a stalled node, a long GC pause) past its 3 s lease: the standby takes over and does the
+    work that arrives meanwhile. On SIGCONT the old leader's watches deliver that work too, but its writes are fenced
+    by the lease (LeaderElector.holds): not one reaches the API server, and it exits to restart as a standby."""
+    cp = control_plane
+    proxies = [start_proxy(), start_proxy()]
+    lease = f"pause-{namespace[-6:]}"
+    old = start_operator(proxy=proxies[0], lease=lease)
+    standby = start_operator(proxy=proxies[1], lease=lease, wait_ready=False)
+    create_ftj(cp, manifest("before", namespace))
+    wait_phase(cp, namespace, "before", "Running")
+    assert old.proc is not None and not standby.ready()
+
+    old.proc.send_signal(signal.SIGSTOP)
+    try:
+        cp.wait_for(standby.ready, timeout=20, desc="the standby took the lease over")
+        create_ftj(cp, manifest("during", namespace))
+        patch_ftj(cp, namespace, "before", {"spec": {"runPolicy": {"suspend": True}}})
+        wait_phase(cp, namespace, "during", "Running")
+        wait_phase(cp, namespace, "before", "Suspended")
+    finally:
+        woke = time.monotonic()
+        old.proc.send_signal(signal.SIGCONT)
+    assert old.proc.wait(timeout=30) == 1, "the old leader must step down (and be restarted as a standby)"
+    wrote = [f"{s.method} {s.target}" for s in reconciler_requests(proxies[0].requests(since=woke)) if s.write]
+    assert wrote == [], f"the paused leader wrote after waking up: {wrote}"
+    assert "lost the lease" in old.log_text() or "could not renew the lease" in old.log_text()
+    assert sorted(j["metadata"]["name"] for j in jobs_of(cp, namespace)) == ["before", "during"]
+    assert operator_errors(standby) == []

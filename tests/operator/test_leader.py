@@ -6,6 +6,8 @@ import asyncio
 import copy
 from typing import Any
 
+import pytest
+
 from finetune_operator.k8s import ApiError
 from finetune_operator.leader import LeaderElector
 
@@ -69,4 +71,51 @@ def test_an_expired_lease_is_taken_over_and_the_old_holder_steps_down() -> None:
         a._renewer = asyncio.create_task(a._renew_loop())
         await asyncio.wait_for(a.lost.wait(), 3)
         await b.release()
+    asyncio.run(body())
+
+
+def test_holds_fences_a_leader_that_stopped_renewing() -> None:
+    """A paused leader (here: its renewals stop) stops holding within renew_deadline of its last renewal's start,
+    before any other replica can take the lease over (a full lease duration after it saw that renewal)."""
+    async def body() -> None:
+        store = LeaseStore()
+        a = LeaderElector(store, "ops", "op", lease_seconds=0.6, identity="a")  # type: ignore[arg-type]
+        assert not a.holds(), "not before it acquired the lease"
+        assert await a.acquire(asyncio.Event())
+        assert a.holds()
+        assert a._renewer is not None
+        a._renewer.cancel()
+        b = LeaderElector(store, "ops", "op", lease_seconds=0.6, identity="b")  # type: ignore[arg-type]
+        taking_over = asyncio.create_task(b.acquire(asyncio.Event()))
+        async with asyncio.timeout(3):
+            while a.holds():
+                assert not taking_over.done(), "b took over while a still believed it held the lease"
+                await asyncio.sleep(0.005)
+        assert await asyncio.wait_for(taking_over, 3)
+        assert not a.holds()
+        await b.release()
+    asyncio.run(body())
+
+
+def test_writes_are_withheld_without_the_lease_but_lease_traffic_is_not() -> None:
+    async def body() -> None:
+        from finetune_operator.k8s import Kube
+        from finetune_operator.metrics import Metrics
+
+        def no_login() -> None:
+            raise AssertionError("a withheld write never reaches the network")
+
+        kube = Kube(Metrics(), login_fn=no_login)  # type: ignore[arg-type]
+        kube.write_guard = lambda: False
+        for verb, resource in (("POST", "Job"), ("PATCH", "FineTuneJob/status"), ("DELETE", "ConfigMap"),
+                               ("POST", "Event"), ("POST", "Pod/eviction")):
+            try:
+                await kube.request(verb, "/x", {}, resource=resource)
+            except ApiError as exc:
+                assert exc.status == 0 and "withheld" in exc.message
+            else:
+                raise AssertionError(f"{verb} {resource} went out without the lease")
+        for verb, resource in (("GET", "Job"), ("PUT", "Lease")):  # not fenced: they reach login (forbidden here)
+            with pytest.raises(AssertionError, match="never reaches the network"):
+                await kube.request(verb, "/x", resource=resource)
     asyncio.run(body())
