@@ -339,9 +339,9 @@ class Controller:
         broken = None
         if result is None:  # an existing Job: carry spec edits, hold a broken torchrun group, repair children
             finished = job.condition("Complete") or job.condition("Failed") or job.condition("FailureTarget")
-            if not finished:
-                broken = gang.broken_member(spec.resources.workers, pods, ledger.doomed)
             kueue = job.queue_name is not None
+            if not finished and not (kueue and job.suspend):  # a Kueue-suspended Job is Kueue's (queued, preempted)
+                broken = gang.broken_member(spec.resources.workers, pods, ledger.doomed, ledger.stopped)
             job = await self._sync_job(key, spec, job, hold=broken is not None and not kueue)
             if broken is not None and kueue:
                 await self._evict_group(key, pods, ledger.doomed, broken)

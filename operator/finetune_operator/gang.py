@@ -29,18 +29,21 @@ def members_at_failure(pods: Iterable[PodView], failed: PodView) -> set[str]:
     return {p.uid for p in pods if p.phase in LIVE and p.uid != failed.uid}
 
 
-def broken_member(workers: int, pods: Iterable[PodView], doomed: set[str]) -> PodView | None:
+def broken_member(workers: int, pods: Iterable[PodView], doomed: set[str],
+                  stopped: frozenset[str] | set[str] = frozenset()) -> PodView | None:
     """The failed pod of the newest broken group whose other members still run, else None.
 
     A live pod belongs to a broken group when it was alive when a member failed: recorded in `doomed` as the operator
-    saw it happen, or, after an operator restart, because it was created before that member's failure.
+    saw it happen, or, after an operator restart, because it was created before that member's failure. Pods in
+    `stopped` ended because the Job was suspended (by the user, Kueue or a group restart): not failures.
     """
     if workers <= 1:
         return None
     pods = list(pods)
     # Members stopped by the restart itself are not new failures. (An evicted pod is Failed and being deleted: that
     # is a failure like any other.)
-    failed = [p for p in pods if p.phase == "Failed" and p.finished_at is not None and p.uid not in doomed]
+    failed = [p for p in pods if p.phase == "Failed" and p.finished_at is not None and p.uid not in doomed
+              and p.uid not in stopped]
     if not failed:
         return None
     # Newest first; within the same second, the cause before its echoes (workers that only lost their peers).

@@ -45,6 +45,11 @@ class Ledger:
         return self.restart_offset + replaced
 
     @property
+    def stopped(self) -> set[str]:
+        """Pods that ended because the Job was suspended (not failures)."""
+        return {uid for uid, rec in self.pods.items() if rec.stopped_by_suspend}
+
+    @property
     def gpu_seconds(self) -> float:
         return self.gpu_offset + sum(r.gpu_seconds for r in self.pods.values())
 

@@ -572,6 +572,27 @@ def test_a_kueue_job_restarts_its_group_by_evicting_the_survivors() -> None:
     asyncio.run(body())
 
 
+def test_kueue_preemption_is_not_a_broken_group() -> None:
+    """Kueue suspends an admitted Job to preempt it: its pods end one by one, which is not a worker failure."""
+    async def body() -> None:
+        w = World()
+        w.apply(merge_resources={"workers": 2}, run_policy={"queueName": "gpu-queue"})
+        await w.reconcile()
+        w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] = False  # admitted
+        w.sync_caches()
+        w.run_pods(2)
+        w.clock.now += 1
+        await w.reconcile()
+        w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] = True  # preempted
+        _fail_worker(w, 1, exit_code=143)
+        w.pods[(NS, NAME)] = [dataclasses.replace(p, deleting=True) for p in w.pods[(NS, NAME)]]
+        w.sync_caches()
+        await w.reconcile()
+        assert w.kube.evicted == []
+        assert w.ftj()["status"]["phase"] == "Queued"
+    asyncio.run(body())
+
+
 @pytest.mark.parametrize("case", ["one pod", "bad data"])
 def test_no_group_restart_for_one_pod_or_permanent_failures(case: str) -> None:
     async def body() -> None:

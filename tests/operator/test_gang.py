@@ -64,3 +64,9 @@ def test_the_cause_is_named_before_its_echoes() -> None:
     survivor = pod("c", 2)
     assert broken_member(3, [echo, CRASHED, survivor], set()) == CRASHED
     assert "lost contact with the other workers" in restart_message(echo, 3)
+
+
+def test_pods_stopped_by_a_suspension_are_not_failures() -> None:
+    stopped = pod("b", 1, "Failed", finished=T5, exit_code=75)
+    assert broken_member(2, [pod("a", 0), stopped], set(), {"b"}) is None
+    assert broken_member(2, [pod("a", 0), stopped], set()) == stopped
