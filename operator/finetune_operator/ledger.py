@@ -23,7 +23,6 @@ class PodRecord:
     gpu_seconds: float = 0.0
     finished: bool = False
     stopped_by_suspend: bool = False  # deleted because the Job was suspended: not a restart
-    peer_lost: bool = False  # exited because another member of its group failed: that member's failure is the restart
 
 
 @dataclass
@@ -32,7 +31,9 @@ class Ledger:
     pods: dict[str, PodRecord] = field(default_factory=dict)
     restart_offset: int = 0
     gpu_offset: float = 0.0
-    doomed: set[str] = field(default_factory=set)  # pods alive when another member of their group failed
+    # Pods that ended (or will) because another member of their group failed first: stopped by the group restart,
+    # or exited 76 (peer lost) as an echo of that failure. Not restarts of their own.
+    doomed: set[str] = field(default_factory=set)
 
     @property
     def restarts(self) -> int:
@@ -40,7 +41,7 @@ class Ledger:
         not restarts of their own: the failure that caused the group restart is the one restart."""
         per_index: dict[int, list[bool]] = {}
         for uid, rec in self.pods.items():
-            per_index.setdefault(rec.index, []).append(rec.stopped_by_suspend or rec.peer_lost or uid in self.doomed)
+            per_index.setdefault(rec.index, []).append(rec.stopped_by_suspend or uid in self.doomed)
         replaced = sum(max(0, len(stopped) - 1 - sum(stopped)) for stopped in per_index.values())
         return self.restart_offset + replaced
 
@@ -62,6 +63,20 @@ def _pod_gpu_seconds(pod: PodView, now: float) -> float:
     return max(0.0, (end or now) - start) * pod.gpus
 
 
+def _record_group_failures(ledger: Ledger, pods: list[PodView], failed: list[PodView]) -> None:
+    """Failures seen for the first time: the causes (real failures; if every one is a lost peer, the earliest of
+    them) doom the rest of their group; the other lost peers seen with them are echoes of those causes."""
+    if not failed:
+        return
+    real = [p for p in failed if p.exit_code != exitcodes.PEER_LOST]
+    causes = real or [min(failed, key=lambda p: (parse_time(p.finished_at) or 0.0, p.name))]
+    for pod in failed:
+        if pod not in causes:
+            ledger.doomed.add(pod.uid)
+    for cause in causes:
+        ledger.doomed |= members_at_failure(pods, cause)
+
+
 def update(
     ledger: Ledger | None,
     job: JobView,
@@ -75,17 +90,18 @@ def update(
     if seeded:
         ledger = Ledger(job_uid=job.uid)
     assert ledger is not None
+    failed_now: list[PodView] = []
     for pod in pods:
         rec = ledger.pods.get(pod.uid)
         if rec is None:
             rec = ledger.pods[pod.uid] = PodRecord(index=pod.index)
         rec.gpu_seconds = max(rec.gpu_seconds, _pod_gpu_seconds(pod, now))
-        rec.peer_lost = rec.peer_lost or (pod.phase == "Failed" and pod.exit_code == exitcodes.PEER_LOST)
         was_finished = rec.finished
         rec.finished = rec.finished or (pod.phase in TERMINAL_POD_PHASES and not job.suspend)
         if rec.finished and not was_finished and pod.phase == "Failed" and pod.uid not in ledger.doomed \
                 and not rec.stopped_by_suspend:
-            ledger.doomed |= members_at_failure(pods, pod)
+            failed_now.append(pod)
+    _record_group_failures(ledger, pods, failed_now)
     if job.suspend:
         for rec in ledger.pods.values():
             if not rec.finished:

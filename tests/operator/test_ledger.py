@@ -76,3 +76,15 @@ def test_workers_that_only_lost_their_peers_are_not_restarts_of_their_own() -> N
     led = update(led, job(), [echo, pod("b", "Failed", index=1, finished=T60)], 0, 0.0, NOW)
     led = update(led, job(), [pod("c", index=0), pod("d", index=1)], 0, 0.0, NOW)
     assert led.restarts == 1
+
+
+def test_a_lost_peer_with_nothing_else_failed_is_the_one_restart() -> None:
+    """A network partition: worker 0 exits 76 while worker 1 still runs. Nothing else failed, so the lost peer is
+    the cause of the group restart and counts once; the stopped worker 1 does not."""
+    led = update(None, job(), [pod("a", index=0), pod("b", index=1)], 0, 0.0, NOW)
+    cut_off = PodView(name="j-0-a", uid="a", job_uid="job-1", index=0, phase="Failed", exit_code=76, finished_at=T60)
+    led = update(led, job(), [cut_off, pod("b", index=1)], 0, 0.0, NOW)
+    assert led.doomed == {"b"}
+    led = update(led, job(suspend=True), [cut_off, pod("b", "Failed", index=1, finished=T60)], 0, 0.0, NOW)
+    led = update(led, job(), [cut_off, pod("c", index=0), pod("d", index=1)], 0, 0.0, NOW)
+    assert led.restarts == 1
