@@ -337,16 +337,8 @@ class Controller:
         ledger = self.ledgers[key] = update_ledger(self.ledgers.get(key), job, pods, prev.restarts,
                                                    prev.gpu_seconds, now)
         broken = None
-        if result is None:  # an existing Job: carry spec edits, hold a broken torchrun group, repair children
-            finished = job.condition("Complete") or job.condition("Failed") or job.condition("FailureTarget")
-            kueue = job.queue_name is not None
-            if not finished and not (kueue and job.suspend):  # a Kueue-suspended Job is Kueue's (queued, preempted)
-                broken = gang.broken_member(spec.resources.workers, pods, ledger.doomed, ledger.stopped)
-            job = await self._sync_job(key, spec, job, hold=broken is not None and not kueue)
-            if broken is not None and kueue:
-                await self._evict_group(key, pods, ledger.doomed, broken)
-            if not job.condition("Complete") and not job.condition("Failed"):
-                await self._repair_children(key, owner, spec)
+        if result is None:
+            job, broken = await self._tend(key, owner, spec, job, pods, ledger)
         obs = state.Observation(
             now=format_time(now),
             generation=generation,
@@ -375,6 +367,22 @@ class Controller:
         if new.phase in TERMINAL_PHASES:
             self.reports.pop(key, None)
             self._schedule_ttl(key, spec, new, now)
+
+    async def _tend(self, key: Key, owner: builders.Owner, spec: FineTuneJobSpec, job: JobView,
+                    pods: list[PodView], ledger: Ledger) -> tuple[JobView, PodView | None]:
+        """An existing Job: restart a broken torchrun group (gang.py), carry spec edits, repair the children.
+        Returns the Job as patched and the failed member that broke its group, if any."""
+        finished = job.condition("Complete") or job.condition("Failed") or job.condition("FailureTarget")
+        kueue = job.queue_name is not None
+        broken = None
+        if not finished and not (kueue and job.suspend):  # a Kueue-suspended Job is Kueue's (queued, preempted)
+            broken = gang.broken_member(spec.resources.workers, pods, ledger.doomed, ledger.stopped)
+        job = await self._sync_job(key, spec, job, hold=broken is not None and not kueue)
+        if broken is not None and kueue:
+            await self._evict_group(key, pods, ledger.doomed, broken)
+        if not job.condition("Complete") and not job.condition("Failed"):
+            await self._repair_children(key, owner, spec)
+        return job, broken
 
     async def _finished(self, key: Key, body: dict[str, Any], spec: FineTuneJobSpec, prev: FineTuneJobStatus,
                         now: float) -> None:
