@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from finetune_api import exitcodes
-from finetune_operator.gang import members_at_failure
+from finetune_operator.gang import LIVE, members_at_failure
 from finetune_operator.observe import JobView, PodView, parse_time
 
 TERMINAL_POD_PHASES = ("Succeeded", "Failed")
@@ -65,10 +65,14 @@ def _pod_gpu_seconds(pod: PodView, now: float) -> float:
 
 def _record_group_failures(ledger: Ledger, pods: list[PodView], failed: list[PodView]) -> None:
     """Failures seen for the first time: the causes (real failures; if every one is a lost peer, the earliest of
-    them) doom the rest of their group; the other lost peers seen with them are echoes of those causes."""
+    them) doom the rest of their group; the other lost peers seen with them are echoes of those causes. So are lost
+    peers while an earlier broken group is still stopping (a replacement that met a dying member)."""
     if not failed:
         return
     real = [p for p in failed if p.exit_code != exitcodes.PEER_LOST]
+    if not real and any(p.uid in ledger.doomed and p.phase in LIVE for p in pods):
+        ledger.doomed.update(p.uid for p in failed)
+        return
     causes = real or [min(failed, key=lambda p: (parse_time(p.finished_at) or 0.0, p.name))]
     for pod in failed:
         if pod not in causes:

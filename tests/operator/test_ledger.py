@@ -88,3 +88,18 @@ def test_a_lost_peer_with_nothing_else_failed_is_the_one_restart() -> None:
     led = update(led, job(suspend=True), [cut_off, pod("b", "Failed", index=1, finished=T60)], 0, 0.0, NOW)
     led = update(led, job(), [cut_off, pod("c", index=0), pod("d", index=1)], 0, 0.0, NOW)
     assert led.restarts == 1
+
+
+def test_a_lost_peer_while_the_group_is_still_stopping_is_an_echo() -> None:
+    """Kueue: the survivors are evicted, not suspended, so the Job controller replaces the crashed worker at once;
+    that replacement meets the dying group and exits 76. It is part of the same restart, not a new one."""
+    led = update(None, job(), [pod("a", index=0), pod("b", index=1)], 0, 0.0, NOW)
+    crashed = pod("b", "Failed", index=1, finished=T60)
+    led = update(led, job(), [pod("a", index=0), crashed], 0, 0.0, NOW)
+    assert led.doomed == {"a"}
+    met_the_dying = PodView(name="j-1-c", uid="c", job_uid="job-1", index=1, phase="Failed", exit_code=76,
+                            finished_at=T60)
+    led = update(led, job(), [pod("a", index=0), crashed, met_the_dying], 0, 0.0, NOW)
+    assert led.doomed == {"a", "c"}
+    led = update(led, job(), [crashed, met_the_dying, pod("d", index=0), pod("e", index=1)], 0, 0.0, NOW)
+    assert led.restarts == 1
