@@ -6,6 +6,7 @@ tokenised before the model's weights are loaded, and all of it before the first 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -180,6 +181,11 @@ def run(cfg: RunConfig) -> Outcome:
         return _run(job, spec, hp, cfg, dist, stop)
     finally:
         stop.uninstall()
+        if dist.enabled:
+            # The DDP wrapper's reducer holds the process group; reference cycles can keep it alive until interpreter
+            # finalisation, where gloo's worker threads then abort the process (SIGABRT, "terminate called without
+            # an active exception", seen once in CI). Free it while the interpreter is whole, then tear down.
+            gc.collect()
         dist.close()
 
 
