@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
-from tests.controlplane.cluster import ControlPlane
 from tests.faults.apiproxy import Seen
-from tests.operator.cluster_support import OperatorProcess
+from tests.operator.cluster_support import OperatorProcess, ftj_events  # noqa: F401 (re-exported)
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([^}]*)\})?\s+(\S+)")
 
@@ -34,10 +32,3 @@ def reconciler_requests(seen: list[Seen]) -> list[Seen]:
     """What the reconciler itself asked for: no watch streams, no leader-election lease traffic, no discovery."""
     return [s for s in seen if not s.watch and "/leases" not in s.target and s.target not in ("/api", "/apis")
             and not re.fullmatch(r"/apis?(/[^/?]+){0,2}", s.target.split("?")[0])]
-
-
-def ftj_events(cp: ControlPlane, ns: str, name: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = cp.request(
-        "GET", f"/api/v1/namespaces/{ns}/events?fieldSelector=involvedObject.kind=FineTuneJob,"
-               f"involvedObject.name={name}")["items"]
-    return items

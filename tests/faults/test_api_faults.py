@@ -66,7 +66,8 @@ def test_error_burst_is_retried_with_backoff_and_no_condition_is_lost(
     requests = reconciler_requests(proxy.requests(start))
     assert len(requests) <= 40, f"{len(requests)} requests for one job in a 6 s error window"
     assert [s.status for s in status_writes if not s.injected] == [200], "one successful status write"
-    assert [e["reason"] for e in ftj_events(cp, namespace, "bursty")] == ["PodsRunning"], "one Event, not one per try"
+    assert [e["reason"] for e in ftj_events(cp, namespace, "bursty", after="PodsRunning")] == ["PodsRunning"], \
+        "one Event, not one per try"
     assert operator_errors(op) == [], "a retried API error is not an ERROR"
 
 

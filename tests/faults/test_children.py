@@ -46,7 +46,8 @@ def test_same_named_foreign_job_is_reported_left_alone_and_the_name_can_be_freed
     created = condition(ftj, "Created")
     assert created is not None and created["status"] == "False"
     assert "Job taken already exists and is not owned by this FineTuneJob" in created["message"]
-    assert [e["type"] for e in ftj_events(cp, namespace, "taken") if e["reason"] == "NameConflict"] == ["Warning"]
+    assert [e["type"] for e in ftj_events(cp, namespace, "taken", after="NameConflict")
+            if e["reason"] == "NameConflict"] == ["Warning"]
 
     # Two more passes: the foreign Job is not touched, the condition is not rewritten (no fight, no event storm).
     rv = ftj["metadata"]["resourceVersion"]

@@ -173,6 +173,23 @@ def pods_of(cp: ControlPlane, ns: str, name: str, live_only: bool = False) -> li
     return items
 
 
+def ftj_events(cp: ControlPlane, ns: str, name: str, after: str | None = None,
+               timeout: float = 10.0) -> list[dict[str, Any]]:
+    """The FineTuneJob's Events; with `after`, once an Event of that reason exists. The operator posts an Event just
+    after the status write it announces, so a test that has just seen the status polls for the Event."""
+    def get() -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = cp.request(
+            "GET", f"/api/v1/namespaces/{ns}/events?fieldSelector=involvedObject.kind=FineTuneJob,"
+                   f"involvedObject.name={name}")["items"]
+        return items
+
+    if after is None:
+        return get()
+    found: list[dict[str, Any]] = cp.wait_for(lambda: (lambda e: e if any(x["reason"] == after for x in e) else None)(
+        get()), timeout=timeout, desc=f"a {after} Event on {ns}/{name}")
+    return found
+
+
 def condition(ftj: dict[str, Any], type_: str) -> dict[str, Any] | None:
     for c in (ftj.get("status") or {}).get("conditions") or []:
         if c["type"] == type_:

@@ -25,6 +25,7 @@ from tests.operator.cluster_support import (
     OperatorProcess,
     condition,
     create_ftj,
+    ftj_events,
     get_ftj,
     get_or_none,
     grant,
@@ -99,8 +100,7 @@ def test_create_run_succeed(control_plane: ControlPlane, namespace: str, operato
     assert st["completionTime"] >= st["startTime"]
     assert st["restarts"] == 0 and st["gpuSeconds"] >= 0
     assert condition(ftj, "Running")["status"] == "False"  # type: ignore[index]
-    events = cp.request("GET", f"/api/v1/namespaces/{namespace}/events?fieldSelector=involvedObject.name=classify,"
-                               "involvedObject.kind=FineTuneJob")["items"]
+    events = ftj_events(cp, namespace, "classify", after="Completed")
     assert {"PodsRunning", "Completed"} <= {e["reason"] for e in events}
     printed = cp.kubectl("get", "ftj", "classify", "-n", namespace).stdout
     assert "Succeeded" in printed
@@ -242,8 +242,7 @@ def test_a_failed_worker_restarts_the_whole_group(control_plane: ControlPlane, n
     assert job["status"].get("failed", 0) == limit, "only the failure itself counted (a crash), nothing else"
     assert not [c for c in job["status"].get("conditions") or [] if c["type"] == "Failed" and c["status"] == "True"]
     assert ftj["status"]["restarts"] == 1
-    events = cp.request("GET", f"/api/v1/namespaces/{namespace}/events?fieldSelector=involvedObject.name=gang,"
-                               "involvedObject.kind=FineTuneJob")["items"]
+    events = ftj_events(cp, namespace, "gang", after="RestartingWorkers")
     restarting = [e for e in events if e["reason"] == "RestartingWorkers"]
     assert len(restarting) == 1 and restarting[0]["type"] == "Warning"
     assert "worker 1" in restarting[0]["message"]
