@@ -171,10 +171,12 @@ class World:
     async def reconcile(self) -> None:
         await self.ctl.reconcile((NS, NAME))
 
-    async def running(self, workers: int) -> None:
-        """Create the job and bring all its workers up: the FineTuneJob is Running."""
-        self.apply(merge_resources={"workers": workers})
+    async def running(self, workers: int = 1, queue: str | None = None) -> None:
+        """Create the job (with a Kueue `queue`: and let Kueue admit it) and bring all its workers up: Running."""
+        self.apply(merge_resources={"workers": workers}, **({"run_policy": {"queueName": queue}} if queue else {}))
         await self.reconcile()
+        if queue:
+            self.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] = False  # Kueue admitted it
         self.sync_caches()
         self.run_pods(workers)
         self.clock.now += 1
@@ -356,12 +358,7 @@ def test_api_errors_are_retried_with_backoff_and_no_condition_is_lost() -> None:
 def test_progress_push_authenticates_and_lands_in_one_write() -> None:
     async def body() -> None:
         w = World()
-        w.apply()
-        await w.reconcile()
-        w.sync_caches()
-        w.run_pods()
-        w.clock.now += 1
-        await w.reconcile()
+        await w.running()
         uid = w.ftj()["metadata"]["uid"]
         token = job_token(KEY, NS, NAME, uid)
         assert w.ctl.accept_report(NS, NAME, "wrong", {"step": 1})[0] == 401
@@ -542,13 +539,7 @@ def test_a_kueue_job_restarts_its_group_by_evicting_the_survivors() -> None:
     """Kueue owns the Job's suspend: the surviving workers are evicted instead (a disruption: not counted)."""
     async def body() -> None:
         w = World()
-        w.apply(merge_resources={"workers": 3}, run_policy={"queueName": "gpu-queue"})
-        await w.reconcile()
-        w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] = False  # Kueue admitted it
-        w.sync_caches()
-        w.run_pods(3)
-        w.clock.now += 1
-        await w.reconcile()
+        await w.running(3, queue="gpu-queue")
         _fail_worker(w, 2)
         w.sync_caches()
         w.kube.calls.clear()
@@ -576,13 +567,7 @@ def test_kueue_preemption_is_not_a_broken_group() -> None:
     """Kueue suspends an admitted Job to preempt it: its pods end one by one, which is not a worker failure."""
     async def body() -> None:
         w = World()
-        w.apply(merge_resources={"workers": 2}, run_policy={"queueName": "gpu-queue"})
-        await w.reconcile()
-        w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] = False  # admitted
-        w.sync_caches()
-        w.run_pods(2)
-        w.clock.now += 1
-        await w.reconcile()
+        await w.running(2, queue="gpu-queue")
         w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] = True  # preempted
         _fail_worker(w, 1, exit_code=143)
         w.pods[(NS, NAME)] = [dataclasses.replace(p, deleting=True) for p in w.pods[(NS, NAME)]]
@@ -597,13 +582,7 @@ def test_kueue_preemption_is_not_a_broken_group() -> None:
 def test_no_group_restart_for_one_pod_or_permanent_failures(case: str) -> None:
     async def body() -> None:
         w = World()
-        overrides: dict[str, Any] = {"merge_resources": {"workers": 1 if case == "one pod" else 2}}
-        w.apply(**overrides)
-        await w.reconcile()
-        w.sync_caches()
-        w.run_pods(overrides["merge_resources"]["workers"])
-        w.clock.now += 1
-        await w.reconcile()
+        await w.running(1 if case == "one pod" else 2)
         _fail_worker(w, 0, exit_code=65 if case == "bad data" else 1)
         w.sync_caches()
         w.kube.calls.clear()
@@ -707,12 +686,7 @@ def test_deleted_or_edited_configmap_and_service_are_repaired_from_the_caches() 
 def test_a_foreign_configmap_in_place_of_ours_is_never_adopted_or_changed() -> None:
     async def body() -> None:
         w = World()
-        w.apply()
-        await w.reconcile()
-        w.sync_caches()
-        w.run_pods()
-        w.clock.now += 1
-        await w.reconcile()
+        await w.running()
         foreign = {"apiVersion": "v1", "kind": "ConfigMap",
                    "metadata": {"name": "job1-config", "namespace": NS}, "data": {"mine": "yes"}}
         w.kube.objects[("ConfigMap", NS, "job1-config")] = foreign  # no labels: not in the cache
