@@ -4,4 +4,6 @@ Layers: handlers (kopf wiring) -> controller (the reconcile pass) -> pure builde
 k8s is the only module that calls the Kubernetes API.
 """
 
-__version__ = "0.1.0"
+from finetune_api import __version__
+
+__all__ = ["__version__"]

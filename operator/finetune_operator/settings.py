@@ -12,10 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune_api import __version__
+
 log = logging.getLogger(__name__)
 
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/finetune-trainer:0.1.0"
+DEFAULT_TRAINER_IMAGE = f"ghcr.io/finetune-operator/finetune-trainer:{__version__}"
 
 
 class SettingsError(ValueError):
