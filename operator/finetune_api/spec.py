@@ -320,7 +320,7 @@ class ResourcesSpec(SpecModel):
 
 
 class RunPolicy(SpecModel):
-    """Retries, deadlines, clean-up, suspension and queueing."""
+    """Retries, deadlines, clean-up, suspension, cancellation and queueing."""
 
     backoff_limit: int = Field(default=3, description="Retries after crashes or interruptions, each resuming from "
                                "the latest checkpoint. Bad configuration or data fails at once.", ge=0, le=100)
@@ -330,6 +330,15 @@ class RunPolicy(SpecModel):
                                                    "ConfigMap this long after the end; the FineTuneJob and its "
                                                    "status stay.", ge=0)
     suspend: bool = Field(default=False, description="true stops the pods after a checkpoint; false resumes from it.")
+    cancel: bool = Field(
+        default=False,
+        description="true ends the job for good: the operator deletes its pods (the trainer saves a checkpoint "
+        "first), Job, Service and ConfigMap, and the job ends Failed with reason Cancelled; the FineTuneJob, its "
+        "status and its checkpoints stay. Cannot be set back to false.",
+        json_schema_extra={"x-kubernetes-validations": [
+            {"rule": "self || !oldSelf", "message": "runPolicy.cancel cannot be undone: a cancelled FineTuneJob stays "
+             "Failed; create a new FineTuneJob to train again"}]},
+    )
     queue_name: str | None = Field(default=None, description="Kueue LocalQueue: the Job is created suspended and "
                                    "Kueue admits it.", max_length=63, pattern=DNS_LABEL)
 
@@ -405,7 +414,7 @@ class FineTuneJobSpec(SpecModel):
         json_schema_extra={"x-kubernetes-validations": [
             {"rule": "self == oldSelf", "message": "resources are immutable: they shape the Job's pod template, which "
              "cannot change; delete and re-create the FineTuneJob to change them"}]})
-    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, suspend, Kueue.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, suspend, cancel, Kueue.")
     credentials: CredentialsSpec | None = Field(default=None, description="Secret references for the hub and "
                                                 "object stores.")
 

@@ -312,6 +312,11 @@ class Controller:
         if prev.phase in TERMINAL_PHASES:
             await self._finished(key, body, spec, prev, now)
             return
+        if spec.run_policy.cancel:  # children first: a crash in between repeats this branch, never leaves pods
+            await self._cleanup(key, body, "the job was cancelled")
+            obs = state.Observation(now=format_time(now), generation=generation, cancel_requested=True)
+            await self._write(key, body, prev, state.compute_status(prev, obs))
+            return
 
         job = next((j for j in self._jobs(key) if j.owner_uid == owner.uid), None)
         result: CreateResult | None = None
@@ -397,6 +402,11 @@ class Controller:
             if prev.observed_generation != generation:
                 await self._write(key, body, prev, state.compute_status(prev, state.Observation(
                     now=format_time(now), generation=generation)))
+        uid = body["metadata"]["uid"]
+        cancelled = (state.headline(prev) or ("", "", ""))[1] == state.CANCELLED
+        if cancelled and any(j.owner_uid == uid for j in self._jobs(key)):
+            await self._cleanup(key, body, "the job was cancelled")  # a Job the watch showed only after the cancel
+            return
         ttl = spec.run_policy.ttl_seconds_after_finished
         if ttl is None or key in self.cleaned:
             return
@@ -404,7 +414,7 @@ class Controller:
         if now < done + ttl:
             self.queue.add(key, done + ttl - now)
             return
-        await self._cleanup(key, body)
+        await self._cleanup(key, body, "ttlSecondsAfterFinished passed")
         self.cleaned.add(key)
 
     def _schedule_ttl(self, key: Key, spec: FineTuneJobSpec, new: FineTuneJobStatus, now: float) -> None:
@@ -413,7 +423,7 @@ class Controller:
             done = parse_time(new.completion_time) or now
             self.queue.add(key, max(0.0, done + ttl - now))
 
-    async def _cleanup(self, key: Key, body: dict[str, Any]) -> None:
+    async def _cleanup(self, key: Key, body: dict[str, Any], why: str) -> None:
         """Delete the Job (and with it the pods), the Service if there is one, then the ConfigMap, whose garbage
         collection takes the Secret along. The ConfigMap goes last: its absence means "cleaned", so an interrupted
         clean-up resumes."""
@@ -433,7 +443,7 @@ class Controller:
         for service in services:
             await self.kube.delete("v1", "Service", ns, service)
         await self.kube.delete("v1", "ConfigMap", ns, builders.configmap_name(owner), propagation="Background")
-        log.info("%s/%s: children deleted after ttlSecondsAfterFinished", ns, name)
+        log.info("%s/%s: children deleted: %s", ns, name, why)
 
     @staticmethod
     def _owned(obj: dict[str, Any], owner: builders.Owner) -> bool:

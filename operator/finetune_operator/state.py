@@ -36,6 +36,7 @@ BACKOFF_LIMIT = "BackoffLimitExceeded"
 DEADLINE = "DeadlineExceeded"
 POD_FAILURE_POLICY = "PodFailurePolicy"
 RESTARTING_WORKERS = "RestartingWorkers"
+CANCELLED = "Cancelled"
 EXIT_REASONS = {
     exitcodes.DATA_ERROR: "DataError",
     exitcodes.CONFIG_ERROR: "ConfigError",
@@ -54,6 +55,7 @@ class Observation:
     workers: int = 1
     output_storage: str = ""
     suspend_requested: bool = False
+    cancel_requested: bool = False
     job_name: str | None = None
     job: JobView | None = None
     pods: tuple[PodView, ...] = ()
@@ -137,6 +139,13 @@ def compute_status(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStat
     if obs.invalid is not None:
         st.phase = "Failed"
         _set(st, "Failed", "True", INVALID_SPEC, obs.invalid, obs)
+        st.completion_time = st.completion_time or obs.now
+        return st
+    if obs.cancel_requested:
+        st.phase = "Failed"
+        _set(st, "Failed", "True", CANCELLED, "runPolicy.cancel is true: the pods were stopped and the Job removed; "
+             "the status and the checkpoints are kept", obs)
+        _clear(st, "Running", CANCELLED, "cancelled", obs)
         st.completion_time = st.completion_time or obs.now
         return st
     if obs.conflict is not None:
@@ -242,7 +251,7 @@ def transition_event(prev: FineTuneJobStatus, new: FineTuneJobStatus) -> tuple[s
     if after[:2] == ("Pending", PODS_PENDING):
         return None  # pods starting is the normal course of events; their arrival is announced as Running
     phase, reason, message = after
-    kind = "Warning" if phase == "Failed" or reason in WARNING_REASONS else "Normal"
+    kind = "Warning" if (phase == "Failed" and reason != CANCELLED) or reason in WARNING_REASONS else "Normal"
     return kind, reason, f"{phase}: {message}"
 
 
