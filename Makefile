@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip >/dev/null
 	$(PIP) install "torch>=2.4"
-	$(PIP) install -e ".[operator,trainer,dev]"
+	$(PIP) install -e ".[operator,cli,trainer,dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,11 +1,12 @@
 """`python -m finetune_operator` / `finetune-operator`: serve probes, win the lease, then run kopf and the reconciler.
 
 Exit codes: 0 after SIGTERM/SIGINT, 1 when the lease was lost or kopf stopped on its own (the pod restarts and comes
-back as a standby), 2 for invalid settings.
+back as a standby), 2 for invalid settings or any command-line argument but --help and --version.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -14,7 +15,7 @@ import sys
 
 import kopf
 
-from finetune_operator import handlers, logs
+from finetune_operator import __version__, handlers, logs
 from finetune_operator.controller import Controller
 from finetune_operator.k8s import Kube
 from finetune_operator.leader import LeaderElector
@@ -24,9 +25,8 @@ from finetune_operator.settings import Settings, SettingsError
 
 log = logging.getLogger("finetune_operator")
 
-USAGE = """usage: finetune-operator
-
-Runs the FineTuneJob operator. Configured through environment variables (see operator/README.md):
+DESCRIPTION = """Runs the FineTuneJob operator. It takes no arguments: it is configured through environment variables
+(see operator/README.md):
   FINETUNE_NAMESPACES, FINETUNE_TRAINER_IMAGE, FINETUNE_ALLOWED_REGISTRIES, FINETUNE_METRICS_PORT,
   FINETUNE_HEALTH_PORT, FINETUNE_PROGRESS_PORT, FINETUNE_PROGRESS_URL, FINETUNE_PROGRESS_KEY(_FILE),
   FINETUNE_LOG_LEVEL, FINETUNE_LOG_FORMAT, FINETUNE_PEERING, FINETUNE_RESYNC_SECONDS, FINETUNE_WORKERS,
@@ -111,11 +111,16 @@ async def run(settings: Settings) -> int:
     return code
 
 
+def parse_args(argv: list[str]) -> None:
+    """Only --help and --version: anything else is a mistake (exit 2 with usage), never a cluster-wide start."""
+    parser = argparse.ArgumentParser(prog="finetune-operator", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"finetune-operator {__version__}")
+    parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
+    parse_args(sys.argv[1:] if argv is None else argv)
     try:
         settings = Settings.from_env()
     except SettingsError as exc:

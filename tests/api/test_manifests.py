@@ -136,12 +136,12 @@ def test_validate_cli_prints_every_problem_with_its_path(tmp_path: Path) -> None
     doc["spec"]["dataset"]["validationSplit"] = 2
     bad.write_text(yaml.safe_dump(doc))
     good = EXAMPLES[0]
-    run = subprocess.run([sys.executable, "-m", "finetune_api.cli", "validate", str(good), str(bad)],
+    run = subprocess.run([sys.executable, "-m", "finetune_cli", "validate", str(good), str(bad)],
                          capture_output=True, text=True, check=False)
     assert run.returncode == 1
     assert f"{bad}: spec.hyperparameters.learningRate:" in run.stderr
     assert f"{bad}: spec.dataset.validationSplit:" in run.stderr
     assert "2 problem(s)" in run.stderr
-    ok = subprocess.run([sys.executable, "-m", "finetune_api.cli", "validate", str(good)], capture_output=True,
+    ok = subprocess.run([sys.executable, "-m", "finetune_cli", "validate", str(good)], capture_output=True,
                         text=True, check=False)
     assert ok.returncode == 0 and "valid" in ok.stdout
