@@ -160,7 +160,7 @@ def test_progress_push_reaches_status_and_bad_tokens_are_refused(control_plane: 
     text = operator.metrics()
     assert f'finetune_job_step{{name="progress",namespace="{namespace}"}} 120.0' in text
     assert f'finetune_job_loss{{name="progress",namespace="{namespace}"}} 0.6931' in text
-    assert f'finetune_jobs{{namespace="{namespace}",phase="Running"}} 1.0' in text
+    assert f'finetune_job_phase{{namespace="{namespace}",phase="Running"}} 1.0' in text
     assert 'finetune_operator_progress_reports_total{result="unauthorized"}' in text
     assert "finetune_operator_reconcile_duration_seconds_bucket" in text
 
