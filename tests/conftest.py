@@ -2,6 +2,7 @@
 cluster plugin; tests that need it carry the `cluster` marker."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 pytest_plugins = ["tests.conftest_cluster_plugin"]
+
+LONG_TIMEOUT = 900  # seconds; the default (--timeout in pyproject.toml) is for everything else
+_TRAINER_TESTS = Path(__file__).resolve().parent / "trainer"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that really train (marked slow or e2e, or under tests/trainer/) get a longer deadline, unless they set
+    their own with @pytest.mark.timeout."""
+    for item in items:
+        if item.get_closest_marker("timeout") is not None:
+            continue
+        if item.get_closest_marker("slow") or item.get_closest_marker("e2e") or \
+                Path(str(item.fspath)).is_relative_to(_TRAINER_TESTS):
+            item.add_marker(pytest.mark.timeout(LONG_TIMEOUT))
 
 
 @pytest.fixture(scope="session")
