@@ -69,8 +69,8 @@ def test_operator_metrics_pass_promtool(control_plane: ControlPlane, namespace: 
     assert promtool(text) == ""
     job = {n for n in names(text) if n.startswith("finetune_job")}
     assert {"finetune_job_phase", "finetune_job_step", "finetune_job_loss", "finetune_job_samples_per_second",
-            "finetune_job_eta_seconds", "finetune_job_restarts", "finetune_job_checkpoints_recorded",
-            "finetune_job_gpu_seconds"} <= job
+            "finetune_job_eta_seconds", "finetune_job_restarts_total", "finetune_job_checkpoints_recorded_total",
+            "finetune_job_gpu_seconds_total"} <= job, job
     assert all(n.startswith(("finetune_job_", "finetune_operator_")) for n in names(text)), names(text)
     body, content_type = scrape(operator.metrics_port, OPENMETRICS)
     assert content_type.startswith("application/openmetrics-text") and body.endswith("# EOF\n")
