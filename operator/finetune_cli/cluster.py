@@ -190,6 +190,8 @@ class Cluster:
                     if stop.is_set():
                         return
                     kind = event.get("type")
+                    if kind == "ERROR":  # e.g. 410 Gone delivered as an event: list again
+                        break
                     if kind == "DELETED":
                         out.put(None)
                         return

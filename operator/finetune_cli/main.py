@@ -38,7 +38,7 @@ def _version(parser: argparse.ArgumentParser, prog: str) -> None:
                         help="print the version and exit")
 
 
-def _cluster_options(parser: argparse.ArgumentParser, top: bool = False) -> None:
+def _cluster_options(parser: argparse.ArgumentParser) -> None:
     """kubectl's connection flags. On the top level as well, with defaults suppressed so neither copy erases the
     other: `finetune -n ns list` and `finetune list -n ns` mean the same."""
     default = argparse.SUPPRESS
@@ -65,7 +65,7 @@ def build_parser(prog: str = FINETUNE) -> argparse.ArgumentParser:
                                      "manifests, train locally, and follow and steer jobs on a cluster.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _version(parser, prog)
-    _cluster_options(parser, top=True)
+    _cluster_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help_: str, cluster: bool = False, **kwargs: object) -> argparse.ArgumentParser:

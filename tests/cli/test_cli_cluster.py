@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pty
 import re
 import subprocess
 import sys
@@ -45,6 +46,26 @@ def cli(cp: ControlPlane, *argv: str, exe: str = "finetune", kubeconfig: Path | 
         env["KUBECONFIG"] = str(kubeconfig)
     argv_ = [exe, *argv] if exe != "kubectl" else [str(cp.binaries.kubectl), *argv]
     return subprocess.run(argv_, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+
+
+def on_terminal(cp: ControlPlane, *argv: str, timeout: float = 60) -> tuple[int, str]:
+    """Run `finetune ARGV` with a pseudo-terminal as its stdout; (exit code, everything it wrote)."""
+    env = {**cp.env(), "PATH": f"{BIN}{os.pathsep}{cp.env()['PATH']}", "COLUMNS": "200"}
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(["finetune", *argv], env=env, stdout=secondary, stderr=subprocess.PIPE)
+    os.close(secondary)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(primary)
+    return proc.wait(timeout=10), b"".join(chunks).decode()
 
 
 def apply(cp: ControlPlane, body: dict[str, Any]) -> None:
@@ -146,9 +167,11 @@ def test_list_status_checkpoints_watch(control_plane: ControlPlane, namespace: s
     assert watcher.returncode == 0, err
     assert out.splitlines()[-2].startswith("sentiment  Succeeded  [########################]  100.0%")
     assert out.splitlines()[-1] == "sentiment succeeded -> s3://bucket/out  (evalAccuracy=0.75)"
-    again = cli(cp, "watch", "sentiment", "-n", ns)
-    assert again.returncode == 0 and again.stdout.endswith("sentiment succeeded -> s3://bucket/out  "
-                                                           "(evalAccuracy=0.75)\n")
+    # On a terminal the bar is redrawn in place; the end is printed on a line of its own.
+    code, screen = on_terminal(cp, "watch", "sentiment", "-n", ns)
+    assert code == 0
+    assert screen.startswith("\r\x1b[Ksentiment  Succeeded  [########################]  100.0%"), screen
+    assert screen.endswith("\r\nsentiment succeeded -> s3://bucket/out  (evalAccuracy=0.75)\r\n"), screen
 
 
 def test_suspend_resume(control_plane: ControlPlane, namespace: str, operator: OperatorProcess) -> None:
