@@ -147,11 +147,11 @@ class Cluster:
         result = self._call("list namespaces", self.core.list_namespace, _preload_content=False)
         return sorted(i["metadata"]["name"] for i in json.loads(result.data).get("items") or [])
 
-    def logs(self, pod: str, follow: bool, tail: int | None, previous: bool) -> Iterator[str]:
+    def logs(self, pod: str, follow: bool, tail: int | None) -> Iterator[str]:
         """The trainer container's log lines; with `follow`, until the container ends."""
         optional = {"tail_lines": tail} if tail is not None else {}
         resp = self._call(f"logs of pod {pod}", self.core.read_namespaced_pod_log, pod, self.namespace,
-                          container=CONTAINER, follow=follow, previous=previous, _preload_content=False,
+                          container=CONTAINER, follow=follow, _preload_content=False,
                           _request_timeout=None if follow else REQUEST_TIMEOUT, **optional)
         pending = b""
         try:

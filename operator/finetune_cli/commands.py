@@ -181,12 +181,12 @@ def cmd_logs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """The trainer logs of every worker (or one), prefixed with the worker when there are several."""
     cluster = connect(args)
     obj = cluster.get_job(args.name)
-    workers = worker_pods.current_workers(cluster.pods(args.name), args.worker)
+    workers = worker_pods.current_workers(cluster.pods(args.name), args.worker, previous=args.previous)
     if not workers:
         reason, message = view.headline(obj)
         which = f"worker {args.worker} of " if args.worker is not None else ""
         why = f" (phase {view.phase(obj)}" + (f", {reason}: {message}" if reason else "") + ")"
-        raise CliError(f"{which}{RESOURCE}/{args.name} has no pods{why}")
+        raise CliError(f"{which}{RESOURCE}/{args.name} has no {'ended ' if args.previous else ''}pods{why}")
     workers_total = int(((obj.get("spec") or {}).get("resources") or {}).get("workers") or 1)
     prefix = args.prefix if args.prefix is not None else workers_total > 1
 
@@ -195,7 +195,7 @@ def cmd_logs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     for pod in workers:
         index, pod_name = worker_pods.worker_index(pod), pod["metadata"]["name"]
         reason = worker_pods.no_logs_reason(pod)
-        if reason is not None and not args.previous:
+        if reason is not None:
             err.write(f"worker {index} (pod {pod_name}): no logs yet: {reason}\n")
             problems += 1
         else:
@@ -206,7 +206,7 @@ def cmd_logs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     def read(index: int, pod_name: str) -> None:
         tag = f"[worker-{index}] " if prefix else ""
         try:
-            for line in cluster.logs(pod_name, follow=args.follow, tail=args.tail, previous=args.previous):
+            for line in cluster.logs(pod_name, follow=args.follow, tail=args.tail):
                 lines.put((tag, line))
         except CliError as exc:
             failures.append(f"worker {index} (pod {pod_name}): {exc.message}")

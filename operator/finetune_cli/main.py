@@ -104,7 +104,8 @@ def build_parser(prog: str = FINETUNE) -> argparse.ArgumentParser:
     _name(lg)
     lg.add_argument("-f", "--follow", action="store_true", help="stream the logs until the trainers exit")
     lg.add_argument("--tail", type=int, default=None, metavar="LINES", help="only the last LINES lines per worker")
-    lg.add_argument("--previous", action="store_true", help="the logs of each worker's previous, failed attempt")
+    lg.add_argument("--previous", action="store_true",
+                    help="each worker's previous attempt: its newest pod that has ended (after a restart)")
     lg.add_argument("--worker", type=int, default=None, metavar="INDEX", help="only this worker (0 is the first)")
     lg.add_argument("--prefix", action=argparse.BooleanOptionalAction, default=None,
                     help="prefix lines with [worker-N] (default: when the job has several workers)")

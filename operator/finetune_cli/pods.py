@@ -26,12 +26,16 @@ def _live(pod: Mapping[str, Any]) -> bool:
         (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
 
 
-def current_workers(pods: Iterable[Mapping[str, Any]], worker: int | None = None) -> list[dict[str, Any]]:
-    """The pod of each worker index to read: a live one if there is one, else the newest; sorted by index."""
+def current_workers(pods: Iterable[Mapping[str, Any]], worker: int | None = None,
+                    previous: bool = False) -> list[dict[str, Any]]:
+    """The pod of each worker index to read: a live one if there is one, else the newest; sorted by index.
+
+    With `previous`, the newest pod of each worker that has ended: trainer pods never restart in place
+    (restartPolicy Never), so an earlier attempt is an earlier pod, not an earlier container."""
     best: dict[int, Mapping[str, Any]] = {}
     for pod in pods:
         index = worker_index(pod)
-        if worker is not None and index != worker:
+        if (worker is not None and index != worker) or (previous and _live(pod)):
             continue
         key = (_live(pod), (pod.get("metadata") or {}).get("creationTimestamp") or "")
         other = best.get(index)

@@ -268,6 +268,10 @@ def test_logs_on_kwok(control_plane: ControlPlane, namespace: str, operator: Ope
         assert "no logs yet: not scheduled to a node yet: Unschedulable: 0/" in line
     one = cli(cp, "logs", "huge", "-n", ns, "--worker", "1")
     assert one.stderr.startswith("worker 1 (pod huge-1-") and len(one.stderr.splitlines()) == 1
+    earlier = cli(cp, "logs", "huge", "-n", ns, "--previous")
+    assert earlier.returncode == 1
+    assert earlier.stderr.startswith("error: finetunejobs.finetune.dev/huge has no ended pods (phase Pending, "
+                                     "Unschedulable: "), earlier.stderr
 
 
 def test_rbac_of_the_user_applies(control_plane: ControlPlane, namespace: str, operator: OperatorProcess,

@@ -178,6 +178,13 @@ def test_logs_read_the_current_pod_of_each_worker() -> None:
     assert [p["metadata"]["name"] for p in found] == ["w0", "w1-new", "w2-failed-late"]
     only = pods.current_workers([_pod("w0", 0, "Running", "t"), _pod("w1", 1, "Running", "t")], worker=1)
     assert [p["metadata"]["name"] for p in only] == ["w1"]
+    before = pods.current_workers([
+        _pod("w0", 0, "Running", "2026-01-01T10:00:00Z"),
+        _pod("w1-old", 1, "Failed", "2026-01-01T10:00:00Z"),
+        _pod("w1-older", 1, "Failed", "2026-01-01T09:00:00Z"),
+        _pod("w1-new", 1, "Running", "2026-01-01T10:05:00Z"),
+    ], previous=True)
+    assert [p["metadata"]["name"] for p in before] == ["w1-old"], "worker 0 has no earlier attempt"
 
 
 def test_why_a_pod_has_no_logs() -> None:
