@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import entry_points
 from typing import TextIO
 
-from finetune_api import __version__
+from finetune_api import __version__, exitcodes
 
 FINETUNE = "finetune"
 KUBECTL_PLUGIN = "kubectl finetune"
 CLUSTER_COMMANDS = ("list", "status", "watch", "logs", "suspend", "resume", "cancel", "checkpoints")
 SHELLS = ("bash", "zsh", "fish")
+COMMANDS_GROUP = "finetune.commands"  # entry points that add subcommands (the trainer adds `run`)
 
 EPILOG = """\
 examples:
@@ -143,13 +145,17 @@ def _run(trainer_args: list[str], prog: str) -> int:
     if trainer_args in (["--version"],):
         print(f"{prog} run {__version__}")
         return 0
-    try:
-        from finetune_trainer.__main__ import main as trainer_main
-    except ImportError as exc:  # pragma: no cover - depends on the installed extra
-        print(f"finetune run needs the trainer extra (pip install 'finetune-operator[trainer]'): {exc}",
-              file=sys.stderr)
-        return 78
-    return trainer_main(trainer_args)
+    problem = "the trainer is not installed"
+    for entry in entry_points(group=COMMANDS_GROUP, name="run"):  # the trainer registers itself; never named here
+        try:
+            trainer_main = entry.load()
+        except ImportError as exc:  # pragma: no cover - depends on the installed extra
+            problem = str(exc)
+            break
+        return int(trainer_main(trainer_args))
+    print(f"finetune run needs the trainer extra (pip install 'finetune-operator[trainer]'): {problem}",
+          file=sys.stderr)
+    return exitcodes.CONFIG_ERROR
 
 
 def _crd(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
