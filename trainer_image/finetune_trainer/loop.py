@@ -153,7 +153,8 @@ class StepMeter:
         self.tokens = 0
         self.steps = 0
 
-    def record(self, st: TrainState, total_steps: int, loss: float, samples: int, tokens: int, seconds: float) -> None:
+    def record(self, st: TrainState, total_steps: int, loss: float, samples: int, tokens: int, seconds: float,
+               cpu_seconds: float) -> None:
         """Account for the optimizer step just counted in `st.step`."""
         st.samples += samples
         st.tokens += tokens
@@ -165,6 +166,7 @@ class StepMeter:
             st.loss_curve.append([st.step, sum(self._curve) / len(self._curve)])
             self._curve.clear()
         self.seconds += seconds
+        self.cpu_seconds += cpu_seconds
         self.samples += samples
         self.tokens += tokens
         self.steps += 1
@@ -371,12 +373,11 @@ class Trainer:
             loss, samples, tokens = self.optimizer_step(self.train_data, micro, self.pad_id)
             stop_flag, loss_sum, samples, tokens = self.dist.sum(
                 [float(self.stop.requested), loss, float(samples), float(tokens)])
-            seconds = time.perf_counter() - t0
-            self.meter.cpu_seconds += time.process_time() - c0
+            seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
             loss = loss_sum / self.dist.world
             st.step += 1
             st.batch_in_epoch += len(micro)
-            self.meter.record(st, self.total_steps, loss, int(samples), int(tokens), seconds)
+            self.meter.record(st, self.total_steps, loss, int(samples), int(tokens), seconds, cpu_seconds)
             if not math.isfinite(loss):
                 log.warning("non-finite training loss %s at step %d", loss, st.step)
             epoch_end = st.batch_in_epoch >= len(batches)
