@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from finetune_api import names
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import TERMINAL_PHASES, FineTuneJobStatus
-from finetune_operator import builders, gang, state
+from finetune_operator import builders, gang, image_policy, state
 from finetune_operator.k8s import ApiError, Kube
 from finetune_operator.ledger import Ledger
 from finetune_operator.ledger import update as update_ledger
@@ -88,15 +88,6 @@ def spec_problem(body: dict[str, Any]) -> tuple[FineTuneJobSpec | None, str | No
             loc = ".".join(str(p) for p in err["loc"])
             parts.append(f"spec.{loc}: {err['msg'].removeprefix('Value error, ')}" if loc else err["msg"])
         return None, "; ".join(parts)
-
-
-def image_problem(spec: FineTuneJobSpec, settings: Settings) -> str | None:
-    """An image outside the allowed registries. Checked before a Job is created from the spec."""
-    image = spec.resources.image
-    if image and not builders.image_allowed(image, settings.allowed_registries):
-        allowed = ", ".join(settings.allowed_registries)
-        return f"spec.resources.image {image!r} is not in an allowed registry ({allowed})"
-    return None
 
 
 class Controller:
@@ -316,7 +307,7 @@ class Controller:
         job = next((j for j in self._jobs(key) if j.owner_uid == owner.uid), None)
         result: CreateResult | None = None
         if job is None:
-            if (problem := image_problem(spec, self.settings)) is not None:
+            if (problem := image_policy.problem(spec, self.settings.allowed_registries)) is not None:
                 obs = state.Observation(now=format_time(now), generation=generation, invalid=problem)
                 await self._write(key, body, prev, state.compute_status(prev, obs))
                 return

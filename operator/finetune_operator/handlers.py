@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 
 from finetune_api import names
-from finetune_operator import builders, k8s
+from finetune_operator import k8s, labels
 from finetune_operator.observe import (
     owner_key,
     summarize_configmap,
@@ -25,15 +25,14 @@ from finetune_operator.observe import (
 log = logging.getLogger(__name__)
 
 REGISTRY = kopf.OperatorRegistry()
-_CHILD_LABELS = {builders.LABEL_MANAGED_BY: builders.MANAGER, builders.LABEL_JOB: kopf.PRESENT}
+# kopf's client-side filter, from the same definition as the server-side selector below.
+_CHILD_LABELS = {key: kopf.PRESENT if value is None else value for key, value in labels.SELECTOR_MATCH.items()}
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
     """kopf settings: server-side selectors for the children, no scanning (no CRD/namespace RBAC), no kopf Events."""
-    settings.watching.label_selectors["batch", "v1", "jobs"] = builders.CHILD_SELECTOR
-    settings.watching.label_selectors["v1", "pods"] = builders.CHILD_SELECTOR
-    settings.watching.label_selectors["v1", "configmaps"] = builders.CHILD_SELECTOR
-    settings.watching.label_selectors["v1", "services"] = builders.CHILD_SELECTOR
+    for resource in (("batch", "v1", "jobs"), ("v1", "pods"), ("v1", "configmaps"), ("v1", "services")):
+        settings.watching.label_selectors[resource] = labels.SELECTOR
     settings.scanning.disabled = True
     settings.posting.enabled = False
     settings.watching.server_timeout = 300

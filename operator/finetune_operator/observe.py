@@ -14,10 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_api import names
-from finetune_operator.builders import GPU_RESOURCE, KUEUE_QUEUE_LABEL, LABEL_JOB
-
-JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
-INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+from finetune_operator.builders import GPU_RESOURCE
+from finetune_operator.labels import JOB_COMPLETION_INDEX, JOB_CONTROLLER_UID, JOB_NAME, KUEUE_QUEUE
 
 
 def parse_time(value: str | None) -> float | None:
@@ -122,7 +120,7 @@ def summarize_job(body: dict[str, Any]) -> JobView:
         suspend=bool(spec.get("suspend")),
         backoff_limit=spec.get("backoffLimit"),
         active_deadline_seconds=spec.get("activeDeadlineSeconds"),
-        queue_name=(meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL),
+        queue_name=(meta.get("labels") or {}).get(KUEUE_QUEUE),
         completions=int(spec.get("completions") or 1),
         active=int(status.get("active") or 0),
         ready=int(status.get("ready") or 0),
@@ -176,13 +174,13 @@ def summarize_pod(body: dict[str, Any]) -> PodView:
             finished_at = t.get("finishedAt")
         break  # one container: the trainer
     try:
-        index = int(annotations.get(INDEX_ANNOTATION) or labels.get(INDEX_ANNOTATION) or 0)
+        index = int(annotations.get(JOB_COMPLETION_INDEX) or labels.get(JOB_COMPLETION_INDEX) or 0)
     except ValueError:
         index = 0
     return PodView(
         name=meta.get("name", ""),
         uid=meta.get("uid", ""),
-        job_uid=labels.get(JOB_UID_LABEL) or controller_uid(meta, "Job"),
+        job_uid=labels.get(JOB_CONTROLLER_UID) or controller_uid(meta, "Job"),
         index=index,
         phase=status.get("phase") or "Pending",
         node=spec.get("nodeName"),
@@ -253,5 +251,5 @@ def summarize_service(body: dict[str, Any]) -> ServiceView:
 def owner_key(body: dict[str, Any]) -> tuple[str, str] | None:
     """(namespace, FineTuneJob name) of a watched child, from the operator's label."""
     meta = body.get("metadata") or {}
-    name = (meta.get("labels") or {}).get(LABEL_JOB)
+    name = (meta.get("labels") or {}).get(JOB_NAME)
     return (meta.get("namespace", ""), name) if name else None
