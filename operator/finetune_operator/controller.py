@@ -363,15 +363,14 @@ class Controller:
                     pods: list[PodView], ledger: Ledger) -> tuple[JobView, PodView | None]:
         """An existing Job: restart a broken torchrun group (gang.py), carry spec edits, repair the children.
         Returns the Job as patched and the failed member that broke its group, if any."""
-        finished = job.condition("Complete") or job.condition("Failed") or job.condition("FailureTarget")
         kueue = job.queue_name is not None
         broken = None
-        if not finished and not (kueue and job.suspend):  # a Kueue-suspended Job is Kueue's (queued, preempted)
+        if not job.finished and not (kueue and job.suspend):  # a Kueue-suspended Job is Kueue's (queued, preempted)
             broken = gang.broken_member(spec.resources.workers, pods, ledger.doomed, ledger.stopped)
         job = await self._sync_job(key, spec, job, hold=broken is not None and not kueue)
         if broken is not None and kueue:
             await self._evict_group(key, pods, ledger.doomed, broken)
-        if not job.condition("Complete") and not job.condition("Failed"):
+        if not job.finished:
             await self._repair_children(key, owner, spec)
         return job, broken
 
@@ -507,7 +506,7 @@ class Controller:
     async def _sync_job(self, key: Key, spec: FineTuneJobSpec, job: JobView, hold: bool = False) -> JobView:
         """Carry allowed spec edits (suspend, backoffLimit, activeDeadlineSeconds) to the live Job, and keep it
         suspended while `hold` (a broken torchrun group is being stopped). Returns the Job as patched."""
-        if job.condition("Complete") or job.condition("Failed"):
+        if job.finished:
             return job
         patch = builders.job_spec_patch(spec, job.live_spec, kueue_managed=job.queue_name is not None, hold=hold)
         if not patch:
@@ -593,9 +592,8 @@ class Controller:
 
     async def _create_failure(self, key: Key, job: JobView, pods: list[PodView], now: float) -> str | None:
         """Why a running Job has no pods (quota, admission), from the Job controller's FailedCreate events."""
-        finished = job.condition("Complete") or job.condition("Failed") or job.condition("FailureTarget")
         live = [p for p in pods if p.phase not in ("Succeeded", "Failed")]
-        if job.suspend or finished or live or job.active or job.succeeded >= job.completions:
+        if job.suspend or job.finished or live or job.active or job.succeeded >= job.completions:
             # (every index succeeded: the Job is about to be Complete, not short of pods)
             self.create_failures.pop(key, None)
             return None

@@ -76,6 +76,22 @@ class JobView:
         return None
 
     @property
+    def success(self) -> JobCondition | None:
+        """The condition saying the Job succeeded: `Complete`, or `SuccessCriteriaMet`, which the Job controller
+        sets first, while it still stops the remaining pods (Kubernetes 1.31+)."""
+        return self.condition("Complete") or self.condition("SuccessCriteriaMet")
+
+    @property
+    def failure(self) -> JobCondition | None:
+        """The condition saying the Job failed: `Failed`, or `FailureTarget`, set first while pods are stopped."""
+        return self.condition("Failed") or self.condition("FailureTarget")
+
+    @property
+    def finished(self) -> bool:
+        """The outcome is decided: nothing the operator does to the Job or its children can change it any more."""
+        return self.success is not None or self.failure is not None
+
+    @property
     def live_spec(self) -> dict[str, Any]:
         return {"suspend": self.suspend, "backoffLimit": self.backoff_limit,
                 "activeDeadlineSeconds": self.active_deadline_seconds}

@@ -156,8 +156,7 @@ def compute_status(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStat
     if obs.report is not None:
         st = apply_report(st, obs.report)
 
-    complete = job.condition("Complete") or job.condition("SuccessCriteriaMet")
-    failed = job.condition("Failed") or job.condition("FailureTarget")
+    complete, failed = job.success, job.failure
     if complete is not None:
         st.phase = "Succeeded"
         _set(st, "Succeeded", "True", COMPLETED, f"all {obs.workers} worker(s) finished training", obs)
