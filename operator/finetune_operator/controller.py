@@ -9,7 +9,6 @@ record and queues its key; the runner hands keys to the reconcile pass, one at a
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -48,7 +47,6 @@ class Controller:
         self.reconciler = Reconciler(settings, kube, metrics, clock, self.records, self.caches, children, self.queue)
         self.runner = Runner(self.queue, self.reconcile, lambda: list(self.records), metrics, settings.workers,
                              settings.resync_seconds)
-        self.synced = asyncio.Event()
         metrics.bind_jobs(self.samples)
 
     async def reconcile(self, key: Key) -> None:
@@ -81,7 +79,6 @@ class Controller:
             self.records[key] = JobRecord.first_seen(body)
         else:
             record.see(body)
-        self.synced.set()
         self.queue.add(key)
 
     def observe_child(self, key: Key | None) -> None:
