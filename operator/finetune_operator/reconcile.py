@@ -76,19 +76,18 @@ class Pass:
                                  **facts)
 
 
+@dataclass
 class Reconciler:
     """One pass per call of `reconcile(key)`; the runner guarantees that one key is never in two passes at once."""
 
-    def __init__(self, settings: Settings, kube: Kube, metrics: Metrics, clock: Callable[[], float],
-                 records: dict[Key, JobRecord], caches: Caches, children: Children, queue: WorkQueue[Key]) -> None:
-        self.settings = settings
-        self.kube = kube
-        self.metrics = metrics
-        self.clock = clock
-        self.records = records
-        self.caches = caches
-        self.children = children
-        self.queue = queue
+    settings: Settings
+    kube: Kube
+    metrics: Metrics
+    clock: Callable[[], float]
+    records: dict[Key, JobRecord]
+    caches: Caches
+    children: Children
+    queue: WorkQueue[Key]  # passes ask for their next look through it (settle time, TTL, FailedCreate re-checks)
 
     async def reconcile(self, key: Key) -> None:
         record = self.records.get(key)

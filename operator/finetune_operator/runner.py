@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import kopf
 
@@ -22,18 +23,17 @@ from finetune_operator.workqueue import WorkQueue
 log = logging.getLogger(__name__)
 
 
+@dataclass
 class Runner:
     """`workers` reconcile tasks and one resync task around a queue with per-key exclusivity."""
 
-    def __init__(self, queue: WorkQueue[Key], reconcile: Callable[[Key], Awaitable[None]],
-                 keys: Callable[[], list[Key]], metrics: Metrics, workers: int, resync_seconds: float) -> None:
-        self.queue = queue
-        self.reconcile = reconcile
-        self.keys = keys
-        self.metrics = metrics
-        self.workers = workers
-        self.resync_seconds = resync_seconds
-        self._tasks: list[asyncio.Task[None]] = []
+    queue: WorkQueue[Key]
+    reconcile: Callable[[Key], Awaitable[None]]
+    keys: Callable[[], list[Key]]  # every known job, for the resync
+    metrics: Metrics
+    workers: int
+    resync_seconds: float
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
 
     def start(self) -> None:
         for i in range(self.workers):
