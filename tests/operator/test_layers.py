@@ -4,11 +4,13 @@ each behaviour of the controller lives in the one module the README's map names 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "finetune_operator"
+README = PACKAGE.parent / "README.md"
 PURE = ("builders", "conditions", "state", "progress", "ledger", "observe", "workqueue", "settings", "labels",
         "image_policy", "record", "caches")
 IO_MODULES = {"kopf", "aiohttp", "kubernetes", "urllib", "http", "socket", "requests", "finetune_operator.k8s",
@@ -128,3 +130,20 @@ def test_image_registry_policy_is_not_a_builder() -> None:
     """builders.py builds objects; which images are allowed is image_policy.py's."""
     source = (PACKAGE / "builders.py").read_text()
     assert "allowed_registries" not in source and "def image_allowed" not in source
+
+
+def test_the_readme_map_names_places_that_exist() -> None:
+    """Every module in the README's "Where does X live" map exists, and every name next to it is defined there."""
+    table = README.read_text().split("### Where does X live", 1)[1].strip().split("\n\n", 1)[0]
+    rows = table.splitlines()[2:]
+    assert len(rows) >= 10
+    for row in rows:
+        for cell in row.split("|")[2:-1]:
+            modules = re.findall(r"`(\w+)\.py`", cell)
+            sources = "\n".join((PACKAGE / f"{m}.py").read_text() for m in modules)
+            for token in re.findall(r"`([\w.]+)`", cell):
+                if token.endswith(".py"):
+                    continue
+                for part in filter(None, token.split(".")):
+                    defined = rf"(def|class)\s+{part}\b|^\s*{part}\s*[:=]"
+                    assert re.search(defined, sources, re.MULTILINE), f"README map: {token} is not in {modules}"
