@@ -13,12 +13,9 @@ import hashlib
 import hmac
 import math
 
-from finetune_api.progress import MAX_METRICS, ProgressReport, merge_reports
+from finetune_api.progress import MAX_METRICS, ProgressReport
 from finetune_api.status import CheckpointRef, CheckpointsStatus, FineTuneJobStatus, OutputStatus, ProgressStatus
 from finetune_api.times import humanize_eta
-
-__all__ = ["MAX_BODY_BYTES", "ProgressReport", "apply_report", "humanize_eta", "job_token", "merge_reports",
-           "token_valid"]
 
 MAX_BODY_BYTES = 64 * 1024
 
