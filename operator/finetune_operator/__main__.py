@@ -36,6 +36,49 @@ DESCRIPTION = """Runs the FineTuneJob operator. It takes no arguments: it is con
 """
 
 
+async def _lead(settings: Settings, controller: Controller, stop: asyncio.Event, kopf_ready: asyncio.Event,
+                elector: LeaderElector | None) -> int:
+    """As the leader: run kopf (and through it the controller) until a stop signal, a lost lease or kopf's own end.
+    Returns the exit code."""
+    loop = asyncio.get_running_loop()
+    kopf_stop = asyncio.Event()
+    operator = asyncio.create_task(kopf.operator(
+        registry=handlers.REGISTRY,
+        memo=kopf.Memo(controller=controller),
+        standalone=not settings.peering,
+        peering_name=settings.peering or None,
+        clusterwide=settings.clusterwide,
+        namespaces=list(settings.namespaces),
+        stop_flag=kopf_stop,
+        ready_flag=kopf_ready,
+    ), name="kopf")
+
+    async def reclaim_signals() -> None:
+        # kopf installs its own SIGTERM/SIGINT handlers when it starts; route them back through `stop`.
+        await kopf_ready.wait()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+    waiters = [asyncio.create_task(stop.wait(), name="stop-signal"), operator,
+               asyncio.create_task(reclaim_signals(), name="reclaim-signals")]
+    if elector is not None:
+        waiters.append(asyncio.create_task(elector.lost.wait(), name="lease-lost"))
+    code = 0
+    done, _ = await asyncio.wait(waiters[:2] + waiters[3:], return_when=asyncio.FIRST_COMPLETED)
+    if operator in done:
+        code = 0 if stop.is_set() else 1
+        if operator.exception() is not None:
+            log.error("kopf stopped: %r", operator.exception())
+    elif elector is not None and elector.lost.is_set():
+        code = 1
+    kopf_stop.set()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await asyncio.wait_for(operator, 30)
+    for w in waiters:
+        w.cancel()
+    return code
+
+
 async def run(settings: Settings) -> int:
     metrics = Metrics()
     kube = Kube(metrics)
@@ -56,7 +99,6 @@ async def run(settings: Settings) -> int:
         await serve(progress_app(controller.accept_report, ready), settings.bind_address, settings.progress_port),
     ]
     elector: LeaderElector | None = None
-    code = 0
     try:
         await kube.start()
         if settings.leader_election:
@@ -66,40 +108,7 @@ async def run(settings: Settings) -> int:
             kube.write_guard = elector.holds
         leading = True
         metrics.leader.set(1)
-        kopf_stop = asyncio.Event()
-        operator = asyncio.create_task(kopf.operator(
-            registry=handlers.REGISTRY,
-            memo=kopf.Memo(controller=controller),
-            standalone=not settings.peering,
-            peering_name=settings.peering or None,
-            clusterwide=settings.clusterwide,
-            namespaces=list(settings.namespaces),
-            stop_flag=kopf_stop,
-            ready_flag=kopf_ready,
-        ), name="kopf")
-
-        async def reclaim_signals() -> None:
-            # kopf installs its own SIGTERM/SIGINT handlers when it starts; route them back through `stop`.
-            await kopf_ready.wait()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-
-        waiters = [asyncio.create_task(stop.wait(), name="stop-signal"), operator,
-                   asyncio.create_task(reclaim_signals(), name="reclaim-signals")]
-        if elector is not None:
-            waiters.append(asyncio.create_task(elector.lost.wait(), name="lease-lost"))
-        done, _ = await asyncio.wait(waiters[:2] + waiters[3:], return_when=asyncio.FIRST_COMPLETED)
-        if operator in done:
-            code = 0 if stop.is_set() else 1
-            if operator.exception() is not None:
-                log.error("kopf stopped: %r", operator.exception())
-        elif elector is not None and elector.lost.is_set():
-            code = 1
-        kopf_stop.set()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(operator, 30)
-        for w in waiters:
-            w.cancel()
+        code = await _lead(settings, controller, stop, kopf_ready, elector)
     finally:
         metrics.leader.set(0)
         await controller.stop()

@@ -14,15 +14,12 @@ from typing import Any
 import yaml
 
 from finetune_api import exitcodes, names
+from finetune_api import trainer_env as env_names
+from finetune_api.progress import progress_path
 from finetune_api.spec import FineTuneJobSpec, checkpoint_storage
+from finetune_operator.labels import KUEUE_QUEUE, child_labels, selector
 
 CONTAINER = "trainer"
-LABEL_JOB = f"{names.GROUP}/job-name"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-MANAGER = "finetune-operator"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-# Server-side selector for the operator's watches on Jobs and Pods: only what it created.
-CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_JOB}"
 GPU_RESOURCE = "nvidia.com/gpu"
 CONFIG_DIR = "/etc/finetune"
 CONFIG_KEY = "job.yaml"
@@ -68,11 +65,11 @@ def secret_name(owner: Owner) -> str:
 
 
 def progress_url(ctx: BuildContext, owner: Owner) -> str:
-    return f"{ctx.progress_url.rstrip('/')}/v1/progress/{owner.namespace}/{owner.name}"
+    return ctx.progress_url.rstrip("/") + progress_path(owner.namespace, owner.name)
 
 
 def labels(owner: Owner) -> dict[str, str]:
-    return {LABEL_MANAGED_BY: MANAGER, LABEL_JOB: owner.name}
+    return child_labels(owner.name)
 
 
 def owner_reference(owner: Owner) -> dict[str, Any]:
@@ -151,7 +148,7 @@ def build_service(owner: Owner) -> dict[str, Any]:
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
-            "selector": labels(owner),
+            "selector": selector(owner.name),
             "ports": [
                 {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"},
                 {"name": "metrics", "port": TRAINER_METRICS_PORT, "targetPort": TRAINER_METRICS_PORT,
@@ -180,13 +177,13 @@ def _secret_env(name: str, ref: Any) -> dict[str, Any]:
 def trainer_env(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> list[dict[str, Any]]:
     """Environment of the trainer container. Credentials only as secretKeyRef: values never enter the Job."""
     env: list[dict[str, Any]] = [
-        {"name": "FINETUNE_PVC_ROOT", "value": PVC_ROOT},
-        {"name": "FINETUNE_METRICS_PORT", "value": str(TRAINER_METRICS_PORT)},
-        {"name": "FINETUNE_PROGRESS_URL", "value": progress_url(ctx, owner)},
-        {"name": "FINETUNE_PROGRESS_TOKEN",
+        {"name": env_names.PVC_ROOT, "value": PVC_ROOT},
+        {"name": env_names.METRICS_PORT, "value": str(TRAINER_METRICS_PORT)},
+        {"name": env_names.PROGRESS_URL, "value": progress_url(ctx, owner)},
+        {"name": env_names.PROGRESS_TOKEN,
          "valueFrom": {"secretKeyRef": {"name": secret_name(owner), "key": TOKEN_KEY}}},
-        {"name": "FINETUNE_TERMINATION_LOG", "value": "/dev/termination-log"},
-        {"name": "FINETUNE_GRACE_PERIOD", "value": str(ctx.grace_period_seconds)},
+        {"name": env_names.TERMINATION_LOG, "value": "/dev/termination-log"},
+        {"name": env_names.GRACE_PERIOD, "value": str(ctx.grace_period_seconds)},
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/huggingface"},
         {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
@@ -278,10 +275,11 @@ def desired_suspend(spec: FineTuneJobSpec) -> bool:
     return spec.run_policy.suspend or spec.run_policy.queue_name is not None
 
 
-def build_job(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[str, Any]:
-    r, rp = spec.resources, spec.run_policy
-    volumes, mounts = _volumes(owner, spec)
-    container: dict[str, Any] = {
+def trainer_container(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext,
+                      mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The one container of a trainer pod: restricted, read-only root, credentials only by reference."""
+    r = spec.resources
+    return {
         "name": CONTAINER,
         "image": r.image or ctx.trainer_image,
         "imagePullPolicy": "IfNotPresent",
@@ -306,7 +304,13 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[st
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
-    pod_spec: dict[str, Any] = {
+
+
+def pod_spec(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[str, Any]:
+    """The trainer pods' spec: no service-account token, restricted security context, placement from the spec."""
+    r = spec.resources
+    volumes, mounts = _volumes(owner, spec)
+    out: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -318,18 +322,23 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[st
             "fsGroup": RUN_AS_USER,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [container],
+        "containers": [trainer_container(owner, spec, ctx, mounts)],
         "volumes": volumes,
     }
     if needs_service(spec):
-        pod_spec["subdomain"] = service_name(owner)
+        out["subdomain"] = service_name(owner)
     if r.node_selector:
-        pod_spec["nodeSelector"] = dict(r.node_selector)
+        out["nodeSelector"] = dict(r.node_selector)
     if r.tolerations:
-        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in r.tolerations]
+        out["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in r.tolerations]
     if r.priority_class_name:
-        pod_spec["priorityClassName"] = r.priority_class_name
-    job_labels = {KUEUE_QUEUE_LABEL: rp.queue_name} if rp.queue_name else {}
+        out["priorityClassName"] = r.priority_class_name
+    return out
+
+
+def build_job(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[str, Any]:
+    r, rp = spec.resources, spec.run_policy
+    job_labels = {KUEUE_QUEUE: rp.queue_name} if rp.queue_name else {}
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": r.workers,
@@ -337,7 +346,7 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[st
         "backoffLimit": rp.backoff_limit,
         "suspend": desired_suspend(spec),
         "podFailurePolicy": pod_failure_policy(),
-        "template": {"metadata": {"labels": labels(owner)}, "spec": pod_spec},
+        "template": {"metadata": {"labels": labels(owner)}, "spec": pod_spec(owner, spec, ctx)},
     }
     if rp.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = rp.active_deadline_seconds
@@ -367,30 +376,3 @@ def job_spec_patch(spec: FineTuneJobSpec, current: dict[str, Any], kueue_managed
     if current.get("activeDeadlineSeconds") != rp.active_deadline_seconds:
         patch["activeDeadlineSeconds"] = rp.active_deadline_seconds
     return {"spec": patch} if patch else {}
-
-
-def image_allowed(image: str, allowed_registries: tuple[str, ...]) -> bool:
-    """Whether an image reference lies under one of the allowed prefixes (empty list: any image).
-
-    A prefix is a registry host (`registry.example.com`, `localhost:5000`) or a repository path under one
-    (`ghcr.io/acme`). After a bare host only `/` may follow (a `:` there would be another port, another registry);
-    after a repository path also a tag (`:`) or a digest (`@`)."""
-    if not allowed_registries:
-        return True
-    full = normalise_image(image)
-    for prefix in allowed_registries:
-        p = prefix.rstrip("/")
-        follows = ("/",) if "/" not in p else ("/", ":", "@")
-        if full == p or any(full.startswith(p + sep) for sep in follows):
-            return True
-    return False
-
-
-def normalise_image(image: str) -> str:
-    """docker.io/library/ is implied for bare names (python:3.11), as the container runtime does."""
-    first, _, rest = image.partition("/")
-    if rest and ("." in first or ":" in first or first == "localhost"):
-        return image
-    if not rest:
-        return f"docker.io/library/{image}"
-    return f"docker.io/{image}"

@@ -24,8 +24,8 @@ import aiohttp
 import kopf
 
 from finetune_api import names
+from finetune_api.times import format_time
 from finetune_operator.metrics import Metrics
-from finetune_operator.observe import format_time
 
 log = logging.getLogger(__name__)
 

@@ -7,15 +7,10 @@ import math
 import pytest
 from pydantic import ValidationError
 
+from finetune_api.progress import ProgressReport, merge_reports
 from finetune_api.status import FineTuneJobStatus
-from finetune_operator.progress import (
-    ProgressReport,
-    apply_report,
-    humanize_eta,
-    job_token,
-    merge_reports,
-    token_valid,
-)
+from finetune_api.times import humanize_eta
+from finetune_operator.progress import apply_report, job_token, token_valid
 
 KEY = b"k" * 32
 

@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
+from finetune_api.progress import ProgressReport
 from finetune_api.status import Condition, FineTuneJobStatus
 from finetune_operator import conditions as cond
 from finetune_operator import state
 from finetune_operator.observe import JobCondition, JobView, PodView
-from finetune_operator.progress import ProgressReport
 
 T0 = "2026-01-01T00:00:00Z"
 T1 = "2026-01-01T00:01:00Z"
