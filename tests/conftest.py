@@ -36,6 +36,16 @@ def finetune_crd(control_plane):  # type: ignore[no-untyped-def]
     """
     from finetune_api.crd import CRD_PATH
 
+    CRD_NAME = "finetunejobs.finetune.dev"
+
     control_plane.apply(CRD_PATH.read_text())
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.finetune.dev")
+
+    # Polled rather than `kubectl wait`: that fails outright ("accessor error") when it reads the CRD before the
+    # API server has written any condition.
+    def established() -> bool:
+        crd = control_plane.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}")
+        return any(c.get("type") == "Established" and c.get("status") == "True"
+                   for c in (crd.get("status") or {}).get("conditions") or [])
+
+    control_plane.wait_for(established, timeout=60, desc=f"CRD {CRD_NAME} to be Established")
     return None
