@@ -60,8 +60,9 @@ def _mlflow_spec() -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ best and early stop
 @pytest.fixture(scope="module")
 def stopped_run(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Tiny BERT, selectBest by evalLoss *max* (so the best is an early evaluation while the loss falls) and early
-    stopping whose minDelta no change can reach: evaluations at 4 (the first: an improvement), 8 and 12 (none), so
+    """MiniLM (it learns this data within a few steps, so its validation loss falls steadily), selectBest by
+    evalLoss *max* (so the best is the first evaluation, an earlier step than the last) and early stopping whose
+    minDelta no change can reach: evaluations at 4 (the first: an improvement), 8 and 12 (none), so
     training stops at 12 with patience 2. keepLast 1 and a checkpoint every 8 steps: checkpoint-4 exists only
     because its evaluation was the best."""
     tmp = tmp_path_factory.mktemp("stopped")
@@ -70,9 +71,9 @@ def stopped_run(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     out = tmp / "out"
     spec = {
         "task": {"type": "sequence-classification", "labels": ["negative", "positive"]},
-        "model": {"source": str(models["bert"])},
+        "model": {"source": str(models["minilm"])},
         "dataset": {"train": str(train), "validation": str(val)},
-        "hyperparameters": {"maxSteps": 40, "batchSize": 8, "learningRate": 5e-3, "maxSeqLength": 32,
+        "hyperparameters": {"maxSteps": 40, "batchSize": 8, "learningRate": 1e-4, "maxSeqLength": 32,
                             "evalEverySteps": 4},
         "checkpointing": {"everySteps": 8, "keepLast": 1, "selectBest": {"metric": "evalLoss", "mode": "max"}},
         "earlyStopping": {"patience": 2, "minDelta": 10.0},
@@ -95,7 +96,7 @@ def stopped_run(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
         with contextlib.redirect_stdout(printed):
             code = main([str(job), "--no-progress-bar"])
     assert code == 0, printed.getvalue()
-    yield {"out": out, "store": store, "printed": printed.getvalue(), "source": str(models["bert"]),
+    yield {"out": out, "store": store, "printed": printed.getvalue(), "source": str(models["minilm"]),
            "metrics": json.loads((out / "metrics.json").read_text()), "history": read_lines(out / "metrics.jsonl")}
 
 
@@ -183,7 +184,7 @@ def test_tensorboard_events_match_the_history(stopped_run: dict[str, Any]) -> No
 def test_mlflow_run_holds_params_metrics_and_artifacts(stopped_run: dict[str, Any]) -> None:
     client, run = _mlflow_run(stopped_run["store"])
     assert run.info.status == "FINISHED" and run.info.run_name == "sentiment-best"
-    assert run.data.params["hyperparameters.learningRate"] == "0.005"
+    assert run.data.params["hyperparameters.learningRate"] == "0.0001"
     assert run.data.params["task"] == "sequence-classification"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/evalLoss")] == [4, 8, 12]
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(1, 13))
@@ -205,7 +206,7 @@ def test_model_card(stopped_run: dict[str, Any]) -> None:
     for wanted in ("`team-a/sentiment-best`", f"uid `{UID}`",  # the FineTuneJob
                    "Labels, in index order: `negative`, `positive`",  # the task
                    "train.jsonl` | 64", "validation.jsonl` | 16",  # the data
-                   "| `learningRate` | `0.005` |", "| `evalEverySteps` | `4` |",  # hyperparameters
+                   "| `learningRate` | `0.0001` |", "| `evalEverySteps` | `4` |",  # hyperparameters
                    "| true \\ predicted | negative | positive |",  # the confusion matrix
                    f"weights of step {doc['output']['step']}", "training stopped early at step 12",
                    "of training time"):
@@ -227,15 +228,18 @@ def test_console_summary(stopped_run: dict[str, Any]) -> None:
 def test_no_duplicates_after_sigkill_and_resume(models: dict[str, Path], tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Killed with steps logged past its last checkpoint, the run resumes from that checkpoint: metrics.jsonl,
-    TensorBoard and MLflow each end with every step once."""
+    TensorBoard and MLflow each end with every step once, and the best evaluation and the early-stopping count come
+    back from the checkpoint (evaluations at 20, 40, 60, 80; a minDelta no change reaches: the stop is at 80)."""
     data = support.write_jsonl(tmp_path / "train.jsonl", support.qa_rows(64))
     out = tmp_path / "out"
     spec = {
         "task": {"type": "causal-lm"}, "model": {"source": str(models["gpt2"])},
         "dataset": {"train": str(data), "validationSplit": 0.25},
-        "hyperparameters": {"maxSteps": 120, "batchSize": 4, "learningRate": 5e-3, "maxSeqLength": 32,
-                            "evalEverySteps": 10},
-        "checkpointing": {"everySteps": 20, "keepLast": 1},
+        "hyperparameters": {"maxSteps": 200, "batchSize": 4, "learningRate": 5e-3, "maxSeqLength": 32,
+                            "evalEverySteps": 20},
+        "checkpointing": {"everySteps": 20, "everyEpoch": False, "keepLast": 1,
+                          "selectBest": {"metric": "evalLoss", "mode": "max"}},
+        "earlyStopping": {"patience": 3, "minDelta": 100.0},
         "output": {"storage": str(out)},
         "tracking": _mlflow_spec(),
     }
@@ -249,8 +253,9 @@ def test_no_duplicates_after_sigkill_and_resume(models: dict[str, Path], tmp_pat
     def past_checkpoint() -> tuple[int, int] | None:
         done = support.complete_steps(out / "checkpoints")
         steps = [r["step"] for r in read_lines(history)] if history.exists() else []
-        # Two steps past a checkpoint and not at a checkpoint step: the next save is more than a step away.
-        if done and steps and steps[-1] >= done[-1] + 2 and steps[-1] % 20:
+        # After the first evaluation's checkpoint, two steps past the last one and not at a checkpoint step: the
+        # next save is more than a step away when the kill lands.
+        if done and done[-1] >= 20 and steps and steps[-1] >= done[-1] + 2 and steps[-1] % 20:
             return done[-1], steps[-1]
         return None
 
@@ -272,24 +277,28 @@ def test_no_duplicates_after_sigkill_and_resume(models: dict[str, Path], tmp_pat
     proc = support.start_trainer([str(job)], env, log2)
     assert proc.wait(timeout=300) == 0, support.tail(log2)
     doc = json.loads((out / "metrics.json").read_text())
-    assert doc["resumedFrom"] == killed_at and doc["step"] == 120
+    assert doc["resumedFrom"] == killed_at and doc["step"] == 80
 
     records = read_lines(history)
     train = [r["step"] for r in records if r["type"] == "train"]
     evals = [r["step"] for r in records if r["type"] == "eval"]
-    assert train == list(range(1, 121))
-    assert evals == list(range(10, 121, 10))
+    assert train == list(range(1, 81))
+    assert evals == [20, 40, 60, 80]
     # The lines up to the checkpoint are the killed run's own (kept, not recomputed).
     assert [r for r in records if r["step"] <= killed_at] == [r for r in before if r["step"] <= killed_at]
+    # Early stopping counted the evaluations before the kill (from the checkpoint) and after it: the fourth stops.
+    best_step, stop_step = _expected_stop([(r["step"], r["evalLoss"]) for r in records if r["type"] == "eval"],
+                                          patience=3, min_delta=100.0, mode="max")
+    assert (doc["output"]["step"], doc["output"]["stoppedEarlyAt"]) == (best_step, stop_step) == (best_step, 80)
+    assert support.complete_steps(out / "checkpoints") == sorted({best_step, 80})
 
     acc = _events(out / "tensorboard")
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
-    assert _steps(acc, "train/loss") == list(range(1, 121))
-    assert _steps(acc, "eval/evalLoss") == list(range(10, 121, 10))
+    assert _steps(acc, "train/loss") == list(range(1, 81))
+    assert _steps(acc, "eval/evalLoss") == [20, 40, 60, 80]
 
     client, run = _mlflow_run(store)
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert sorted(steps) == list(range(1, 121)), "MLflow holds a step twice or misses one"
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/perplexity")) == \
-        list(range(10, 121, 10))
+    assert sorted(steps) == list(range(1, 81)), "MLflow holds a step twice or misses one"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/perplexity")) == [20, 40, 60, 80]
