@@ -175,7 +175,8 @@ def _secret_env(name: str, ref: Any) -> dict[str, Any]:
 
 
 def trainer_env(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> list[dict[str, Any]]:
-    """Environment of the trainer container. Credentials only as secretKeyRef: values never enter the Job."""
+    """Environment of the trainer container. Credentials (hub, s3, MLflow's URI and login) only as secretKeyRef:
+    values never enter the Job."""
     env: list[dict[str, Any]] = [
         {"name": env_names.PVC_ROOT, "value": PVC_ROOT},
         {"name": env_names.METRICS_PORT, "value": str(TRAINER_METRICS_PORT)},
@@ -201,6 +202,14 @@ def trainer_env(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> list[
             env.append({"name": "AWS_ENDPOINT_URL", "value": creds.s3.endpoint_url})
         if creds.s3.region:
             env.append({"name": "AWS_DEFAULT_REGION", "value": creds.s3.region})
+    mlflow = spec.tracking.mlflow
+    if mlflow:
+        env.append(_secret_env(env_names.MLFLOW_TRACKING_URI, mlflow.tracking_uri))
+        for name, ref in ((env_names.MLFLOW_TRACKING_USERNAME, mlflow.username),
+                          (env_names.MLFLOW_TRACKING_PASSWORD, mlflow.password),
+                          (env_names.MLFLOW_TRACKING_TOKEN, mlflow.token)):
+            if ref is not None:
+                env.append(_secret_env(name, ref))
     return env
 
 

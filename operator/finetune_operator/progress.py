@@ -76,5 +76,7 @@ def apply_report(status: FineTuneJobStatus, report: ProgressReport) -> FineTuneJ
         count = max(prev.count, cp.count if cp.count is not None else prev.count + (1 if is_new else 0))
         out.checkpoints = CheckpointsStatus(latest=latest, count=count)
     if report.output is not None:
-        out.output = OutputStatus(path=report.output.path, metrics=_clean_metrics(report.output.metrics))
+        o = report.output
+        out.output = OutputStatus(path=o.path, metrics=_clean_metrics(o.metrics), step=o.step,
+                                  model=o.model if o.model in ("best", "last") else None, reason=o.reason)
     return out

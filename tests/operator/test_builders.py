@@ -52,6 +52,10 @@ def test_single_worker_job_is_exactly_this() -> None:
                    "priorityClassName": "training"},
         run_policy={"backoffLimit": 5, "activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 600},
         credentials={"hubToken": {"name": "hf", "key": "token"}},
+        tracking={"mlflow": {"trackingUri": {"name": "mlflow", "key": "uri"},
+                             "username": {"name": "mlflow", "key": "user"},
+                             "password": {"name": "mlflow-login", "key": "password"},
+                             "token": {"name": "mlflow-login", "key": "token"}, "experiment": "team-a"}},
     )
     expected = {
         "apiVersion": "batch/v1",
@@ -84,7 +88,15 @@ def test_single_worker_job_is_exactly_this() -> None:
                         "imagePullPolicy": "IfNotPresent",
                         "command": ["python", "-m", "finetune_trainer", "/etc/finetune/job.yaml"],
                         "env": [*BASE_ENV,
-                                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+                                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+                                {"name": "MLFLOW_TRACKING_URI",
+                                 "valueFrom": {"secretKeyRef": {"name": "mlflow", "key": "uri"}}},
+                                {"name": "MLFLOW_TRACKING_USERNAME",
+                                 "valueFrom": {"secretKeyRef": {"name": "mlflow", "key": "user"}}},
+                                {"name": "MLFLOW_TRACKING_PASSWORD",
+                                 "valueFrom": {"secretKeyRef": {"name": "mlflow-login", "key": "password"}}},
+                                {"name": "MLFLOW_TRACKING_TOKEN",
+                                 "valueFrom": {"secretKeyRef": {"name": "mlflow-login", "key": "token"}}}],
                         "ports": [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"},
                                   {"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"}],
                         "resources": {

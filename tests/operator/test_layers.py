@@ -94,9 +94,11 @@ TRAINER_LEVELS: tuple[tuple[str, ...], ...] = (
     ("data",),
     ("checkpoint", "evaluation"),
     ("tasks",),
-    ("modeling",),
+    ("modeling", "tracking", "plots"),
+    ("history",),
+    ("selection",),
     ("loop",),
-    ("output",),
+    ("output", "model_card"),
     ("job",),
     ("__main__",),
 )

@@ -129,6 +129,9 @@ class TrainState:
     metrics: dict[str, float] = field(default_factory=dict)
     last_checkpoint: dict[str, Any] | None = None
     loss_curve: list[list[float]] = field(default_factory=list)  # [step, mean loss since previous point], ~100
+    train_seconds: float = 0.0  # in optimizer steps, over every session of the run
+    history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl's records so far (history.py)
+    selection: dict[str, Any] | None = None  # best evaluation and early-stopping count (selection.py)
 
     @classmethod
     def from_json(cls, text: str) -> TrainState:
@@ -165,6 +168,7 @@ class CheckpointManager:
         self.storage = storage
         self.root = storage.local
         self.keep_last = max(1, keep_last)
+        self.pinned: int | None = None  # a step kept whatever keep_last says (the best checkpoint)
 
     def path(self, step: int) -> Path:
         return self.root / folder_name(step)
@@ -281,9 +285,11 @@ class CheckpointManager:
         return CheckpointInfo(step, final, now)
 
     def prune(self) -> None:
-        """Keep the newest `keep_last` complete checkpoints; never touch the newest complete one."""
+        """Keep the newest `keep_last` complete checkpoints and the pinned one; never touch the newest complete one."""
         done = self.complete() if not self.storage.remote else self._local_complete()
         for old in done[: max(0, len(done) - self.keep_last)]:
+            if old.step == self.pinned:
+                continue
             log.info("deleting old checkpoint %s", old.path)
             try:
                 self.storage.remove(old.path.name)
@@ -344,8 +350,8 @@ class TrainingFiles:
             torch.save(rng, folder / rng_file(r))
         state.save(folder)
 
-    def read(self, folder: Path) -> Snapshot:
-        """Read and check a checkpoint without touching the model: a bad one changes nothing on any rank."""
+    def read_weights(self, folder: Path) -> dict[str, torch.Tensor]:
+        """The trainable parameters of a checkpoint, checked against the model (names and shapes)."""
         from safetensors.torch import load_file
 
         tensors = load_file(str(folder / MODEL_FILE))
@@ -357,6 +363,11 @@ class TrainingFiles:
         for n, t in tensors.items():
             if tuple(t.shape) != tuple(params[n].shape):
                 raise ValueError(f"parameter {n} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}")
+        return tensors
+
+    def read(self, folder: Path) -> Snapshot:
+        """Read and check a checkpoint without touching the model: a bad one changes nothing on any rank."""
+        tensors = self.read_weights(folder)
         opt_state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         ours = [len(g["params"]) for g in self.optimizer.param_groups]
         theirs = [len(g["params"]) for g in opt_state["param_groups"]]
