@@ -14,12 +14,15 @@ from typing import Any
 
 import yaml
 
+from finetune_api.spec import FineTuneJobSpec
+from finetune_operator.builders import BuildContext, Owner, build_job
 from tests.controlplane.cluster import ApiError, ControlPlane
 from tests.controlplane.images import ProductImages
 from tests.controlplane.node import NODE_NAME, node_scheduling
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "finetune-operator"
+EXAMPLE = REPO / "examples" / "sentiment.yaml"
 RESTRICTED = {
     "pod-security.kubernetes.io/enforce": "restricted",
     "pod-security.kubernetes.io/enforce-version": "latest",
@@ -162,3 +165,26 @@ def logs(cp: ControlPlane, namespace: str, pod: str, container: str | None = Non
     """``kubectl logs``: the API server fetches them from the kubelet."""
     args = ["-n", namespace, "logs", pod] + (["-c", container] if container else [])
     return cp.kubectl(*args).stdout
+
+
+@dataclass(frozen=True)
+class TrainerPodShape:
+    """What a trainer pod gets from the operator's Job builder beyond its job's own config and claims."""
+
+    pod_security: dict[str, Any]
+    container_security: dict[str, Any]
+    volumes: list[dict[str, Any]]  # the scratch volumes (/tmp, /dev/shm): emptyDirs
+    mounts: list[dict[str, Any]]
+
+
+def trainer_pod_shape(image: str, namespace: str, example: Path = EXAMPLE) -> TrainerPodShape:
+    """The security contexts and scratch volumes of the Job the operator builds for the example manifest."""
+    spec = FineTuneJobSpec.model_validate(yaml.safe_load(example.read_text())["spec"])
+    job = build_job(Owner("sentiment-minilm", namespace, "uid-of-the-example"), spec,
+                    BuildContext(trainer_image=image, progress_url="http://finetune-operator.invalid:8081/"))
+    pod_spec = job["spec"]["template"]["spec"]
+    container = pod_spec["containers"][0]
+    scratch = {v["name"] for v in pod_spec["volumes"] if "emptyDir" in v}
+    return TrainerPodShape(pod_spec["securityContext"], container["securityContext"],
+                           [v for v in pod_spec["volumes"] if v["name"] in scratch],
+                           [m for m in container["volumeMounts"] if m["name"] in scratch])

@@ -3,6 +3,7 @@ Services while nothing they send leaves the machine."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 
@@ -10,7 +11,7 @@ import pytest
 
 from tests.controlplane.cluster import SERVICE_IP, ControlPlane
 from tests.controlplane.images import ProductImages
-from tests.controlplane.node import DNS_SERVICE_IP, NODE_IP, NODE_LABEL, POD_CIDR, RealNode
+from tests.controlplane.node import DNS_SERVICE_IP, NODE_IP, NODE_LABEL, POD_CIDR, NodeError, RealNode
 
 from .support import logs, pod_manifest, restricted_container, run_to_completion, terminated
 
@@ -79,3 +80,17 @@ def test_pods_get_cluster_dns_and_services_and_nothing_leaves_the_machine(
     assert f"nameserver {DNS_SERVICE_IP}" in seen["resolv"] and seen["resolv"].count("nameserver") == 1
     assert seen["api"] == "connected", "the kubernetes Service reaches the API server through kube-proxy"
     assert seen["egress"] == "ConnectionRefusedError", "traffic to other addresses is refused on the host"
+
+
+def test_a_node_that_cannot_start_says_why_and_touches_nothing(control_plane: ControlPlane,
+                                                                real_node: RealNode) -> None:
+    # What the machine or the build lacks is listed before anything is changed.
+    without_kubelet = dataclasses.replace(real_node.binaries, kubelet=None)
+    with pytest.raises(NodeError, match="kubelet not built"):
+        RealNode(control_plane, without_kubelet).start()
+    # One real node per machine: a second one names the holder and leaves the running node's network alone.
+    with pytest.raises(NodeError, match=r"another real node runs on this machine \(pid \d+"):
+        RealNode(control_plane, real_node.binaries).start()
+    node = real_node.node()
+    assert node is not None
+    assert any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])

@@ -22,8 +22,8 @@ from tests.controlplane.images import ProductImages
 from tests.controlplane.node import NODE_NAME
 
 from .support import (
+    EXAMPLE,
     POD_TIMEOUT,
-    REPO,
     Release,
     lease_holder,
     logs,
@@ -36,8 +36,6 @@ from .support import (
 )
 
 pytestmark = pytest.mark.node
-
-EXAMPLE = REPO / "examples" / "sentiment.yaml"
 
 
 def the_operator_pod(cp: ControlPlane, release: Release) -> dict[str, Any]:

@@ -4,47 +4,17 @@ operator's own Job builder, not copied): the entry point runs, the root filesyst
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from finetune_api.spec import FineTuneJobSpec
-from finetune_operator.builders import BuildContext, Owner, build_job
 from tests.controlplane.cluster import ControlPlane
 from tests.controlplane.images import ProductImages
 from tests.controlplane.node import RealNode
 
-from .support import REPO, logs, pod_manifest, run_to_completion, terminated
+from .support import logs, pod_manifest, run_to_completion, terminated, trainer_pod_shape
 
 pytestmark = pytest.mark.node
-
-EXAMPLE = REPO / "examples" / "sentiment.yaml"
-
-
-@dataclass(frozen=True)
-class TrainerPodShape:
-    """What a trainer pod gets from the operator's Job builder beyond its job's own config and claims."""
-
-    pod_security: dict[str, Any]
-    container_security: dict[str, Any]
-    volumes: list[dict[str, Any]]  # the scratch volumes (/tmp, /dev/shm): emptyDirs
-    mounts: list[dict[str, Any]]
-
-
-def trainer_pod_shape(image: str, namespace: str, example: Path = EXAMPLE) -> TrainerPodShape:
-    """The security contexts and scratch volumes of the Job the operator builds for the example manifest."""
-    spec = FineTuneJobSpec.model_validate(yaml.safe_load(example.read_text())["spec"])
-    job = build_job(Owner("sentiment-minilm", namespace, "uid-of-the-example"), spec,
-                    BuildContext(trainer_image=image, progress_url="http://finetune-operator.invalid:8081/"))
-    pod_spec = job["spec"]["template"]["spec"]
-    container = pod_spec["containers"][0]
-    scratch = {v["name"] for v in pod_spec["volumes"] if "emptyDir" in v}
-    return TrainerPodShape(pod_spec["securityContext"], container["securityContext"],
-                           [v for v in pod_spec["volumes"] if v["name"] in scratch],
-                           [m for m in container["volumeMounts"] if m["name"] in scratch])
 
 
 def test_trainer_image_runs_under_the_operators_security_context(
