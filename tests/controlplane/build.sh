@@ -97,11 +97,15 @@ build_k8s() {
   rm -rf "$tmp"
 }
 
-build_etcd() {
+
+# build_module DIR COMPONENT VERSION [LDFLAGS]: `go build` of the main package of the build module go/DIR: etcd,
+# promql-check (a small program around github.com/prometheus/prometheus/promql/parser, about 30 s cold), CoreDNS with
+# the plugins its main.go imports (about a minute cold), pause.
+build_module() {
   local tmp
-  tmp="$(mktemp -d "$BIN_ROOT/.etcd-build.XXXXXX")"
-  (cd "$HERE/go/etcd" && "$GO" build "${BUILD_FLAGS[@]}" -ldflags "-s -w" -o "$tmp/etcd" .)
-  install_from "$tmp" etcd "$ETCD_VERSION"
+  tmp="$(mktemp -d "$BIN_ROOT/.$2-build.XXXXXX")"
+  (cd "$HERE/go/$1" && "$GO" build "${BUILD_FLAGS[@]}" -ldflags "-s -w ${4:-}" -o "$tmp/$2" .)
+  install_from "$tmp" "$2" "$3"
   rm -rf "$tmp"
 }
 
@@ -127,32 +131,9 @@ build_helm() {
   rm -rf "$tmp"
 }
 
-# promql-check: a small program around github.com/prometheus/prometheus/promql/parser (about 30 s cold).
-build_promql_check() {
-  local tmp
-  tmp="$(mktemp -d "$BIN_ROOT/.promql-check-build.XXXXXX")"
-  (cd "$HERE/go/promql" && "$GO" build "${BUILD_FLAGS[@]}" -ldflags "-s -w" -o "$tmp/promql-check" .)
-  install_from "$tmp" promql-check "$PROMQL_VERSION"
-  rm -rf "$tmp"
-}
 
 # CoreDNS with the plugins main.go imports (about 1 minute cold).
-build_coredns() {
-  local tmp
-  tmp="$(mktemp -d "$BIN_ROOT/.coredns-build.XXXXXX")"
-  (cd "$HERE/go/coredns" && "$GO" build "${BUILD_FLAGS[@]}" \
-    -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=module-$COREDNS_VERSION" -o "$tmp/coredns" .)
-  install_from "$tmp" coredns "$COREDNS_VERSION"
-  rm -rf "$tmp"
-}
 
-build_pause() {
-  local tmp
-  tmp="$(mktemp -d "$BIN_ROOT/.pause-build.XXXXXX")"
-  (cd "$HERE/go/pause" && "$GO" build "${BUILD_FLAGS[@]}" -ldflags "-s -w" -o "$tmp/pause" .)
-  install_from "$tmp" pause "$PAUSE_VERSION"
-  rm -rf "$tmp"
-}
 
 main() {
   local with_node=0
@@ -187,17 +168,19 @@ main() {
     fi
   fi
 
-  have etcd "$ETCD_VERSION" || timed "etcd $ETCD_VERSION" build_etcd
+  have etcd "$ETCD_VERSION" || timed "etcd $ETCD_VERSION" build_module etcd etcd "$ETCD_VERSION"
   for c in "${k8s_components[@]}"; do have "$c" "$K8S_VERSION" || k8s_missing+=("$c"); done
   if ((${#k8s_missing[@]})); then
     timed "${k8s_missing[*]} $K8S_VERSION" build_k8s "${k8s_missing[@]}"
   fi
   have kwok "$KWOK_VERSION" || timed "kwok $KWOK_VERSION" build_kwok
   have helm "$HELM_VERSION" || timed "helm $HELM_VERSION" build_helm
-  have promql-check "$PROMQL_VERSION" || timed "promql-check $PROMQL_VERSION" build_promql_check
+  have promql-check "$PROMQL_VERSION" ||
+    timed "promql-check $PROMQL_VERSION" build_module promql promql-check "$PROMQL_VERSION"
   if ((with_node)); then
-    have coredns "$COREDNS_VERSION" || timed "coredns $COREDNS_VERSION" build_coredns
-    have pause "$PAUSE_VERSION" || timed "pause $PAUSE_VERSION" build_pause
+    have coredns "$COREDNS_VERSION" || timed "coredns $COREDNS_VERSION" build_module coredns coredns \
+      "$COREDNS_VERSION" "-X github.com/coredns/coredns/coremain.GitCommit=module-$COREDNS_VERSION"
+    have pause "$PAUSE_VERSION" || timed "pause $PAUSE_VERSION" build_module pause pause "$PAUSE_VERSION"
     specs+=("pause $PAUSE_VERSION")
   fi
 

@@ -713,13 +713,7 @@ class ControlPlane:
         return status == 200
 
     def _exists(self, path: str) -> bool:
-        try:
-            self.request("GET", path)
-        except ApiError as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
+        return self.get(path) is not None
 
     def _create_nodes(self) -> None:
         """Registers the fake nodes (as a kubelet would); kwok then marks them Ready and keeps them alive."""
@@ -881,6 +875,15 @@ class ControlPlane:
         if not 200 <= resp.status < 300:
             raise ApiError(method, path, resp.status, decoded)
         return decoded
+
+    def get(self, path: str) -> Any:
+        """GET as the admin; None when the object does not exist (404), ApiError on any other failure."""
+        try:
+            return self.request("GET", path)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     def api_client(self) -> ApiClient:
         """A ``kubernetes.client.ApiClient`` for this cluster (admin credentials); imports ``kubernetes`` lazily."""

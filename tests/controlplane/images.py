@@ -175,15 +175,18 @@ class Docker:
 # ---------------------------------------------------------------------------------------------------------- bases
 
 
-def _apt_sources() -> bytes:
-    """The host's apt sources: the base is made from the same mirror (and snapshot) the host installs from."""
-    files = sorted(Path("/etc/apt").glob("sources.list.d/*.sources")) + sorted(Path("/etc/apt").glob("sources.list"))
-    return b"".join(p.read_bytes() for p in files if p.is_file())
+def _apt_source_files() -> list[Path]:
+    """The host's apt sources: the base is made from the mirror (and snapshot) the host installs from."""
+    apt = Path("/etc/apt")
+    files = [apt / "sources.list", *sorted(apt.glob("sources.list.d/*.list")),
+             *sorted(apt.glob("sources.list.d/*.sources"))]
+    return [f for f in files if f.is_file() and f.read_text().strip()]
 
 
 def python_base_tag() -> str:
     ca = HOST_CA_BUNDLE.read_bytes() if HOST_CA_BUNDLE.is_file() else b""
-    key = _sha256(DEBIAN_SUITE, json.dumps(BASE_PACKAGES), json.dumps(BASE_CHANGES), _apt_sources(), ca)
+    sources = b"".join(f.read_bytes() for f in _apt_source_files())
+    key = _sha256(DEBIAN_SUITE, json.dumps(BASE_PACKAGES), json.dumps(BASE_CHANGES), sources, ca)
     return f"{LOCAL}/base-python:{DEBIAN_SUITE}-{key[:12]}"
 
 
@@ -194,7 +197,7 @@ def build_python_base(docker: Docker) -> str:
         return tag
     if not HOST_CA_BUNDLE.is_file():
         raise ImageError(f"the host CA bundle {HOST_CA_BUNDLE} is missing: pip inside the image could not verify TLS")
-    sources = sorted(Path("/etc/apt/sources.list.d").glob("*.sources")) or [Path("/etc/apt/sources.list")]
+    sources = _apt_source_files()  # none: mmdebstrap's own default mirror
     work = CACHE / "tmp"
     work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work, prefix="base-") as tmp:

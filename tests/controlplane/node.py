@@ -89,6 +89,9 @@ CNI_BIN_DIR = Path("/usr/lib/cni")
 NEEDED_PROGRAMS = ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "iptables", "iptables-save", "ip", "mount",
                    "socat")
 NEEDED_CNI = ("bridge", "host-local", "loopback", "portmap")
+# Pulls go nowhere: containerd's default registry host (`_default`, for every registry name) is the discard port on
+# loopback, where nothing listens.
+UNREACHABLE_REGISTRY = "http://127.0.0.1:9"
 # Chains the kubelet, kube-proxy and the CNI plugins create in the host's tables; removed on stop.
 OWN_CHAIN_PREFIXES = ("KUBE-", "CNI-", FORWARD_CHAIN)
 
@@ -349,7 +352,8 @@ class RealNode:
 
     def _setup_network(self) -> None:
         """The pods' bridge (created here: the node's address must exist before the kubelet starts) and the
-        FORWARD rules: pod to pod on the bridge is accepted, anything a pod sends off the bridge is refused."""
+        FORWARD rules: pod to pod on the bridge is accepted, anything a pod sends off the bridge is refused, and nothing
+        is forwarded into it (the host itself reaches pods directly, not through FORWARD)."""
         prefix = POD_CIDR.split("/")[1]
         _sh("ip", "link", "add", BRIDGE, "type", "bridge")
         _sh("ip", "addr", "add", f"{POD_GATEWAY}/{prefix}", "dev", BRIDGE)
@@ -360,8 +364,8 @@ class RealNode:
                 self._restore_sysctls[key] = old
         _sh("iptables", "-w", "-N", FORWARD_CHAIN)
         _sh("iptables", "-w", "-A", FORWARD_CHAIN, "-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT")
-        _sh("iptables", "-w", "-A", FORWARD_CHAIN, "-i", BRIDGE, "-j", "REJECT")
-        _sh("iptables", "-w", "-A", FORWARD_CHAIN, "-o", BRIDGE, "-j", "ACCEPT")
+        _sh("iptables", "-w", "-A", FORWARD_CHAIN, "-i", BRIDGE, "-j", "REJECT")  # a pod sending elsewhere: refused
+        _sh("iptables", "-w", "-A", FORWARD_CHAIN, "-o", BRIDGE, "-j", "DROP")  # nothing routed in from outside
         _sh("iptables", "-w", "-I", "FORWARD", "1", "-j", FORWARD_CHAIN)
 
     def _start_api_forwarder(self) -> None:
@@ -444,7 +448,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     bin_dir = "{CNI_BIN_DIR}"
     conf_dir = "{cni_conf}"
     max_conf_num = 1
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{self.run_dir / 'registries'}"
 """
+
+    def _registry_config(self) -> None:
+        """Every registry resolves to a closed port on loopback: an image the node lacks fails to pull at once
+        (ErrImagePull), and no pull ever looks a registry up or leaves the machine."""
+        # containerd 1.6 refuses a hosts.toml without a [host] table ("invalid `host` tree") and then falls back to
+        # the registry itself: both name the closed port.
+        hosts = (f'server = "{UNREACHABLE_REGISTRY}"\n\n[host."{UNREACHABLE_REGISTRY}"]\n'
+                 '  capabilities = ["pull", "resolve"]\n')
+        path = self.run_dir / "registries" / "_default" / "hosts.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(hosts)
 
     def ctr(self) -> list[str]:
         """The ``ctr`` command line for this node's containerd."""
@@ -463,6 +480,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         for d in (self.containerd_root, self.run_dir / "containerd", self.run_dir / "cni"):
             d.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "cni" / "10-finetune-node.conflist").write_text(json.dumps(self._cni_config(), indent=2))
+        self._registry_config()
         comp = self._components["containerd"] = self._spawn_containerd()
         self.cp.wait_on(self._containerd_answers, self._deadline(), "containerd answers on its socket", comp)
 
@@ -576,12 +594,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 self.steps.log(f"restored the host's {', '.join(changed)} (the kubelet sets them at start)")
 
     def node(self) -> dict[str, Any] | None:
-        try:
-            node: dict[str, Any] = self.cp.request("GET", f"/api/v1/nodes/{self.name}")
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        """The Node object (None before it registered)."""
+        node: dict[str, Any] | None = self.cp.get(f"/api/v1/nodes/{self.name}")
         return node
 
     def _node_ready(self) -> bool:

@@ -16,7 +16,7 @@ import yaml
 
 from finetune_api.spec import FineTuneJobSpec
 from finetune_operator.builders import BuildContext, Owner, build_job
-from tests.controlplane.cluster import ApiError, ControlPlane
+from tests.controlplane.cluster import ControlPlane
 from tests.controlplane.images import ProductImages
 from tests.controlplane.node import NODE_NAME, node_scheduling
 
@@ -85,14 +85,8 @@ def ready(pod: dict[str, Any]) -> bool:
 
 
 def lease_holder(cp: ControlPlane, release: Release) -> str | None:
-    try:
-        lease = cp.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/{release.namespace}/leases/"
-                                  f"{release.fullname}")
-    except ApiError as exc:
-        if exc.status == 404:
-            return None
-        raise
-    holder: str | None = lease.get("spec", {}).get("holderIdentity")
+    lease = cp.get(f"/apis/coordination.k8s.io/v1/namespaces/{release.namespace}/leases/{release.fullname}")
+    holder: str | None = (lease or {}).get("spec", {}).get("holderIdentity")
     return holder
 
 

@@ -11,9 +11,17 @@ import pytest
 
 from tests.controlplane.cluster import SERVICE_IP, ControlPlane
 from tests.controlplane.images import ProductImages
-from tests.controlplane.node import DNS_SERVICE_IP, NODE_IP, NODE_LABEL, POD_CIDR, NodeError, RealNode
+from tests.controlplane.node import (
+    DNS_SERVICE_IP,
+    NODE_IP,
+    NODE_LABEL,
+    POD_CIDR,
+    UNREACHABLE_REGISTRY,
+    NodeError,
+    RealNode,
+)
 
-from .support import logs, pod_manifest, restricted_container, run_to_completion, terminated
+from .support import POD_TIMEOUT, logs, pod_manifest, restricted_container, run_to_completion, terminated
 
 pytestmark = pytest.mark.node
 
@@ -94,3 +102,23 @@ def test_a_node_that_cannot_start_says_why_and_touches_nothing(control_plane: Co
     node = real_node.node()
     assert node is not None
     assert any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])
+
+
+def test_an_image_the_node_lacks_fails_to_pull_without_leaving_the_machine(
+    control_plane: ControlPlane, real_node: RealNode, node_images: ProductImages,
+    restricted_namespace: Callable[[str], str],
+) -> None:
+    ns = restricted_namespace("pull")
+    missing = node_images.trainer.rsplit(":", 1)[0] + ":no-such-tag"
+    pod = pod_manifest("missing", [restricted_container("trainer", missing, ["python", "--version"])])
+    control_plane.request("POST", f"/api/v1/namespaces/{ns}/pods", pod)
+
+    def waiting() -> dict[str, str] | None:
+        statuses = control_plane.get_pod(ns, "missing").get("status", {}).get("containerStatuses") or [{}]
+        state = statuses[0].get("state", {}).get("waiting") or {}
+        return state if state.get("reason") in ("ErrImagePull", "ImagePullBackOff") else None
+
+    state = control_plane.wait_for(waiting, timeout=POD_TIMEOUT, desc="the pull of a missing image to fail")
+    events = control_plane.kubectl("-n", ns, "get", "events", "-o", "json").stdout
+    registry = UNREACHABLE_REGISTRY.removeprefix("http://")
+    assert registry in events or registry in state.get("message", ""), (state, events[-2000:])
