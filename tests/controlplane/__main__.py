@@ -9,6 +9,7 @@ and ``--images`` builds the operator and trainer images and loads them into it, 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
@@ -17,7 +18,7 @@ from types import FrameType
 
 from .cluster import ControlPlane, ControlPlaneError, build_binaries
 from .images import ImageError, build_product_images
-from .node import NODE_LABEL, RealNode
+from .node import NODE_LABEL, RealNode, node_scheduling
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
                 node.load_images([images.operator, images.trainer])
                 print(f"# images in the node: {images.operator} {images.trainer}", file=sys.stderr)
                 print(f"export OPERATOR_IMAGE={images.operator} TRAINER_IMAGE={images.trainer}")
+                on_node = node_scheduling()
+                print("# the chart on the real node (README, 'Try it on a real cluster'):\n#   helm install"
+                      " finetune-operator ./helm/finetune-operator -n finetune-system --create-namespace"
+                      ' --set image.tag="${OPERATOR_IMAGE##*:}" --set trainer.image.tag="${TRAINER_IMAGE##*:}"'
+                      f" --set-json 'nodeSelector={json.dumps(on_node['nodeSelector'])}'"
+                      f" --set-json 'tolerations={json.dumps(on_node['tolerations'])}'", file=sys.stderr)
         print(f"export KUBECONFIG={cp.kubeconfig}")
         print(f'export PATH="{cp.binaries.kubectl.parent}:{cp.binaries.helm.parent}:$PATH"')
         print("# press Ctrl-C to stop", file=sys.stderr)
