@@ -36,6 +36,9 @@ SKIP_ENV = "FINETUNE_SKIP_CLUSTER"
 SKIP_NODE_ENV = "FINETUNE_SKIP_NODE"
 CLUSTER_MARKERS = ("cluster", "e2e")
 NODE_FIXTURES = ("real_node", "node_images")
+# The first test that asks for a node fixture pays for its set-up: a cold build of the node's programs and of both
+# images, and their import into containerd, take minutes, far beyond one test's deadline (pytest-timeout).
+NODE_SETUP_TIMEOUT = 3600
 _LOGS_KEY = pytest.StashKey[Path]()
 
 
@@ -61,8 +64,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     (so ``-m 'not cluster'`` / ``-m 'not node'`` deselect them), and skips them, visibly, when asked to."""
     skip = pytest.mark.skip(reason=f"{SKIP_ENV}=1: cluster tests disabled explicitly")
     skip_node = pytest.mark.skip(reason=f"{SKIP_NODE_ENV}=1: real-node tests disabled explicitly")
+    paying = set(NODE_FIXTURES)
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
+        if first := paying.intersection(fixtures):
+            item.add_marker(pytest.mark.timeout(NODE_SETUP_TIMEOUT))
+            paying -= first
         uses_cluster = "control_plane" in fixtures
         uses_node = any(f in fixtures for f in NODE_FIXTURES) or item.get_closest_marker("node") is not None
         if uses_cluster and item.get_closest_marker("cluster") is None:
