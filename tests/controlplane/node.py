@@ -35,13 +35,11 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import shutil
 import socket
-import subprocess
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -57,6 +55,8 @@ from .cluster import (
     ControlPlaneError,
     _free_ports,
 )
+from .coredns import CLUSTER_DOMAIN, DNS_SERVICE_IP, coredns_manifests, yaml_stream
+from .host import read_sysctl, remove_chains, sh, unmount_all, write_sysctl
 from .images import (
     CACHE,
     Docker,
@@ -81,8 +81,6 @@ POD_GATEWAY = NODE_IP
 KUBELET_SYSCTLS = ("vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic", "kernel.panic_on_oops",
                    "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes")
 BRIDGE = "ftnode0"
-DNS_SERVICE_IP = "10.96.0.10"
-CLUSTER_DOMAIN = "cluster.local"
 FORWARD_CHAIN = "FINETUNE-NODE-FWD"
 NODE_DIR = CACHE / "node"  # containerd's root (images) persists; run/ is wiped at every start
 CNI_BIN_DIR = Path("/usr/lib/cni")
@@ -106,68 +104,6 @@ def node_scheduling() -> dict[str, Any]:
         "nodeSelector": {NODE_LABEL: "true"},
         "tolerations": [{"key": NODE_LABEL, "operator": "Equal", "value": "true", "effect": "NoSchedule"}],
     }
-
-
-def _sh(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
-    if check and proc.returncode != 0:
-        raise NodeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc
-
-
-def _read_sysctl(name: str) -> str | None:
-    path = Path("/proc/sys") / name.replace(".", "/")
-    return path.read_text().strip() if path.exists() else None
-
-
-def _write_sysctl(name: str, value: str) -> str | None:
-    """Sets /proc/sys/<name>; returns the previous value (None if the key does not exist)."""
-    path = Path("/proc/sys") / name.replace(".", "/")
-    if not path.exists():
-        return None
-    old = path.read_text().strip()
-    if old != value:
-        path.write_text(value)
-    return old
-
-
-def _mounts_under(root: Path) -> list[str]:
-    """Mount points at or below ``root``, deepest first (from /proc/self/mountinfo; octal escapes decoded)."""
-    prefix = str(root.resolve())
-    points = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4].encode().decode("unicode_escape")
-        if point == prefix or point.startswith(prefix + "/"):
-            points.append(point)
-    return sorted(set(points), key=lambda p: p.count("/"), reverse=True)
-
-
-def _unmount_all(root: Path) -> None:
-    for point in _mounts_under(root):
-        _sh("umount", "--lazy", point, check=False)
-
-
-def remove_chains(prefixes: Iterable[str] = OWN_CHAIN_PREFIXES) -> None:
-    """Deletes the chains whose names start with ``prefixes`` from the filter, nat and mangle tables (IPv4 and IPv6),
-    and every rule that jumps to them: the host's tables are left as they were before the node."""
-    prefixes = tuple(prefixes)
-    for tool in ("iptables", "ip6tables"):
-        if shutil.which(f"{tool}-save") is None:
-            continue
-        for table in ("filter", "nat", "mangle"):
-            saved = _sh(f"{tool}-save", "-t", table, check=False).stdout
-            ours = {m.group(1) for m in re.finditer(r"^:(\S+)", saved, re.M) if m.group(1).startswith(prefixes)}
-            if not ours:
-                continue
-            for line in saved.splitlines():  # jumps from the built-in chains (and other chains) into ours
-                parts = line.split()
-                if line.startswith("-A ") and "-j" in parts and parts[parts.index("-j") + 1] in ours \
-                        and parts[1] not in ours:
-                    _sh(tool, "-w", "-t", table, "-D", *parts[1:], check=False)
-            for chain in ours:
-                _sh(tool, "-w", "-t", table, "-F", chain, check=False)
-            for chain in ours:
-                _sh(tool, "-w", "-t", table, "-X", chain, check=False)
 
 
 @dataclass
@@ -290,7 +226,7 @@ class RealNode:
         self._teardown_host()
 
     def _teardown_host(self) -> None:
-        _unmount_all(self.run_dir)
+        unmount_all(self.run_dir)
         # The kubelet also links every container log into /var/log/containers (a fixed path).
         for link in Path("/var/log/containers").glob("*.log"):
             with contextlib.suppress(OSError):
@@ -298,8 +234,8 @@ class RealNode:
                     link.unlink()
         shutil.rmtree(self.run_dir, ignore_errors=True)
         if Path(f"/sys/class/net/{BRIDGE}").exists():
-            _sh("ip", "link", "delete", BRIDGE, check=False)
-        remove_chains()
+            sh("ip", "link", "delete", BRIDGE, check=False)
+        remove_chains(OWN_CHAIN_PREFIXES)
 
     def stop(self) -> None:
         """Drains the node (pods deleted through the API, so the kubelet stops them and tears their network down),
@@ -316,7 +252,7 @@ class RealNode:
                 if name in self._components:
                     self.cp.stop_component(self._components.pop(name), grace=10)
             if self.binaries.kube_proxy is not None:
-                _sh(str(self.binaries.kube_proxy), "--cleanup", check=False)
+                sh(str(self.binaries.kube_proxy), "--cleanup", check=False)
             if "containerd" in self._components:
                 with contextlib.suppress(Exception):
                     self._remove_all_containers()
@@ -324,7 +260,7 @@ class RealNode:
             self._teardown_host()
             for name, value in self._restore_sysctls.items():
                 with contextlib.suppress(OSError):
-                    _write_sysctl(name, value)
+                    write_sysctl(name, value)
             with contextlib.suppress(ApiError, ControlPlaneError, OSError):
                 self.cp.request("DELETE", f"/api/v1/nodes/{self.name}")
             if self._lock is not None:
@@ -355,18 +291,18 @@ class RealNode:
         FORWARD rules: pod to pod on the bridge is accepted, anything a pod sends off the bridge is refused, and nothing
         is forwarded into it (the host itself reaches pods directly, not through FORWARD)."""
         prefix = POD_CIDR.split("/")[1]
-        _sh("ip", "link", "add", BRIDGE, "type", "bridge")
-        _sh("ip", "addr", "add", f"{POD_GATEWAY}/{prefix}", "dev", BRIDGE)
-        _sh("ip", "link", "set", BRIDGE, "up")
+        sh("ip", "link", "add", BRIDGE, "type", "bridge")
+        sh("ip", "addr", "add", f"{POD_GATEWAY}/{prefix}", "dev", BRIDGE)
+        sh("ip", "link", "set", BRIDGE, "up")
         for key, value in (("net.ipv4.ip_forward", "1"), ("net.bridge.bridge-nf-call-iptables", "1")):
-            old = _write_sysctl(key, value)
+            old = write_sysctl(key, value)
             if old is not None and old != value:
                 self._restore_sysctls[key] = old
-        _sh("iptables", "-w", "-N", FORWARD_CHAIN)
-        _sh("iptables", "-w", "-A", FORWARD_CHAIN, "-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT")
-        _sh("iptables", "-w", "-A", FORWARD_CHAIN, "-i", BRIDGE, "-j", "REJECT")  # a pod sending elsewhere: refused
-        _sh("iptables", "-w", "-A", FORWARD_CHAIN, "-o", BRIDGE, "-j", "DROP")  # nothing routed in from outside
-        _sh("iptables", "-w", "-I", "FORWARD", "1", "-j", FORWARD_CHAIN)
+        sh("iptables", "-w", "-N", FORWARD_CHAIN)
+        sh("iptables", "-w", "-A", FORWARD_CHAIN, "-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT")
+        sh("iptables", "-w", "-A", FORWARD_CHAIN, "-i", BRIDGE, "-j", "REJECT")  # a pod sending elsewhere: refused
+        sh("iptables", "-w", "-A", FORWARD_CHAIN, "-o", BRIDGE, "-j", "DROP")  # nothing routed in from outside
+        sh("iptables", "-w", "-I", "FORWARD", "1", "-j", FORWARD_CHAIN)
 
     def _start_api_forwarder(self) -> None:
         """The API server listens on 127.0.0.1 only; pods reach it through the kubernetes Service, whose endpoint is
@@ -468,7 +404,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         return ["ctr", "--address", str(self.socket)]
 
     def _containerd_answers(self) -> bool:
-        return self.socket.exists() and _sh(*self.ctr(), "version", check=False, timeout=10).returncode == 0
+        return self.socket.exists() and sh(*self.ctr(), "version", check=False, timeout=10).returncode == 0
 
     def _spawn_containerd(self, name: str = "containerd") -> Component:
         config = self.run_dir / "containerd.toml"
@@ -486,13 +422,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     def _remove_all_containers(self) -> None:
         ns = ["-n", "k8s.io"]
-        for task in _sh(*self.ctr(), *ns, "tasks", "ls", "-q", check=False).stdout.split():
-            _sh(*self.ctr(), *ns, "tasks", "kill", "--signal", "SIGKILL", task, check=False)
-        for task in _sh(*self.ctr(), *ns, "tasks", "ls", "-q", check=False).stdout.split():
-            _sh(*self.ctr(), *ns, "tasks", "delete", "--force", task, check=False, timeout=30)
-        containers = _sh(*self.ctr(), *ns, "containers", "ls", "-q", check=False).stdout.split()
+        for task in sh(*self.ctr(), *ns, "tasks", "ls", "-q", check=False).stdout.split():
+            sh(*self.ctr(), *ns, "tasks", "kill", "--signal", "SIGKILL", task, check=False)
+        for task in sh(*self.ctr(), *ns, "tasks", "ls", "-q", check=False).stdout.split():
+            sh(*self.ctr(), *ns, "tasks", "delete", "--force", task, check=False, timeout=30)
+        containers = sh(*self.ctr(), *ns, "containers", "ls", "-q", check=False).stdout.split()
         if containers:
-            _sh(*self.ctr(), *ns, "containers", "delete", *containers, check=False)
+            sh(*self.ctr(), *ns, "containers", "delete", *containers, check=False)
 
     def load_images(self, tags: Iterable[str]) -> None:
         """Imports images (from Docker) that the node's containerd does not have yet."""
@@ -572,7 +508,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         }))
         config = self.run_dir / "kubelet.yaml"
         config.write_text(json.dumps(self._kubelet_config(serving, healthz_port), indent=2))
-        host_sysctls = {name: _read_sysctl(name) for name in KUBELET_SYSCTLS}
+        host_sysctls = {name: read_sysctl(name) for name in KUBELET_SYSCTLS}
         comp = self._components["kubelet"] = self.cp.spawn("kubelet", [
             str(self.binaries.kubelet),
             f"--config={config}",
@@ -587,9 +523,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         try:
             self.cp.wait_on(self._node_ready, self._deadline(), f"node {self.name} Ready", comp)
         finally:
-            changed = {k: v for k, v in host_sysctls.items() if v is not None and _read_sysctl(k) != v}
+            changed = {k: v for k, v in host_sysctls.items() if v is not None and read_sysctl(k) != v}
             for name, value in changed.items():
-                _write_sysctl(name, value)
+                write_sysctl(name, value)
             if changed:
                 self.steps.log(f"restored the host's {', '.join(changed)} (the kubelet sets them at start)")
 
@@ -631,7 +567,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             str(self.binaries.kube_proxy), f"--config={config}", "--v=2"])
         # Ready once the kubernetes Service has its rule (the Service every in-cluster client uses).
         def synced() -> bool:
-            rules = _sh("iptables-save", "-t", "nat", check=False).stdout
+            rules = sh("iptables-save", "-t", "nat", check=False).stdout
             return f"-d {SERVICE_IP}/32" in rules and "KUBE-SERVICES" in rules
 
         self.cp.wait_on(synced, self._deadline(), "kube-proxy's rule for the kubernetes Service", comp)
@@ -639,7 +575,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     # ------------------------------------------------------------------------------------------------ CoreDNS
 
     def _start_coredns(self) -> None:
-        self.cp.apply(yaml_stream(coredns_manifests(self.coredns_image)))
+        self.cp.apply(yaml_stream(coredns_manifests(self.coredns_image, node_scheduling())))
         kubelet = self._components["kubelet"]
 
         def available() -> bool:
@@ -658,101 +594,3 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                                 "conditions": p["status"].get("conditions"),
                                 "containers": p["status"].get("containerStatuses")} for p in pods], indent=1)[-3000:]
         return "(unavailable)"
-
-    # ----------------------------------------------------------------------------------------------- helpers
-
-    def log_tails(self, chars: int = 2000) -> str:
-        """The end of every node component's log (for failure messages)."""
-        tails = []
-        for name in ("containerd", "kubelet", "kube-proxy"):
-            path = self.cp.logs_dir / f"{name}.log"
-            with contextlib.suppress(OSError):
-                tails.append(f"--- {path} ---\n{path.read_text(errors='replace')[-chars:]}")
-        return "\n".join(tails)
-
-
-def yaml_stream(objects: Iterable[dict[str, Any]]) -> str:
-    """JSON documents separated by ``---`` (valid YAML for kubectl apply)."""
-    return "\n---\n".join(json.dumps(o) for o in objects)
-
-
-def coredns_manifests(image: str) -> Iterator[dict[str, Any]]:
-    """CoreDNS as clusters run it: a Deployment in kube-system behind the ``kube-dns`` Service, with the RBAC of the
-    kubernetes plugin. The Corefile has one server block for the cluster zones; queries for any other name are refused
-    (no server block matches), so nothing is forwarded anywhere."""
-    labels = {"k8s-app": "kube-dns"}
-    corefile = f"""{CLUSTER_DOMAIN}:1053 in-addr.arpa:1053 ip6.arpa:1053 {{
-    errors
-    health :8080
-    ready :8181
-    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
-        pods insecure
-        ttl 30
-    }}
-    cache 30
-}}
-"""
-    yield {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "coredns", "namespace": "kube-system"}}
-    yield {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "system:coredns"},
-        "rules": [
-            {"apiGroups": [""], "resources": ["endpoints", "services", "pods", "namespaces"],
-             "verbs": ["list", "watch"]},
-            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
-        ],
-    }
-    yield {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-        "metadata": {"name": "system:coredns"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:coredns"},
-        "subjects": [{"kind": "ServiceAccount", "name": "coredns", "namespace": "kube-system"}],
-    }
-    yield {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "coredns", "namespace": "kube-system"},
-           "data": {"Corefile": corefile}}
-    restricted = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                  "capabilities": {"drop": ["ALL"]}}
-    yield {
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "coredns", "namespace": "kube-system", "labels": labels},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    **node_scheduling(),
-                    "serviceAccountName": "coredns",
-                    "priorityClassName": "system-cluster-critical",
-                    "dnsPolicy": "Default",
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 65535, "runAsGroup": 65535,
-                                        "seccompProfile": {"type": "RuntimeDefault"}},
-                    "containers": [{
-                        "name": "coredns",
-                        "image": image,
-                        "imagePullPolicy": "Never",
-                        "args": ["-conf", "/etc/coredns/Corefile"],
-                        "ports": [{"name": "dns", "containerPort": 1053, "protocol": "UDP"},
-                                  {"name": "dns-tcp", "containerPort": 1053, "protocol": "TCP"}],
-                        "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
-                        "readinessProbe": {"httpGet": {"path": "/ready", "port": 8181}, "periodSeconds": 2},
-                        "livenessProbe": {"httpGet": {"path": "/health", "port": 8080}, "periodSeconds": 10,
-                                          "failureThreshold": 5},
-                        "securityContext": restricted,
-                        "volumeMounts": [{"name": "config", "mountPath": "/etc/coredns", "readOnly": True}],
-                    }],
-                    "volumes": [{"name": "config", "configMap": {"name": "coredns"}}],
-                },
-            },
-        },
-    }
-    yield {
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": labels},
-        "spec": {
-            "clusterIP": DNS_SERVICE_IP,
-            "selector": labels,
-            "ports": [{"name": "dns", "port": 53, "targetPort": 1053, "protocol": "UDP"},
-                      {"name": "dns-tcp", "port": 53, "targetPort": 1053, "protocol": "TCP"}],
-        },
-    }
-
