@@ -11,9 +11,7 @@ import base64
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
-from finetune_api import exitcodes, names
+from finetune_api import exitcodes, kubeyaml, names
 from finetune_api import trainer_env as env_names
 from finetune_api.progress import progress_path
 from finetune_api.spec import FineTuneJobSpec, checkpoint_storage
@@ -104,7 +102,7 @@ def trainer_manifest(owner: Owner, spec: FineTuneJobSpec) -> dict[str, Any]:
 
 
 def build_configmap(owner: Owner, spec: FineTuneJobSpec) -> dict[str, Any]:
-    text = yaml.safe_dump(trainer_manifest(owner, spec), sort_keys=False, width=120)
+    text = kubeyaml.dump(trainer_manifest(owner, spec))  # read back with kubeyaml.load_all by the trainer
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
