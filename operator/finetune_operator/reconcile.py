@@ -232,7 +232,7 @@ class Reconciler:
         p.record.last_status_write = self.clock()
         self.metrics.status_writes.labels(namespace=ns).inc()
         if p.record.uid == updated["metadata"].get("uid"):
-            p.record.see(updated)  # our own write's result; its watch event queues the next pass anyway
+            p.record.wrote(updated)  # our own write's result; its watch event queues the next pass anyway
         self.metrics.add_delta(self.metrics.restarts, ns, name, new.restarts)
         self.metrics.add_delta(self.metrics.checkpoints, ns, name, new.checkpoints.count if new.checkpoints else 0)
         return True
