@@ -15,7 +15,15 @@ from finetune_api import exitcodes, kubeyaml, names
 from finetune_api import trainer_env as env_names
 from finetune_api.progress import progress_path
 from finetune_api.spec import FineTuneJobSpec, checkpoint_storage
-from finetune_operator.labels import KUEUE_QUEUE, child_labels, selector
+from finetune_operator.labels import (
+    CONFIG,
+    KUEUE_QUEUE,
+    PROGRESS_TOKEN,
+    RENDEZVOUS,
+    TRAINER,
+    child_labels,
+    selector,
+)
 
 CONTAINER = "trainer"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -66,8 +74,8 @@ def progress_url(ctx: BuildContext, owner: Owner) -> str:
     return ctx.progress_url.rstrip("/") + progress_path(owner.namespace, owner.name)
 
 
-def labels(owner: Owner) -> dict[str, str]:
-    return child_labels(owner.name)
+def labels(owner: Owner, component: str = TRAINER) -> dict[str, str]:
+    return child_labels(owner.name, component)
 
 
 def owner_reference(owner: Owner) -> dict[str, Any]:
@@ -82,11 +90,11 @@ def owner_reference(owner: Owner) -> dict[str, Any]:
     }
 
 
-def _metadata(owner: Owner, name: str, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+def _metadata(owner: Owner, name: str, component: str, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "name": name,
         "namespace": owner.namespace,
-        "labels": {**labels(owner), **(extra_labels or {})},
+        "labels": {**labels(owner, component), **(extra_labels or {})},
         "ownerReferences": [owner_reference(owner)],
     }
 
@@ -106,7 +114,7 @@ def build_configmap(owner: Owner, spec: FineTuneJobSpec) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(owner, configmap_name(owner)),
+        "metadata": _metadata(owner, configmap_name(owner), CONFIG),
         "data": {CONFIG_KEY: text},
     }
 
@@ -117,7 +125,7 @@ def build_secret(owner: Owner, token: str, configmap_uid: str) -> dict[str, Any]
     Owned by the job's ConfigMap, not by the FineTuneJob: garbage collection then removes it with the ConfigMap
     (at the TTL clean-up or with the FineTuneJob), so the operator needs only `create` on Secrets, never `delete`.
     """
-    meta = _metadata(owner, secret_name(owner))
+    meta = _metadata(owner, secret_name(owner), PROGRESS_TOKEN)
     meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "ConfigMap", "name": configmap_name(owner),
                                 "uid": configmap_uid, "controller": True, "blockOwnerDeletion": False}]
     return {
@@ -142,7 +150,7 @@ def build_service(owner: Owner) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(owner, service_name(owner)),
+        "metadata": _metadata(owner, service_name(owner), RENDEZVOUS),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
@@ -351,7 +359,7 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[st
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(owner, job_name(owner), job_labels),
+        "metadata": _metadata(owner, job_name(owner), TRAINER, job_labels),
         "spec": job_spec,
     }
 

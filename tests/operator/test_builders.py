@@ -15,7 +15,10 @@ CTX = builders.BuildContext(trainer_image="registry.example.com/trainer:1.0",
                             progress_url="http://finetune-operator.finetune-system.svc:8081/", grace_period_seconds=90)
 OWNER_REF = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "sentiment",
              "uid": "0b6a8c2e-uid", "controller": True, "blockOwnerDeletion": True}
-LABELS = {"app.kubernetes.io/managed-by": "finetune-operator", "finetune.dev/job-name": "sentiment"}
+SELECTOR = {"app.kubernetes.io/managed-by": "finetune-operator", "finetune.dev/job-name": "sentiment"}
+STANDARD = {"app.kubernetes.io/name": "finetune-job", "app.kubernetes.io/instance": "sentiment",
+            "app.kubernetes.io/part-of": "finetune-operator"}
+LABELS = {**SELECTOR, **STANDARD, "app.kubernetes.io/component": "trainer"}
 RESTRICTED_CONTAINER = {
     "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"]},
@@ -177,7 +180,8 @@ def test_configmap_holds_the_resolved_manifest_and_no_secret_values() -> None:
     s = spec(credentials={"hubToken": {"name": "hf", "key": "token"}})
     cm = builders.build_configmap(OWNER, s)
     assert set(cm) == {"apiVersion", "kind", "metadata", "data"}
-    assert cm["metadata"] == {"name": "sentiment-config", "namespace": "team-a", "labels": LABELS,
+    assert cm["metadata"] == {"name": "sentiment-config", "namespace": "team-a",
+                              "labels": {**LABELS, "app.kubernetes.io/component": "config"},
                               "ownerReferences": [OWNER_REF]}
     doc = yaml.safe_load(cm["data"]["job.yaml"])
     assert doc["apiVersion"] == "finetune.dev/v1alpha1" and doc["kind"] == "FineTuneJob"
@@ -191,11 +195,12 @@ def test_service_and_secret_are_exactly_this() -> None:
     assert builders.build_service(OWNER) == {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": "sentiment", "namespace": "team-a", "labels": LABELS, "ownerReferences": [OWNER_REF]},
+        "metadata": {"name": "sentiment", "namespace": "team-a",
+                     "labels": {**LABELS, "app.kubernetes.io/component": "rendezvous"}, "ownerReferences": [OWNER_REF]},
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
-            "selector": LABELS,
+            "selector": SELECTOR,  # unchanged since the first release: running jobs keep their rendezvous
             "ports": [{"name": "rendezvous", "port": 29500, "targetPort": 29500, "protocol": "TCP"},
                       {"name": "metrics", "port": 9400, "targetPort": 9400, "protocol": "TCP"}],
         },
@@ -204,7 +209,8 @@ def test_service_and_secret_are_exactly_this() -> None:
     assert secret == {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": "sentiment-progress", "namespace": "team-a", "labels": LABELS,
+        "metadata": {"name": "sentiment-progress", "namespace": "team-a",
+                     "labels": {**LABELS, "app.kubernetes.io/component": "progress-token"},
                      "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "sentiment-config",
                                           "uid": "cm-uid", "controller": True, "blockOwnerDeletion": False}]},
         "type": "Opaque",

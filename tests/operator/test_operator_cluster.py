@@ -87,6 +87,13 @@ def test_create_run_succeed(control_plane: ControlPlane, namespace: str, operato
 
     pods = wait_running_pods(cp, namespace, "classify", 2)
     assert {p["spec"]["nodeName"] for p in pods} <= set(cp.node_names)
+    standard = "app.kubernetes.io/name=finetune-job,app.kubernetes.io/instance=classify,app.kubernetes.io/part-of=" \
+               "finetune-operator,app.kubernetes.io/managed-by=finetune-operator"
+    for kind, component, count in (("pods", "trainer", 2), ("jobs", "trainer", 1), ("configmaps", "config", 1),
+                                   ("secrets", "progress-token", 1), ("services", "rendezvous", 1)):
+        found = cp.kubectl("get", kind, "-n", namespace, "-o", "name", "-l",
+                           f"{standard},app.kubernetes.io/component={component}").stdout.split()
+        assert len(found) == count, (kind, found)
     assert all(p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2" for p in pods)
     ftj = wait_phase(cp, namespace, "classify", "Running", reason=("Running", "PodsRunning"))
     assert ftj["status"]["startTime"] and ftj["status"]["jobName"] == "classify"
