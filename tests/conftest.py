@@ -22,5 +22,13 @@ def finetune_crd(control_plane):  # type: ignore[no-untyped-def]
     from finetune_api.crd import CRD_PATH
 
     control_plane.apply(CRD_PATH.read_text())
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.finetune.dev")
+
+    def established() -> bool:
+        # Polled rather than `kubectl wait`, which fails outright while the new CRD has no conditions yet.
+        crd = control_plane.request("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/"
+                                           "finetunejobs.finetune.dev")
+        return any(c["type"] == "Established" and c["status"] == "True"
+                   for c in (crd.get("status") or {}).get("conditions") or [])
+
+    control_plane.wait_for(established, timeout=60, desc="the FineTuneJob CRD Established")
     return None

@@ -132,6 +132,8 @@ class Reconciler:
             if result.refusal.stale:
                 raise kopf.TemporaryError("a child of a deleted FineTuneJob with this name is still being removed",
                                           delay=STALE_OWNER_RETRY)
+            if result.refusal.invalid is not None:  # permanent: Failed/InvalidSpec, nothing left behind
+                return p.seen(invalid=result.refusal.invalid)
             return p.seen(conflict=result.refusal.conflict)
         assert result.job is not None
         if p.record.created_at is None:

@@ -321,6 +321,32 @@ def test_invalid_image_fails_permanently_and_creates_nothing() -> None:
     asyncio.run(body())
 
 
+@pytest.mark.parametrize("refused", ["Job", "Secret", "ConfigMap", "Service"])
+def test_a_child_the_api_server_refuses_fails_the_job_and_leaves_nothing(refused: str) -> None:
+    """A 422 is permanent: Failed/InvalidSpec with the server's words, one Warning Event, no retry, and the children
+    made before it are deleted (the Secret goes with its ConfigMap, by garbage collection)."""
+    async def body() -> None:
+        w = World()
+        w.apply(merge_resources={"workers": 2})
+        w.kube.fail = [("POST", refused, 422)]
+        await w.reconcile()
+        status = w.ftj()["status"]
+        failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+        assert (status["phase"], failed["status"], failed["reason"]) == ("Failed", "True", "InvalidSpec")
+        assert failed["message"] == f"the API server refused the {refused} built from this spec: injected 422"
+        assert w.kube.events == [("Warning", "InvalidSpec", f"Failed: {failed['message']}")]
+        left = {k[0] for k in w.kube.objects if k[0] != "FineTuneJob"}
+        secret = w.kube.objects.get(("Secret", NS, "job1-progress"))
+        assert left <= {"Secret"}, "nothing but the Secret, which garbage collection removes with its ConfigMap"
+        if secret is not None:
+            assert secret["metadata"]["ownerReferences"][0]["kind"] == "ConfigMap"
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.calls == [], "nothing is retried"
+    asyncio.run(body())
+
+
 def test_api_errors_are_retried_with_backoff_and_no_condition_is_lost() -> None:
     async def body() -> None:
         w = World()
