@@ -11,10 +11,12 @@ import base64
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel
+
 from finetune_api import exitcodes, kubeyaml, names
 from finetune_api import trainer_env as env_names
 from finetune_api.progress import progress_path
-from finetune_api.spec import FineTuneJobSpec, checkpoint_storage
+from finetune_api.spec import FineTuneJobSpec, SecretKeyRef, checkpoint_storage
 from finetune_operator.labels import (
     CONFIG,
     KUEUE_QUEUE,
@@ -174,6 +176,26 @@ def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
             claim = location.removeprefix("pvc://").split("/", 1)[0]
             claims[claim] = claims.get(claim, True) and read_only
     return dict(sorted(claims.items()))
+
+
+def secret_references(owner: Owner, spec: FineTuneJobSpec) -> tuple[tuple[str, str, str], ...]:
+    """(what uses it, Secret, key) for every Secret the trainer pods read: each SecretKeyRef anywhere in the spec
+    (by its field path), and the job's progress token. The operator cannot read Secrets; when a pod cannot start
+    for want of one, this names it and the field that asked for it."""
+    found: list[tuple[str, str, str]] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, SecretKeyRef):
+            found.append((path, node.name, node.key))
+        elif isinstance(node, BaseModel):
+            for name, field in type(node).model_fields.items():
+                walk(getattr(node, name), f"{path}.{field.alias or name}")
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{path}[{i}]")
+
+    walk(spec, "spec")
+    return (*found, ("the operator's progress token", secret_name(owner), TOKEN_KEY))
 
 
 def _secret_env(name: str, ref: Any) -> dict[str, Any]:

@@ -168,6 +168,11 @@ class Children:
             return dataclasses.replace(job, suspend=patch["spec"]["suspend"])
         return job
 
+    async def delete_job(self, key: Key, job: JobView, why: str) -> None:
+        """Delete a Job the operator failed (its pods go too: background propagation)."""
+        if await self.kube.delete("batch/v1", "Job", key[0], job.name, propagation="Background"):
+            log.info("%s/%s: deleted Job %s: %s", *key, job.name, why)
+
     async def evict_group(self, key: Key, pods: list[PodView], doomed: set[str], broken: PodView) -> None:
         """Kueue owns `suspend` of its Jobs, so their broken groups are stopped by evicting the survivors instead
         (ignored by the pod failure policy like any disruption); the Job controller replaces them, and a replacement

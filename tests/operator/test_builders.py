@@ -256,3 +256,21 @@ def test_names_fit_dns_limits_for_the_longest_allowed_name() -> None:
     owner = builders.Owner(name="a" * 52, namespace="ns", uid="u")
     assert len(builders.job_name(owner)) + len("-1023-abcde") <= 63
     assert len(builders.secret_name(owner)) <= 253 and len(builders.configmap_name(owner)) <= 253
+
+
+def test_secret_references_name_every_secret_the_pods_read_and_the_field_that_asks() -> None:
+    s = spec(credentials={"hubToken": {"name": "hf", "key": "token"},
+                          "s3": {"accessKeyId": {"name": "s3", "key": "id"},
+                                 "secretAccessKey": {"name": "s3", "key": "secret"},
+                                 "sessionToken": {"name": "sts", "key": "session"}}})
+    assert builders.secret_references(OWNER, s) == (
+        ("spec.credentials.hubToken", "hf", "token"),
+        ("spec.credentials.s3.accessKeyId", "s3", "id"),
+        ("spec.credentials.s3.secretAccessKey", "s3", "secret"),
+        ("spec.credentials.s3.sessionToken", "sts", "session"),
+        ("the operator's progress token", "sentiment-progress", "token"),
+    )
+    env = builders.trainer_env(OWNER, s, CTX)
+    read = {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for e in env if "valueFrom" in e}
+    assert read == {(name, key) for _, name, key in builders.secret_references(OWNER, s)}

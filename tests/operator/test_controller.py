@@ -347,6 +347,37 @@ def test_a_child_the_api_server_refuses_fails_the_job_and_leaves_nothing(refused
     asyncio.run(body())
 
 
+@pytest.mark.parametrize("cause", ["missing secret", "second OOM kill"])
+def test_a_job_the_operator_fails_has_its_job_deleted_after_the_status_write(cause: str) -> None:
+    """Pods that cannot start, or that keep being OOM-killed, would hold their nodes (and GPUs) for ever: the
+    status says why first, then the Job (and with it the pods) is deleted, once."""
+    async def body() -> None:
+        w = World(FINETUNE_START_TIMEOUT_SECONDS="300")
+        await w.running()
+        job_uid = w.kube.objects[("Job", NS, NAME)]["metadata"]["uid"]
+        if cause == "missing secret":
+            w.pods[(NS, NAME)] = [PodView(name="job1-0-x", uid="p1", job_uid=job_uid,
+                                          accepted_at="2026-01-01T00:00:00Z",
+                                          waiting_reason="CreateContainerConfigError",
+                                          waiting_message='secret "hf" not found')]
+        else:
+            w.pods[(NS, NAME)] = [PodView(name=f"job1-0-{i}", uid=f"p{i}", job_uid=job_uid, phase="Failed",
+                                          exit_code=137, terminated_reason="OOMKilled",
+                                          finished_at=f"2026-01-01T00:00:0{i}Z") for i in (1, 2)]
+        w.clock.now += 301
+        w.kube.calls.clear()
+        await w.reconcile()
+        reason = "CreateContainerConfigError" if cause == "missing secret" else "OOMKilled"
+        assert w.kube.writes() == [("PATCH", "FineTuneJob/status", NAME), ("POST", "Event", reason),
+                                   ("DELETE", "Job", NAME)]
+        assert w.ftj()["status"]["phase"] == "Failed"
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.calls == [], "deleted once; a failed job costs nothing more"
+    asyncio.run(body())
+
+
 def test_api_errors_are_retried_with_backoff_and_no_condition_is_lost() -> None:
     async def body() -> None:
         w = World()
