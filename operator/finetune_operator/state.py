@@ -234,6 +234,12 @@ def _first_start(pods: tuple[PodView, ...], job: JobView | None) -> str | None:
 
 def compute_status(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStatus:
     """The status this observation calls for. Never mutates `prev`."""
+    st = _compute(prev, obs)
+    _kstatus(st, obs)
+    return st
+
+
+def _compute(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStatus:
     st = prev.model_copy(deep=True)
     st.observed_generation = obs.generation
     if prev.phase in TERMINAL_PHASES:
@@ -341,6 +347,26 @@ def _progressing(st: FineTuneJobStatus, job: JobView, obs: Observation) -> None:
     st.phase = "Pending"
     reason, message = problem or _oom_notice(obs) or (PODS_PENDING, f"waiting for {obs.workers} worker pod(s) to start")
     _set(st, "Running", "False", reason, message, obs)
+
+
+def _kstatus(st: FineTuneJobStatus, obs: Observation) -> None:
+    """Ready, Reconciling and Stalled, the conditions kstatus reads (Flux's health checks, `kubectl wait
+    --for=condition=Ready`, cli-utils), with the rules kstatus applies to a batch/v1 Job: healthy (Ready) once it
+    runs, while suspended and after success; in progress (Reconciling, Ready=False) until its pods run; failed
+    (Stalled) when it failed. Completion is `Succeeded`. Each carries the reason and message of the headline."""
+    head = headline(st)
+    if head is None:
+        return
+    phase, reason, message = head
+    _set(st, "Ready", "True" if phase in ("Running", "Succeeded", "Suspended") else "False", reason, message, obs)
+    if phase in ("Pending", "Queued"):
+        _set(st, "Reconciling", "True", reason, message, obs)
+    else:
+        _clear(st, "Reconciling", reason, message, obs)
+    if phase == "Failed":
+        _set(st, "Stalled", "True", reason, message, obs)
+    else:
+        _clear(st, "Stalled", reason, message, obs)
 
 
 _HEADLINE = {"Pending": "Running", "Queued": "Queued", "Running": "Running", "Succeeded": "Succeeded",

@@ -123,6 +123,10 @@ def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def condition_of(ftj: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in ftj["status"]["conditions"] if c["type"] == type_)
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1767225600.0  # 2026-01-01T00:00:00Z
@@ -245,7 +249,7 @@ def test_pending_is_written_once_the_settle_time_passed() -> None:
         w.clock.now += 6
         await w.reconcile()
         assert w.ftj()["status"]["phase"] == "Pending"
-        assert w.ftj()["status"]["conditions"][1]["reason"] == "PodsPending"
+        assert condition_of(w.ftj(), "Running")["reason"] == "PodsPending"
     asyncio.run(body())
 
 
@@ -294,7 +298,7 @@ def test_foreign_owner_is_never_adopted() -> None:
         await w.reconcile()
         status = w.ftj()["status"]
         assert status["phase"] == "Pending"
-        created = status["conditions"][0]
+        created = condition_of(w.ftj(), "Created")
         assert (created["type"], created["status"], created["reason"]) == ("Created", "False", "NameConflict")
         assert "Service job1 already exists" in created["message"]
         assert ("Job", NS, NAME) not in w.kube.objects
@@ -312,8 +316,8 @@ def test_invalid_image_fails_permanently_and_creates_nothing() -> None:
         assert [c for c in w.kube.writes() if c[1] in ("Job", "ConfigMap", "Secret", "Service")] == []
         status = w.ftj()["status"]
         assert status["phase"] == "Failed"
-        assert status["conditions"][0]["reason"] == "InvalidSpec"
-        assert "evil.example.org/miner:latest" in status["conditions"][0]["message"]
+        assert condition_of(w.ftj(), "Failed")["reason"] == "InvalidSpec"
+        assert "evil.example.org/miner:latest" in condition_of(w.ftj(), "Failed")["message"]
         w.sync_caches()
         w.kube.calls.clear()
         await w.reconcile()
@@ -405,7 +409,7 @@ def test_api_errors_are_retried_with_backoff_and_no_condition_is_lost() -> None:
                 await asyncio.sleep(0.01)
             status = w.ftj()["status"]
             assert status["phase"] == "Running"
-            assert [c["type"] for c in status["conditions"]] == ["Created", "Running"]
+            assert [c["type"] for c in status["conditions"]] == ["Ready", "Created", "Running"]
             assert w.ctl.metrics.reconciles.labels(result="retry")._value.get() >= 4
         finally:
             await w.ctl.stop()
@@ -455,7 +459,7 @@ def test_quota_exhaustion_is_read_from_failed_create_events() -> None:
                                         'nvidia.com/gpu=0'}]
         w.clock.now += 10
         await w.reconcile()
-        running = w.ftj()["status"]["conditions"][1]
+        running = condition_of(w.ftj(), "Running")
         assert (running["reason"], running["status"]) == ("QuotaExceeded", "False")
         assert "exceeded quota" in running["message"]
     asyncio.run(body())
@@ -616,7 +620,7 @@ def test_a_kueue_job_restarts_its_group_by_evicting_the_survivors() -> None:
         w.sync_caches()
         await w.reconcile()
         assert w.ftj()["status"]["phase"] == "Pending"
-        assert "RestartingWorkers" not in str(w.ftj()["status"]["conditions"][1])
+        assert "RestartingWorkers" not in str(condition_of(w.ftj(), "Running"))
     asyncio.run(body())
 
 

@@ -97,6 +97,8 @@ def test_create_run_succeed(control_plane: ControlPlane, namespace: str, operato
     assert all(p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2" for p in pods)
     ftj = wait_phase(cp, namespace, "classify", "Running", reason=("Running", "PodsRunning"))
     assert ftj["status"]["startTime"] and ftj["status"]["jobName"] == "classify"
+    # kstatus' Ready (Flux, kubectl wait): healthy once every worker runs, as kstatus judges a started Job.
+    cp.kubectl("wait", "--for=condition=Ready", "ftj/classify", "-n", namespace, "--timeout=20s")
     assert ftj["status"]["observedGeneration"] == ftj["metadata"]["generation"]
 
     for p in pods:
@@ -267,6 +269,8 @@ def test_bad_data_exit_fails_at_once_with_the_trainer_message(control_plane: Con
     ftj = wait_phase(cp, namespace, "baddata", "Failed", reason=("Failed", "DataError"))
     failed = condition(ftj, "Failed")
     assert failed is not None and message in failed["message"] and "code 65" in failed["message"]
+    cp.kubectl("wait", "--for=condition=Stalled", "ftj/baddata", "-n", namespace, "--timeout=20s")
+    assert condition(ftj, "Ready")["status"] == "False"  # type: ignore[index]
     assert ftj["status"]["restarts"] == 0
     assert len(pods_of(cp, namespace, "baddata")) == 1, "not retried"
 

@@ -277,10 +277,14 @@ def test_a_start_failure_is_a_whole_failed_status() -> None:
     assert state.dump_status(new) == {
         "phase": "Failed",
         "conditions": [
+            {"type": "Ready", "status": "False", "reason": "CreateContainerConfigError", "message": message,
+             "observedGeneration": 1, "lastTransitionTime": T1},
             {"type": "Created", "status": "True", "reason": "JobCreated",
              "message": "Job j exists with its ConfigMap and progress Secret", "observedGeneration": 1,
              "lastTransitionTime": T1},
             {"type": "Failed", "status": "True", "reason": "CreateContainerConfigError", "message": message,
+             "observedGeneration": 1, "lastTransitionTime": T1},
+            {"type": "Stalled", "status": "True", "reason": "CreateContainerConfigError", "message": message,
              "observedGeneration": 1, "lastTransitionTime": T1},
         ],
         "restarts": 0, "gpuSeconds": 0.0, "jobName": "j", "observedGeneration": 1, "completionTime": T1,
@@ -297,3 +301,28 @@ def test_start_deadline_is_the_earliest_stuck_pod_plus_the_timeout() -> None:
     assert state.start_deadline((stuck, fine), 300) == t0 + 330
     assert state.start_deadline((fine,), 300) is None
     assert state.start_deadline((stuck, older), 0) is None, "0: the pods wait for ever"
+
+
+KSTATUS = {  # phase -> (Ready, Reconciling, Stalled); None: absent or False
+    "Pending": ("False", "True", None), "Queued": ("False", "True", None), "Running": ("True", None, None),
+    "Suspended": ("True", None, None), "Succeeded": ("True", None, None), "Failed": ("False", None, "True"),
+}
+
+
+@pytest.mark.parametrize(("prev", "observation"), [c[1:3] for c in CASES], ids=[c[0] for c in CASES])
+def test_kstatus_conditions_follow_the_phase(prev: FineTuneJobStatus, observation: state.Observation) -> None:
+    """Ready, Reconciling and Stalled (kstatus: Flux, kubectl wait) judge a FineTuneJob as kstatus judges a Job:
+    healthy while it runs, is suspended or has succeeded; in progress before; failed when it failed. They carry the
+    headline's reason and message."""
+    new = state.compute_status(prev, observation)
+    assert new.phase is not None
+    phase, reason, message = state.headline(new)  # type: ignore[misc]
+
+    def status(type_: str) -> str | None:
+        """Ready always has a status; Reconciling and Stalled only matter when True (abnormal-true)."""
+        c = cond.find(new.conditions, type_)
+        return None if c is None or (type_ != "Ready" and c.status != "True") else c.status
+
+    assert (status("Ready"), status("Reconciling"), status("Stalled")) == KSTATUS[phase]
+    ready = cond.find(new.conditions, "Ready")
+    assert ready is not None and (ready.reason, ready.message) == (reason, message)
