@@ -22,6 +22,7 @@ from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import TERMINAL_PHASES, FineTuneJobStatus
 from finetune_api.times import format_time, parse_time
 from finetune_operator import builders, gang, image_policy, state
+from finetune_operator import conditions as cond
 from finetune_operator.caches import Caches
 from finetune_operator.children import Children
 from finetune_operator.k8s import ApiError, Kube
@@ -110,6 +111,7 @@ class Reconciler:
         if spec is not None and new.phase in TERMINAL_PHASES:
             if obs is not None and record.report is obs.report:
                 record.report = None  # the status holds it now (one that came in meanwhile waits for the next pass)
+            await self._stop(p, new)
             await self._expire(p, spec, new)
 
     # ------------------------------------------------------------------------------------------- observe
@@ -135,6 +137,8 @@ class Reconciler:
             if result.refusal.stale:
                 raise kopf.TemporaryError("a child of a deleted FineTuneJob with this name is still being removed",
                                           delay=STALE_OWNER_RETRY)
+            if result.refusal.invalid is not None:  # permanent: Failed/InvalidSpec, nothing left behind
+                return p.seen(invalid=result.refusal.invalid)
             return p.seen(conflict=result.refusal.conflict)
         assert result.job is not None
         if p.record.created_at is None:
@@ -150,6 +154,8 @@ class Reconciler:
         if tend:
             job, broken = await self._tend(p, spec, job, pods)
         self.metrics.add_delta(self.metrics.gpu_seconds, *p.key, ledger.gpu_seconds)
+        if (deadline := state.start_deadline(tuple(pods), self.settings.start_timeout_seconds)) is not None:
+            self.queue.add(p.key, max(0.0, deadline - p.now))  # a pod that cannot start: fail it on time
         return p.seen(
             workers=spec.resources.workers,
             output_storage=spec.output.storage,
@@ -162,6 +168,9 @@ class Reconciler:
             create_failure=await self._create_failure(p, job, pods),
             report=p.record.report,
             restarting=gang.restart_message(broken, spec.resources.workers) if broken is not None else None,
+            secret_refs=builders.secret_references(p.owner, spec),
+            start_timeout=self.settings.start_timeout_seconds,
+            memory=None if spec.resources.memory is None else str(spec.resources.memory),
         )
 
     async def _tend(self, p: Pass, spec: FineTuneJobSpec, job: JobView,
@@ -235,7 +244,7 @@ class Reconciler:
         p.record.last_status_write = self.clock()
         self.metrics.status_writes.labels(namespace=ns).inc()
         if p.record.uid == updated["metadata"].get("uid"):
-            p.record.see(updated)  # our own write's result; its watch event queues the next pass anyway
+            p.record.wrote(updated)  # our own write's result; its watch event queues the next pass anyway
         self.metrics.add_delta(self.metrics.restarts, ns, name, new.restarts)
         self.metrics.add_delta(self.metrics.checkpoints, ns, name, new.checkpoints.count if new.checkpoints else 0)
         return True
@@ -247,6 +256,16 @@ class Reconciler:
             await self.kube.post_event(p.body, kind, reason, message)
 
     # ------------------------------------------------------------------------------------------ finished
+
+    async def _stop(self, p: Pass, new: FineTuneJobStatus) -> None:
+        """A job the operator failed itself (pods that cannot start, repeated OOM kills) still has a running Job, whose
+        pods hold their nodes: delete it, after the status said why (so a crash in between repeats only this)."""
+        failed = cond.find(new.conditions, "Failed")
+        if failed is None or failed.status != "True" or failed.reason not in state.STOPS_THE_JOB:
+            return
+        for job in self.caches.jobs_of(p.key, p.owner.uid):
+            if not job.finished:
+                await self.children.delete_job(p.key, job, failed.reason)
 
     async def _expire(self, p: Pass, spec: FineTuneJobSpec, new: FineTuneJobStatus) -> None:
         """After `ttlSecondsAfterFinished`, delete the children (once); until then, come back when it is due.
