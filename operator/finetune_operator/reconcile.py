@@ -25,6 +25,7 @@ from finetune_operator import builders, gang, image_policy, state
 from finetune_operator import conditions as cond
 from finetune_operator.caches import Caches
 from finetune_operator.children import Children
+from finetune_operator.create_failures import create_failure
 from finetune_operator.k8s import ApiError, Kube
 from finetune_operator.ledger import update as update_ledger
 from finetune_operator.metrics import Metrics
@@ -35,9 +36,7 @@ from finetune_operator.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
-QUOTA_RECHECK = 10.0  # seconds between looks at a pod-less Job's FailedCreate events
 STALE_OWNER_RETRY = 2.0  # a same-named child of a deleted FineTuneJob is being garbage-collected
-CREATE_GRACE = 2.0  # seconds a new Job may have no pods before its FailedCreate events are read
 
 
 def parse_status(raw: dict[str, Any] | None) -> FineTuneJobStatus:
@@ -165,7 +164,7 @@ class Reconciler:
             pods=tuple(pods),
             restarts=ledger.restarts,
             gpu_seconds=ledger.gpu_seconds,
-            create_failure=await self._create_failure(p, job, pods),
+            create_failure=await create_failure(self.kube, self.queue, p.key, p.record, p.now, job, pods),
             report=p.record.report,
             restarting=gang.restart_message(broken, spec.resources.workers) if broken is not None else None,
             secret_refs=builders.secret_references(p.owner, spec),
@@ -189,31 +188,6 @@ class Reconciler:
         if not job.finished and await self.children.repair(p.record, p.key, p.owner, spec):
             self.queue.add(p.key, STALE_OWNER_RETRY)
         return job, broken
-
-    async def _create_failure(self, p: Pass, job: JobView, pods: list[PodView]) -> str | None:
-        """Why a running Job has no pods (quota, admission), from the Job controller's FailedCreate events."""
-        live = [p for p in pods if p.phase not in ("Succeeded", "Failed")]
-        if job.suspend or job.finished or live or job.active or job.succeeded >= job.completions:
-            # (every index succeeded: the Job is about to be Complete, not short of pods)
-            p.record.create_failure_checked, p.record.create_failure = 0.0, None
-            return None
-        if job.start_time is None:
-            # The Job controller has not synced this Job yet (a backlog after a burst): its first sync sets startTime
-            # even when every pod create fails, and that update comes through the Job watch. Until then no Event
-            # can exist, so none is listed.
-            return None
-        age = p.now - (parse_time(job.created) or p.now)
-        if age < CREATE_GRACE:  # the Job controller has not had its chance yet: look again then
-            self.queue.add(p.key, CREATE_GRACE - age)
-            return None
-        record = p.record
-        if p.now - record.create_failure_checked >= QUOTA_RECHECK:
-            events = await self.kube.job_events(p.key[0], job.uid, "FailedCreate")
-            events.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
-            record.create_failure_checked = p.now
-            record.create_failure = events[-1].get("message") if events else None
-        self.queue.add(p.key, QUOTA_RECHECK)
-        return record.create_failure
 
     # ------------------------------------------------------------------------------------- write, announce
 
