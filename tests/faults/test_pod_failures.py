@@ -149,7 +149,8 @@ def test_an_oom_kill_is_reported_with_advice_retried_once_and_the_second_fails_t
     second = cp.wait_for(lambda: [p for p in pods_of(cp, namespace, "hungry", live_only=True)
                                   if p["status"].get("phase") == "Running"], timeout=45, desc="replacement running")
     wait_phase(cp, namespace, "hungry", "Running", timeout=SURFACED)
-    cp.finish_pod(namespace, second[0]["metadata"]["name"], exit_code=137, reason="OOMKilled")
+    # Not waited on: the operator fails the job and deletes its Job, and with it this pod, as soon as it sees the kill.
+    cp.finish_pod(namespace, second[0]["metadata"]["name"], exit_code=137, reason="OOMKilled", wait=False)
     ftj = wait_phase(cp, namespace, "hungry", "Failed", timeout=SURFACED, reason=("Failed", "OOMKilled"))
     assert "(OOMKilled) 2 times" in condition(ftj, "Failed")["message"]  # type: ignore[index]
     assert "larger spec.resources.memory (now 4Gi)" in condition(ftj, "Failed")["message"]  # type: ignore[index]
