@@ -58,6 +58,7 @@ class Cluster:
         self.api_client, self.namespace, self.context = self._connect(target)
         self.custom = client.CustomObjectsApi(self.api_client)
         self.core = client.CoreV1Api(self.api_client)
+        self._watch: watch.Watch | None = None
 
     @staticmethod
     def _connect(target: Target) -> tuple[client.ApiClient, str, str]:
@@ -165,12 +166,25 @@ class Cluster:
         finally:
             resp.release_conn()
 
+    def end_watch(self) -> None:
+        """Interrupt `watch_job` where it waits on the API server, so that its thread ends with the command: a thread
+        still reading TLS while the interpreter exits can abort it (SIGABRT)."""
+        w = self._watch
+        if w is None:
+            return
+        w.stop()
+        resp = getattr(w, "_resp", None)  # the open watch response, kept by the kubernetes client's Watch
+        shutdown = getattr(resp, "shutdown", None)  # urllib3 >= 2.3: wakes a read blocked in another thread
+        if shutdown is not None:
+            shutdown()
+
     def watch_job(self, name: str, stop: threading.Event, out: queue.Queue[dict[str, Any] | None],
                   timeout_seconds: int = 60) -> None:
         """Put every new version of the FineTuneJob on `out` until `stop`; None when it was deleted.
 
-        Runs in a thread: a list, then watches from its resourceVersion, re-listing after an expired one (410)."""
-        w = watch.Watch()
+        Runs in a thread: a list, then watches from its resourceVersion, re-listing after an expired one (410).
+        `end_watch` interrupts it."""
+        w = self._watch = watch.Watch()
         selector = f"metadata.name={name}"
         while not stop.is_set():
             try:

@@ -23,6 +23,9 @@ from finetune_cli.errors import CliError
 RESOURCE = f"{names.PLURAL}.{names.GROUP}"
 
 
+WATCH_JOIN_SECONDS = 10.0  # the watch thread ends within this after end_watch (a list call has its own timeout)
+
+
 def connect(args: argparse.Namespace) -> Cluster:
     return Cluster(Target(getattr(args, "kubeconfig", None), getattr(args, "context", None),
                           getattr(args, "namespace", None)))
@@ -179,6 +182,8 @@ def cmd_watch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 return 0 if view.phase(obj) == "Succeeded" else 1
     finally:
         stop.set()
+        cluster.end_watch()
+        thread.join(timeout=WATCH_JOIN_SECONDS)
 
 
 def cmd_logs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

@@ -48,8 +48,8 @@ def cli(cp: ControlPlane, *argv: str, exe: str = "finetune", kubeconfig: Path | 
     return subprocess.run(argv_, capture_output=True, text=True, env=env, timeout=timeout, check=False)
 
 
-def on_terminal(cp: ControlPlane, *argv: str, timeout: float = 60) -> tuple[int, str]:
-    """Run `finetune ARGV` with a pseudo-terminal as its stdout; (exit code, everything it wrote)."""
+def on_terminal(cp: ControlPlane, *argv: str, timeout: float = 60) -> tuple[int, str, str]:
+    """Run `finetune ARGV` with a pseudo-terminal as its stdout; (exit code, everything it wrote, its stderr)."""
     env = {**cp.env(), "PATH": f"{BIN}{os.pathsep}{cp.env()['PATH']}", "COLUMNS": "200"}
     primary, secondary = pty.openpty()
     proc = subprocess.Popen(["finetune", *argv], env=env, stdout=secondary, stderr=subprocess.PIPE)
@@ -65,7 +65,9 @@ def on_terminal(cp: ControlPlane, *argv: str, timeout: float = 60) -> tuple[int,
             break
         chunks.append(chunk)
     os.close(primary)
-    return proc.wait(timeout=10), b"".join(chunks).decode()
+    code = proc.wait(timeout=10)
+    assert proc.stderr is not None
+    return code, b"".join(chunks).decode(), proc.stderr.read().decode()
 
 
 def apply(cp: ControlPlane, body: dict[str, Any]) -> None:
@@ -168,8 +170,8 @@ def test_list_status_checkpoints_watch(control_plane: ControlPlane, namespace: s
     assert out.splitlines()[-2].startswith("sentiment  Succeeded  [########################]  100.0%")
     assert out.splitlines()[-1] == "sentiment succeeded -> s3://bucket/out  (evalAccuracy=0.75)"
     # On a terminal the bar is redrawn in place; the end is printed on a line of its own.
-    code, screen = on_terminal(cp, "watch", "sentiment", "-n", ns)
-    assert code == 0
+    code, screen, errors = on_terminal(cp, "watch", "sentiment", "-n", ns)
+    assert (code, errors) == (0, ""), errors
     assert screen.startswith("\r\x1b[Ksentiment  Succeeded  [########################]  100.0%"), screen
     assert screen.endswith("\r\nsentiment succeeded -> s3://bucket/out  (evalAccuracy=0.75)\r\n"), screen
 
