@@ -1,0 +1,189 @@
+"""The memory plan before training, QLoRA's fail-fast on machines without CUDA, and sharded checkpoints in one
+process (the two-process proofs are in test_sharding.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune_trainer import memory, quantization, sharded_checkpoint, sharding
+from finetune_trainer.checkpoint import CheckpointManager
+from finetune_trainer.distributed import Dist
+from finetune_trainer.errors import ConfigError
+from finetune_trainer.locations import storage
+from finetune_trainer.loop import make_optimizer
+from finetune_trainer.modeling import choose_precision
+from tests.trainer import sharded_worker, support
+
+GB = 1e9
+
+
+@pytest.fixture(scope="module")
+def llama7b() -> memory.ModelShape:
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000)
+    return memory.shape_from_config(cfg)
+
+
+def _inputs(shape: memory.ModelShape, **kw: object) -> memory.MemoryInputs:
+    base = {"shape": shape, "sharding": "none", "processes": 1, "batch_size": 1, "seq_length": 2048,
+            "precision": "bf16", "device": "cuda"}
+    return memory.MemoryInputs(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_7b_shape_from_config_on_the_meta_device(llama7b: memory.ModelShape) -> None:
+    assert 6.6e9 < llama7b.parameters < 6.8e9 and llama7b.trainable == llama7b.parameters
+    assert llama7b.layers == 32 and llama7b.hidden == 4096 and llama7b.vocab == 32000
+    assert 2.0e8 < llama7b.largest_block < 2.1e8 and llama7b.embedding == 2 * 32000 * 4096
+
+
+def test_full_fine_tune_of_7b_needs_16_bytes_per_parameter_and_fsdp_divides_it(llama7b: memory.ModelShape) -> None:
+    one = memory.estimate(_inputs(llama7b))
+    assert one.parameters + one.gradients + one.optimizer == pytest.approx(16 * llama7b.parameters)
+    eight = memory.estimate(_inputs(llama7b, sharding="fsdp", processes=8))
+    assert eight.parameters + eight.gradients + eight.optimizer == pytest.approx(2 * llama7b.parameters)
+    assert eight.activations == one.activations and eight.working < 2 * GB
+
+
+def test_auto_picks_fsdp_only_when_a_full_copy_does_not_fit(llama7b: memory.ModelShape) -> None:
+    plan = memory.plan("auto", _inputs(llama7b, processes=8), 80 * GB)
+    assert plan.sharding == "fsdp" and "would need" in plan.reason
+    report = plan.report()
+    assert report["sharding"] == "fsdp" and report["perDeviceBytes"]["total"] < 80 * GB
+    lora = dataclasses.replace(llama7b, trainable=20_000_000)
+    small = memory.plan("auto", _inputs(lora, processes=8, activation_checkpointing=True), 80 * GB, method="lora")
+    assert small.sharding == "none" and small.reason == "fits on one device"
+
+
+def test_a_plan_that_cannot_fit_names_the_field_to_change(llama7b: memory.ModelShape) -> None:
+    lora = dataclasses.replace(llama7b, trainable=20_000_000)
+    with pytest.raises(ConfigError) as err:  # 13.5 GB of bf16 base + 11 GB of activations on a 24 GB card
+        memory.plan("auto", _inputs(lora), 24 * GB, method="lora")
+    assert err.value.exit_code == 78
+    assert "set spec.hyperparameters.activationCheckpointing to true" in err.value.message
+    with pytest.raises(ConfigError) as err:  # full fine-tuning on one process: nothing single fits
+        memory.plan("none", _inputs(llama7b), 80 * GB)
+    assert "spec.resources.sharding fsdp" in err.value.message and "estimated" in err.value.message
+    with pytest.raises(ConfigError) as err:  # a full copy per device is asked for where FSDP would fit
+        memory.plan("none", _inputs(llama7b, processes=8), 80 * GB)
+    assert "set spec.resources.sharding to fsdp" in err.value.message
+
+
+def test_qlora_7b_fits_in_24_gb_by_the_estimate(llama7b: memory.ModelShape) -> None:
+    lora = dataclasses.replace(llama7b, trainable=20_000_000)
+    est = memory.estimate(_inputs(lora, quantization="4bit", activation_checkpointing=True))
+    assert 3.5 * GB < est.parameters < 4.5 * GB
+    assert memory.plan("none", _inputs(lora, quantization="4bit", activation_checkpointing=True), 24 * GB,
+                       method="lora").estimate.total < 8 * GB
+
+
+def test_activation_estimate_matches_a_measurement_within_a_factor_of_two() -> None:
+    torch.set_num_threads(1)
+    run = {"method": "full", "config": {"num_hidden_layers": 4, "vocab_size": 128}, "global_batch": 4, "seq": 128}
+    model = sharded_worker.build_model(run)
+    x = sharded_worker.batch(run, 0, 0, Dist())
+    for ac in (False, True):
+        w = sharding.wrap_model(sharded_worker.build_model(run) if ac else model, sharding="none",
+                                precision=choose_precision("fp32", torch.device("cpu")), dist=Dist(),
+                                activation_checkpointing=ac)
+        with memory.SavedTensorBytes() as saved:
+            w.module(input_ids=x, labels=x)
+        est = memory.estimate(memory.MemoryInputs(memory.model_shape(model), "none", 1, 4, 128, "fp32", "cpu",
+                                                  activation_checkpointing=ac))
+        assert 0.5 < est.activations / saved.bytes < 2.0, (ac, est.activations, saved.bytes)
+
+
+# ------------------------------------------------------------------------------------------------------- QLoRA
+def test_qlora_without_cuda_fails_at_once_with_exit_78_naming_the_field() -> None:
+    quantization.require_device("none", torch.device("cpu"))
+    for q in ("4bit", "8bit"):
+        with pytest.raises(ConfigError) as err:
+            quantization.load_kwargs(q, torch.device("cpu"), torch.bfloat16)
+        assert err.value.exit_code == 78
+        assert f"spec.method.lora.quantization {q} (QLoRA) needs a CUDA GPU" in err.value.message
+    assert quantization.load_kwargs("none", torch.device("cpu"), torch.bfloat16) == {}
+
+
+def test_bnb_config_is_nf4_double_quant_in_the_compute_dtype() -> None:
+    cfg = quantization.bnb_config("4bit", torch.bfloat16, storage_dtype=torch.bfloat16)
+    assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_use_double_quant
+    assert cfg.bnb_4bit_compute_dtype == torch.bfloat16 and cfg.bnb_4bit_quant_storage == torch.bfloat16
+    assert quantization.bnb_config("8bit", torch.float16).load_in_8bit
+
+
+def test_bitsandbytes_imports_without_a_gpu() -> None:
+    """The trainer image carries bitsandbytes only because it stays importable where there is no GPU."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([support.PYTHON, "-c", "import bitsandbytes, torch; assert not torch.cuda.is_available()"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------- sharded checkpoints
+def _trained(run: dict[str, object]) -> tuple[sharding.Wrapped, torch.optim.Optimizer]:
+    w = sharding.wrap_model(sharded_worker.build_model(run), sharding="none",
+                            precision=choose_precision("fp32", torch.device("cpu")), dist=Dist())
+    opt = make_optimizer(w.model, 1e-2, 0.0)
+    x = sharded_worker.batch(run, 0, 0, Dist())
+    w.module(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return w, opt
+
+
+def _manager(path: Path) -> CheckpointManager:
+    return CheckpointManager(storage(str(path), Path("."), path / ".cache", {}, "checkpointing.storage"), 2)
+
+
+def test_sharded_checkpoint_round_trip_and_ledger(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    run = {"method": "lora"}
+    w, opt = _trained(run)
+    manager = _manager(tmp_path)
+    info = sharded_checkpoint.save(manager, Dist(), 1, w.module, opt,
+                                   write_small_files=lambda tmp: (tmp / "trainer_state.json").write_text("{}"))
+    assert info is not None and sharded_checkpoint.is_sharded(info.path)
+    marker = json.loads((info.path / "COMPLETE").read_text())
+    assert set(marker["files"]) == {".metadata", "__0_0.distcp", "trainer_state.json"}
+    assert not list(tmp_path.glob(".tmp-*"))
+    # Only trainable state is checkpointed: the LoRA adapters and their two AdamW moments, not the frozen base.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(info.path)).read_metadata().state_dict_metadata
+    tensors = {k: v.size for k, v in saved.items() if hasattr(v, "size") and len(v.size) > 0}
+    assert all("lora_" in k for k in tensors), sorted(tensors)[:3]
+    assert sum(torch.Size(s).numel() for s in tensors.values()) == 3 * sum(p.numel() for p in w.trainable())
+
+    fresh, fresh_opt = _trained({"method": "lora", "seed": 1})
+    sharded_checkpoint.load(info.path, fresh.module, fresh_opt)
+    for (n, a), (_, b) in zip(w.model.named_parameters(), fresh.model.named_parameters(), strict=True):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, msg=n)
+    for a, b in zip(opt.state.values(), fresh_opt.state.values(), strict=True):
+        torch.testing.assert_close(a["exp_avg"], b["exp_avg"])
+
+    # A shard cut short no longer matches COMPLETE: the ledger never offers it for resume.
+    shard = info.path / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert manager.complete() == []
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    w, opt = _trained({"method": "full"})
+    info = sharded_checkpoint.save(_manager(tmp_path), Dist(), 1, w.module, opt)
+    assert info is not None
+    other, other_opt = _trained({"method": "full", "config": {"hidden_size": 32, "intermediate_size": 64}})
+    before = {n: p.detach().clone() for n, p in other.model.named_parameters()}
+    with pytest.raises(ValueError, match="shape"):
+        sharded_checkpoint.load(info.path, other.module, other_opt)
+    for n, p in other.model.named_parameters():
+        assert torch.equal(p, before[n]), n
