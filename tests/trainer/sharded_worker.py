@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -83,7 +84,7 @@ def train(run: dict[str, Any], dist: Dist) -> dict[str, Any]:
             start, losses, resumed = state["step"], state["losses"], state["step"]
     measured: dict[str, int] | None = None
     act_bytes = 0
-    t0 = time.perf_counter()
+    t0, timed_from = time.perf_counter(), start
     for step in range(start, steps):
         loss_sum = 0.0
         for m in range(accum):
@@ -98,6 +99,7 @@ def train(run: dict[str, Any], dist: Dist) -> dict[str, Any]:
         opt.step()
         if measured is None:  # after the first step: optimizer state exists, gradients are still there
             measured = sharding.resident_bytes(w.model, opt)
+            t0, timed_from = time.perf_counter(), step + 1  # throughput without the warm-up step
         opt.zero_grad(set_to_none=True)
         losses.append(dist.sum([loss_sum])[0] / dist.world)
         done = step + 1
@@ -109,9 +111,11 @@ def train(run: dict[str, Any], dist: Dist) -> dict[str, Any]:
         if run.get("pause_after_step") == done:
             _pause(run, dist)
     seconds = time.perf_counter() - t0
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result: dict[str, Any] = {"losses": losses, "resumed_from": resumed, "world": dist.world,
+                              "peak_rss": dist.gather(peak_rss), "start_rss": dist.gather(run.get("_start_rss", 0)),
                               "memory": dist.gather(measured), "saved_activation_bytes": dist.gather(act_bytes),
-                              "samples_per_second": (steps - start) * accum * run.get("global_batch", 4) / seconds}
+                              "samples_per_second": (steps - timed_from) * accum * run.get("global_batch", 4) / seconds}
     if run.get("final_dir"):
         sharded_checkpoint.save_pretrained(w.module, w.model, Path(run["final_dir"]), dist,
                                            adapters_only=run.get("method") == "lora")
@@ -138,10 +142,13 @@ def main(argv: list[str]) -> int:
     config = json.loads(Path(argv[0]).read_text())
     torch.set_num_threads(int(os.environ.get("FINETUNE_THREADS", "1")))
     dist = init_from_env(timeout_s=300)
+    import psutil
+
+    start_rss = psutil.Process().memory_info().rss  # after the imports: what each run adds on top of it
     results: dict[str, Any] = {}
     try:
         for run in config["runs"]:
-            results[run["name"]] = train({**config.get("defaults", {}), **run}, dist)
+            results[run["name"]] = train({**config.get("defaults", {}), **run, "_start_rss": start_rss}, dist)
             if dist.main:
                 Path(config["out"]).write_text(json.dumps(results, indent=1))
     finally:

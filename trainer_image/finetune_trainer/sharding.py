@@ -74,6 +74,8 @@ def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> int:
     optimizer. Returns the bytes saved. Only worth it, and only done by `wrap_model`, where compute runs in `dtype`."""
     saved = 0
     for p in model.parameters():
+        if hasattr(p, "quant_state") or type(p).__name__ in ("Params4bit", "Int8Params"):
+            continue  # bitsandbytes' packed weights keep their own storage type
         if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
             saved += p.numel() * (p.element_size() - torch.empty((), dtype=dtype).element_size())
             p.data = p.data.to(dtype)
@@ -139,7 +141,8 @@ def wrap_model(model: nn.Module, *, sharding: str, precision: Precision, dist: D
         saved = store_frozen_in(model, precision.autocast_dtype)
         if saved:
             log.info("frozen weights kept in %s: %.2f GB less", precision.name, saved / 1e9)
-    model.to(dist.device)
+    if not getattr(base_model(model), "is_quantized", False):  # a quantized base was loaded onto its device
+        model.to(dist.device)
     model.train()
     if sharding == "fsdp":
         if not dist.enabled:
