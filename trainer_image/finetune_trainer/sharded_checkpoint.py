@@ -30,7 +30,7 @@ from torch import nn
 
 from finetune_trainer.checkpoint import CheckpointInfo, CheckpointManager, is_io_error
 from finetune_trainer.distributed import Dist
-from finetune_trainer.errors import StorageError
+from finetune_trainer.errors import ConfigError, StorageError, TrainerError
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,11 @@ def training_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     return {"model": model_sd, "optim": optim_sd}
 
 
-def _agree(dist: Dist, error: str | None) -> None:
+def _agree(dist: Dist, error: str | None, kind: type[TrainerError] = StorageError) -> None:
+    """The same error on every rank if any rank had one, so no rank waits in a collective for ever."""
     errors = [e for e in dist.gather(error) if e]
     if errors:
-        raise StorageError(errors[0])
+        raise kind(errors[0])
 
 
 def _storage_error(step: int, manager: CheckpointManager, exc: BaseException) -> str:
@@ -94,9 +95,9 @@ def save(manager: CheckpointManager | None, dist: Dist, step: int, module: nn.Mo
     assert staging is not None
     stage = Path(staging)
     if not stage.is_dir():  # another node with its own local folder: rank 0's files would never meet ours
-        error = (f"checkpointing.storage {folder}: rank {dist.rank} does not see the folder rank 0 created; sharded "
-                 "checkpoints need storage every worker shares (a ReadWriteMany volume, or one node)")
-    _agree(dist, error)
+        error = (f"spec.checkpointing.storage {folder}: rank {dist.rank} does not see the folder rank 0 created; "
+                 "sharded checkpoints need storage that every worker shares (a ReadWriteMany volume, or one node)")
+    _agree(dist, error, ConfigError)
     t0 = time.monotonic()
     try:
         writer = dcp.FileSystemWriter(str(stage), sync_files=True, single_file_per_rank=True)
