@@ -1,14 +1,19 @@
 """The `finetune` console: validate manifests before applying them, run a job locally, print the CRD.
 
-`run` imports the trainer lazily so that `validate` works with nothing but pydantic installed.
+`run` is provided by the trainer, which registers its entry point in the `finetune.commands` group; this package never
+names the trainer, so `validate` works with nothing but pydantic installed.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import entry_points
 
+from finetune_api import exitcodes
 from finetune_api.manifest import validate_files
+
+COMMANDS_GROUP = "finetune.commands"  # entry points that add subcommands (the trainer adds `run`)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -24,13 +29,17 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        from finetune_trainer.__main__ import main as trainer_main
-    except ImportError as exc:  # pragma: no cover - depends on the installed extra
-        print(f"finetune run needs the trainer extra (pip install 'finetune-operator[trainer]'): {exc}",
-              file=sys.stderr)
-        return 78
-    return trainer_main(args.trainer_args)
+    problem = "the trainer is not installed"
+    for entry in entry_points(group=COMMANDS_GROUP, name="run"):
+        try:
+            trainer_main = entry.load()
+        except ImportError as exc:  # pragma: no cover - depends on the installed extra
+            problem = str(exc)
+            break
+        return int(trainer_main(args.trainer_args))
+    print(f"finetune run needs the trainer extra (pip install 'finetune-operator[trainer]'): {problem}",
+          file=sys.stderr)
+    return exitcodes.CONFIG_ERROR
 
 
 def _crd(_: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """Generate the FineTuneJob CustomResourceDefinition from the pydantic models (`make crds`).
 
 pydantic's JSON Schema is turned into a Kubernetes structural schema: references inlined, Optional collapsed,
-exclusive bounds rewritten, `title`s dropped, defaults kept, and every model's cross-field `rules` emitted as CEL.
+exclusive bounds rewritten, `title`s dropped, defaults kept, every model's cross-field `rules` emitted as CEL, and a
+transition rule for every `Immutable` field.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import yaml
 
 from finetune_api import names
-from finetune_api.rules import SpecModel
+from finetune_api.rules import Immutable, SpecModel
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import FineTuneJobStatus
 
@@ -50,15 +51,7 @@ def _structural(node: Any, defs: dict[str, Any], models: dict[str, type[SpecMode
             target["x-kubernetes-validations"] = rules
         return target
     if "anyOf" in node and not node.get("x-kubernetes-int-or-string"):
-        branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
-        if len(branches) != 1:
-            raise ValueError(f"cannot express union {branches} in a structural schema")
-        inner = _structural(branches[0], defs, models)
-        outer = {k: v for k, v in node.items() if k not in ("default", "title")}
-        inner.update(outer)
-        if node.get("default") is not None:
-            inner["default"] = node["default"]
-        return inner
+        return _optional(node, defs, models)
     if node.get("x-kubernetes-int-or-string"):
         return {
             "x-kubernetes-int-or-string": True,
@@ -95,6 +88,18 @@ def _structural(node: Any, defs: dict[str, Any], models: dict[str, type[SpecMode
     return out
 
 
+def _optional(node: dict[str, Any], defs: dict[str, Any], models: dict[str, type[SpecModel]]) -> Any:
+    """`T | None` becomes T itself (absent means None), keeping the outer node's description and default."""
+    branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
+    if len(branches) != 1:
+        raise ValueError(f"cannot express union {branches} in a structural schema")
+    inner = _structural(branches[0], defs, models)
+    inner.update({k: v for k, v in node.items() if k not in ("default", "title")})
+    if node.get("default") is not None:
+        inner["default"] = node["default"]
+    return inner
+
+
 def _object_schema(model: type[SpecModel]) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
@@ -109,8 +114,13 @@ def _object_schema(model: type[SpecModel]) -> dict[str, Any]:
             ]
         for field_name, field in cls.model_fields.items():
             alias = field.alias or field_name
-            if field.default_factory is not None and alias in schema.get("properties", {}):
+            if alias not in schema.get("properties", {}):
+                continue
+            if field.default_factory is not None:
                 schema["properties"][alias]["default"] = {}
+            for marker in field.metadata:
+                if isinstance(marker, Immutable):
+                    schema["properties"][alias]["x-kubernetes-validations"] = [marker.rule(alias)]
     return _structural(raw, defs, models)
 
 

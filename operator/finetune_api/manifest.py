@@ -12,6 +12,7 @@ from pydantic import Field, ValidationError
 
 from finetune_api import names
 from finetune_api.crd import MAX_NAME_LENGTH
+from finetune_api.errors import problems as validation_problems
 from finetune_api.rules import SpecModel
 from finetune_api.spec import FineTuneJobSpec
 
@@ -52,20 +53,6 @@ class Problem:
         return f"{self.source}: {self.path}: {self.message}"
 
 
-def _field_path(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(document)"
-
-
-def _clean(msg: str) -> str:
-    return msg.removeprefix("Value error, ")
-
-
 def validate_document(doc: Any, source: str = "<input>") -> tuple[FineTuneJob | None, list[Problem]]:
     """Validate one parsed YAML document; return the parsed job or every problem found."""
     if not isinstance(doc, dict):
@@ -82,8 +69,7 @@ def validate_document(doc: Any, source: str = "<input>") -> tuple[FineTuneJob | 
     try:
         job = FineTuneJob.model_validate(doc)
     except ValidationError as exc:
-        for err in exc.errors():
-            problems.append(Problem(source, _field_path(err["loc"]), _clean(err["msg"])))
+        problems.extend(Problem(source, path, message) for path, message in validation_problems(exc))
         return None, problems
     return (job if not problems else None), problems
 

@@ -3,6 +3,8 @@
 A rule is a CEL expression plus a Python predicate over the same pydantic model. The CRD generator copies the CEL into
 `x-kubernetes-validations`; `SpecModel` runs the predicate after field validation, so `finetune validate` reports the
 same message the API server would. A test evaluates both sides on the same objects.
+
+`Immutable` marks a field that cannot change after creation; the CRD generator writes its transition rule.
 """
 
 from __future__ import annotations
@@ -23,6 +25,23 @@ class Rule:
     message: str
     check: Callable[[Any], bool]
     field_path: str | None = None  # reported by the API server as the offending field, relative to the object
+
+
+@dataclass(frozen=True)
+class Immutable:
+    """Field marker (`Annotated[T, Immutable()]`): the API server refuses changes to the field after creation.
+
+    Only the API server can check it (it sees the old object); the message reads "<field> is immutable", "are" with
+    `plural`, followed by `why` when given.
+    """
+
+    plural: bool = False
+    why: str = ""
+
+    def rule(self, field_name: str) -> dict[str, str]:
+        """The CEL transition rule for the field's schema node."""
+        message = f"{field_name} {'are' if self.plural else 'is'} immutable" + (f": {self.why}" if self.why else "")
+        return {"message": message, "rule": "self == oldSelf"}
 
 
 class SpecModel(BaseModel):

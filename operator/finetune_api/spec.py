@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from finetune_api.rules import Rule, SpecModel, at_most_one, exactly_one
+from finetune_api.rules import Immutable, Rule, SpecModel, at_most_one, exactly_one
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -389,15 +389,16 @@ class CredentialsSpec(SpecModel):
     s3: S3Credentials | None = Field(default=None, description="Credentials for s3:// locations.")
 
 
-_COLUMNS_BY_TASK = {
-    "sequence-classification": ("text", "textPair", "label"),
-    "causal-lm": ("prompt", "response", "messages"),
-    "seq2seq": ("source", "target"),
+# The column roles of each task, with the column name a role reads by default (None: optional, no default).
+TASK_COLUMNS: dict[str, dict[str, str | None]] = {
+    "sequence-classification": {"text": "text", "textPair": None, "label": "label"},
+    "causal-lm": {"prompt": "prompt", "response": "response", "messages": None},
+    "seq2seq": {"source": "source", "target": "target"},
 }
 
 
 def _columns_fit_task(spec: FineTuneJobSpec) -> bool:
-    allowed = _COLUMNS_BY_TASK[spec.task.type]
+    allowed = TASK_COLUMNS[spec.task.type]
     used = spec.dataset.columns.model_dump(by_alias=True, exclude_none=True)
     return all(name in allowed for name in used)
 
@@ -413,8 +414,8 @@ _QUANTIZED = ("!has(self.method) || !has(self.method.lora) || !has(self.method.l
 
 def _columns_cel() -> str:
     parts = []
-    for task, allowed in _COLUMNS_BY_TASK.items():
-        others = [c for cols in _COLUMNS_BY_TASK.values() for c in cols if c not in allowed]
+    for task, allowed in TASK_COLUMNS.items():
+        others = [c for roles in TASK_COLUMNS.values() for c in roles if c not in allowed]
         absent = " && ".join(f"!has(self.dataset.columns.{c})" for c in others)
         parts.append(f"(self.task.type == '{task}' && ({absent}))")
     return "!has(self.dataset.columns) || " + " || ".join(parts)
@@ -423,34 +424,22 @@ def _columns_cel() -> str:
 class FineTuneJobSpec(SpecModel):
     """A supervised fine-tuning job: model, data, method, hyperparameters, storage, compute and run policy."""
 
-    task: TaskSpec = Field(description="What to learn. Immutable.",
-                           json_schema_extra={"x-kubernetes-validations": [
-                               {"rule": "self == oldSelf", "message": "task is immutable"}]})
-    model: ModelSpec = Field(description="Pretrained starting point. Immutable.",
-                             json_schema_extra={"x-kubernetes-validations": [
-                                 {"rule": "self == oldSelf", "message": "model is immutable"}]})
-    dataset: DatasetSpec = Field(description="Training and validation data. Immutable.",
-                                 json_schema_extra={"x-kubernetes-validations": [
-                                     {"rule": "self == oldSelf", "message": "dataset is immutable"}]})
-    method: MethodSpec = Field(default_factory=MethodSpec, description="full or lora. Immutable.",
-                               json_schema_extra={"x-kubernetes-validations": [
-                                   {"rule": "self == oldSelf", "message": "method is immutable"}]})
-    hyperparameters: Hyperparameters = Field(description="Optimisation settings. Immutable.",
-                                             json_schema_extra={"x-kubernetes-validations": [
-                                                 {"rule": "self == oldSelf",
-                                                  "message": "hyperparameters are immutable"}]})
+    task: Annotated[TaskSpec, Immutable()] = Field(description="What to learn. Immutable.")
+    model: Annotated[ModelSpec, Immutable()] = Field(description="Pretrained starting point. Immutable.")
+    dataset: Annotated[DatasetSpec, Immutable()] = Field(description="Training and validation data. Immutable.")
+    method: Annotated[MethodSpec, Immutable()] = Field(default_factory=MethodSpec,
+                                                       description="full or lora. Immutable.")
+    hyperparameters: Annotated[Hyperparameters, Immutable(plural=True)] = Field(
+        description="Optimisation settings. Immutable.")
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec,
                                              description="Checkpoint cadence, retention and storage.")
-    output: OutputSpec = Field(description="Where the fine-tuned model goes. Immutable.",
-                               json_schema_extra={"x-kubernetes-validations": [
-                                   {"rule": "self == oldSelf", "message": "output is immutable"}]})
-    resources: ResourcesSpec = Field(
+    output: Annotated[OutputSpec, Immutable()] = Field(description="Where the fine-tuned model goes. Immutable.")
+    resources: Annotated[ResourcesSpec, Immutable(
+        plural=True, why="they shape the Job's pod template, which cannot change; delete and re-create the "
+        "FineTuneJob to change them")] = Field(
         default_factory=ResourcesSpec,
         description="Workers, GPUs, placement, image. Immutable: they shape the Job's pod template, which Kubernetes "
-        "does not let change; delete and re-create the FineTuneJob to change them.",
-        json_schema_extra={"x-kubernetes-validations": [
-            {"rule": "self == oldSelf", "message": "resources are immutable: they shape the Job's pod template, which "
-             "cannot change; delete and re-create the FineTuneJob to change them"}]})
+        "does not let change; delete and re-create the FineTuneJob to change them.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, suspend, Kueue.")
     credentials: CredentialsSpec | None = Field(default=None, description="Secret references for the hub and "
                                                 "object stores.")
@@ -484,19 +473,13 @@ class FineTuneJobSpec(SpecModel):
     )
 
 
-DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
-    "sequence-classification": {"text": "text", "label": "label"},
-    "causal-lm": {"prompt": "prompt", "response": "response"},
-    "seq2seq": {"source": "source", "target": "target"},
-}
-
-
 def resolved_columns(spec: FineTuneJobSpec) -> dict[str, str]:
     """Column roles the task reads, with defaults filled in (keys are camelCase roles, values column names)."""
     given = spec.dataset.columns.model_dump(by_alias=True, exclude_none=True)
     if spec.task.type == "causal-lm" and "messages" in given:
         return {"messages": given["messages"]}
-    return {**DEFAULT_COLUMNS[spec.task.type], **given}
+    defaults = {role: column for role, column in TASK_COLUMNS[spec.task.type].items() if column is not None}
+    return {**defaults, **given}
 
 
 def checkpoint_storage(spec: FineTuneJobSpec) -> str:

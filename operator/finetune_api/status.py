@@ -11,7 +11,6 @@ from finetune_api.rules import SpecModel
 Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 PHASES: tuple[str, ...] = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended")
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
-CONDITION_TYPES = ("Created", "Queued", "Running", "Succeeded", "Failed", "Suspended")
 
 
 class Condition(SpecModel):

@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 
 from finetune_api import exitcodes, names
+from finetune_api import trainer_env as env_names
+from finetune_api.progress import progress_path
 from finetune_api.spec import FineTuneJobSpec, checkpoint_storage
 
 CONTAINER = "trainer"
@@ -68,7 +70,7 @@ def secret_name(owner: Owner) -> str:
 
 
 def progress_url(ctx: BuildContext, owner: Owner) -> str:
-    return f"{ctx.progress_url.rstrip('/')}/v1/progress/{owner.namespace}/{owner.name}"
+    return ctx.progress_url.rstrip("/") + progress_path(owner.namespace, owner.name)
 
 
 def labels(owner: Owner) -> dict[str, str]:
@@ -180,13 +182,13 @@ def _secret_env(name: str, ref: Any) -> dict[str, Any]:
 def trainer_env(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> list[dict[str, Any]]:
     """Environment of the trainer container. Credentials only as secretKeyRef: values never enter the Job."""
     env: list[dict[str, Any]] = [
-        {"name": "FINETUNE_PVC_ROOT", "value": PVC_ROOT},
-        {"name": "FINETUNE_METRICS_PORT", "value": str(TRAINER_METRICS_PORT)},
-        {"name": "FINETUNE_PROGRESS_URL", "value": progress_url(ctx, owner)},
-        {"name": "FINETUNE_PROGRESS_TOKEN",
+        {"name": env_names.PVC_ROOT, "value": PVC_ROOT},
+        {"name": env_names.METRICS_PORT, "value": str(TRAINER_METRICS_PORT)},
+        {"name": env_names.PROGRESS_URL, "value": progress_url(ctx, owner)},
+        {"name": env_names.PROGRESS_TOKEN,
          "valueFrom": {"secretKeyRef": {"name": secret_name(owner), "key": TOKEN_KEY}}},
-        {"name": "FINETUNE_TERMINATION_LOG", "value": "/dev/termination-log"},
-        {"name": "FINETUNE_GRACE_PERIOD", "value": str(ctx.grace_period_seconds)},
+        {"name": env_names.TERMINATION_LOG, "value": "/dev/termination-log"},
+        {"name": env_names.GRACE_PERIOD, "value": str(ctx.grace_period_seconds)},
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/huggingface"},
         {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},

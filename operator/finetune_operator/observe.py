@@ -1,4 +1,4 @@
-"""Small frozen summaries of the Jobs and Pods the operator watches, and RFC 3339 time helpers.
+"""Small frozen summaries of the Jobs and Pods the operator watches.
 
 The watch caches hold these instead of whole objects: a thousand jobs with their pods stay a few megabytes, and
 the state machine reads exactly the facts it needs, so tests build them directly.
@@ -7,30 +7,18 @@ the state machine reads exactly the facts it needs, so tests build them directly
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from finetune_api import names
+from finetune_api.times import format_time as format_time  # re-exported for the modules that read views' times
+from finetune_api.times import parse_time as parse_time
 from finetune_operator.builders import GPU_RESOURCE, KUEUE_QUEUE_LABEL, LABEL_JOB
 
 JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-
-
-def parse_time(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-def format_time(epoch: float) -> str:
-    return dt.datetime.fromtimestamp(int(epoch), tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def controller_uid(meta: dict[str, Any], kind: str | None = None) -> str | None:

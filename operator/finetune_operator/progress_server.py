@@ -13,6 +13,7 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from finetune_api.progress import PROGRESS_ROUTE
 from finetune_operator.metrics import Metrics
 from finetune_operator.progress import MAX_BODY_BYTES
 
@@ -45,7 +46,7 @@ def progress_app(accept: AcceptFn, ready: Callable[[], bool]) -> web.Application
         return web.json_response(body, status=status, headers=headers)
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
-    app.router.add_post("/v1/progress/{namespace}/{name}", post_progress)
+    app.router.add_post(PROGRESS_ROUTE, post_progress)
     return app
 
 

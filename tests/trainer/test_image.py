@@ -54,6 +54,17 @@ def test_entrypoint_is_the_trainer_console_script(tmp_path: Path) -> None:
         assert option in help_text
 
 
+def test_finetune_run_reaches_the_trainer_through_its_entry_point(tmp_path: Path) -> None:
+    """`finetune run` (finetune_api's console) finds the trainer by its entry point, not by importing it."""
+    log = tmp_path / "termination-log"
+    env = support.trainer_env(tmp_path, FINETUNE_TERMINATION_LOG=str(log))
+    script = Path(sys.executable).parent / "finetune"
+    done = subprocess.run([str(script), "run", str(tmp_path / "missing.yaml")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == exitcodes.CONFIG_ERROR, done.stderr
+    assert f"{tmp_path / 'missing.yaml'} does not exist" in log.read_text()
+
+
 def test_image_is_multi_stage_non_root_and_trainer_only() -> None:
     ins = _instructions()
     assert sum(1 for w, _ in ins if w == "FROM") >= 2

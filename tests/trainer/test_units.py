@@ -13,17 +13,17 @@ from finetune_trainer.data import (
     IGNORE_INDEX,
     Encoded,
     _ragged,
-    chat_segments,
     collate,
     epoch_batches,
     eval_batches,
 )
 from finetune_trainer.errors import ConfigError
-from finetune_trainer.evaluation import classification_metrics, confusion_matrix
 from finetune_trainer.launch import worker_exit_code
 from finetune_trainer.locations import Storage, resolve
 from finetune_trainer.loop import lr_factor
 from finetune_trainer.progress import Progress
+from finetune_trainer.tasks.causal_lm import chat_segments
+from finetune_trainer.tasks.classification import classification_metrics, confusion_matrix
 from tests.trainer import support
 
 
@@ -163,3 +163,13 @@ def test_peer_loss_is_read_narrowly() -> None:
     for local in (RuntimeError("CUDA out of memory"), RuntimeError("NCCL error: unhandled system error"),
                   OSError("Connection reset by peer")):  # (an OSError is storage or the hub, not the group)
         assert not is_peer_loss(local, world=2), local
+
+
+def test_every_task_type_of_the_api_is_one_task_module() -> None:
+    from typing import get_args
+
+    from finetune_api.spec import TASK_COLUMNS, TaskType
+    from finetune_trainer.tasks import TASKS
+
+    assert set(TASKS) == set(get_args(TaskType)) == set(TASK_COLUMNS)
+    assert {cls.__module__.rsplit(".", 1)[-1] for cls in TASKS.values()} == {"classification", "causal_lm", "seq2seq"}

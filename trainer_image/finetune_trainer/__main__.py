@@ -14,10 +14,11 @@ import traceback
 from pathlib import Path
 
 from finetune_api import exitcodes
+from finetune_api import trainer_env as var
 
 
 def _setup_logging() -> None:
-    level_name = os.environ.get("FINETUNE_LOG_LEVEL", "INFO").upper()
+    level_name = os.environ.get(var.LOG_LEVEL, "INFO").upper()
     rank = os.environ.get("RANK")
     level = getattr(logging, level_name, logging.INFO)
     if rank not in (None, "0") and level < logging.WARNING:
@@ -60,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     from finetune_trainer import config, errors
 
-    termination = Path(os.environ["FINETUNE_TERMINATION_LOG"]) if os.environ.get("FINETUNE_TERMINATION_LOG") \
-        else None
+    termination = Path(os.environ[var.TERMINATION_LOG]) if os.environ.get(var.TERMINATION_LOG) else None
     try:
         cfg = config.parse(sys.argv[1:] if argv is None else argv)
         termination = cfg.termination_log

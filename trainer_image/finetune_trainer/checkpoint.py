@@ -1,4 +1,4 @@
-"""Atomic checkpoints: written to a temporary folder, flushed, renamed, then marked COMPLETE.
+"""Checkpoints: what one holds, how it is written atomically, and how a run resumes from the newest good one.
 
 Layout under the checkpoint storage:
 
@@ -8,9 +8,19 @@ Layout under the checkpoint storage:
         trainer_state.json        step, epoch, data position, metrics so far
         COMPLETE                  {"step": N, "files": {name: bytes}}: written last, checked on resume
     .tmp-checkpoint-<step>-<pid>/ a save in progress (or left by a crash: reported and removed)
+    damaged-checkpoint-<step>-<t>/ a complete-looking checkpoint that failed to load, set aside
     progress.json                 the latest progress document
 
 A checkpoint is deleted only after a newer one is complete, so a crash at any moment leaves the last complete one.
+
+Three parts, each replaceable on its own:
+- `CheckpointManager`: the folders of one storage: an atomic save through a writer (temporary folder, fsync,
+  COMPLETE, rename), listing and verifying, keeping the newest `keepLast`, setting damaged ones aside, mirroring to
+  remote storage.
+- `TrainingFiles`: what a training run puts in a folder (parameters, optimizer, scheduler, every rank's RNG, the
+  `TrainState`) and how it is read back: checked completely before anything is applied.
+- `Checkpointer`: what every rank does: rank 0 writes and all ranks agree on a failure; all ranks resume from the
+  same checkpoint. A sharded format (every rank writing its own shard) provides its own `TrainingFiles` and `save`.
 """
 
 from __future__ import annotations
@@ -18,15 +28,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from finetune_api.times import format_time
+from finetune_trainer.distributed import Dist
 from finetune_trainer.errors import StorageError
 from finetune_trainer.locations import Storage
 
@@ -34,12 +48,23 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MARKER = "COMPLETE"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+STATE_FILE = "trainer_state.json"
+PROGRESS_FILE = "progress.json"
 
 
-def rfc3339(t: float | None = None) -> str:
-    return datetime.fromtimestamp(time.time() if t is None else t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def folder_name(step: int) -> str:
+    """`checkpoint-<step>`: the folder of a complete checkpoint, relative to the checkpoint storage."""
+    return f"checkpoint-{step}"
 
 
+def rng_file(rank: int) -> str:
+    return f"rng-{rank}.pt"
+
+
+# ------------------------------------------------------------------------------------------------ durable writes
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -81,6 +106,51 @@ def is_io_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or bool(_IO_MESSAGE.search(str(exc)))
 
 
+def io_reason(exc: BaseException) -> str:
+    """The OS's words for an I/O failure (strerror), else the first line of the message."""
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+
+
+# ----------------------------------------------------------------------------------------------------- the state
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs (trainer_state.json)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # this rank's micro-batches already consumed in `epoch`
+    world: int = 1
+    samples: int = 0
+    tokens: int = 0
+    loss_sum: float = 0.0
+    loss_steps: int = 0
+    checkpoints: int = 0
+    train_examples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    last_checkpoint: dict[str, Any] | None = None
+    loss_curve: list[list[float]] = field(default_factory=list)  # [step, mean loss since previous point], ~100
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainState:
+        raw = json.loads(text)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    @classmethod
+    def load(cls, folder: Path) -> TrainState:
+        return cls.from_json((folder / STATE_FILE).read_text())
+
+    def save(self, folder: Path) -> None:
+        (folder / STATE_FILE).write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+
+    def rescale(self, world: int) -> None:
+        """Keep the global data position when the number of processes changed since the checkpoint."""
+        if self.world != world:
+            self.batch_in_epoch = self.batch_in_epoch * self.world // world
+            self.world = world
+
+
+# -------------------------------------------------------------------------------------------- folders in storage
 @dataclass(frozen=True)
 class CheckpointInfo:
     step: int
@@ -88,17 +158,20 @@ class CheckpointInfo:
     time: str | None = None
 
 
-def _name(step: int) -> str:
-    return f"checkpoint-{step}"
-
-
 class CheckpointManager:
-    """Saves, lists, prunes and finds checkpoints in one storage. Only rank 0 constructs a writing manager."""
+    """Saves, lists, prunes and finds checkpoints in one storage. Only rank 0 writes through a manager."""
 
     def __init__(self, storage: Storage, keep_last: int) -> None:
         self.storage = storage
         self.root = storage.local
         self.keep_last = max(1, keep_last)
+
+    def path(self, step: int) -> Path:
+        return self.root / folder_name(step)
+
+    def uri(self, step: int) -> str:
+        """Where people find checkpoint `step`: under the storage's URI as the spec names it."""
+        return f"{self.storage.uri.rstrip('/')}/{folder_name(step)}"
 
     # ------------------------------------------------------------------------------------------------- reading
     def _verify(self, path: Path) -> tuple[int, str] | None:
@@ -117,35 +190,35 @@ class CheckpointManager:
         """Complete checkpoints, oldest first; incomplete or damaged ones are reported and skipped."""
         if self.storage.remote:
             self._sync_down()
+        return self._local_complete(report=True)
+
+    def _local_complete(self, report: bool = False) -> list[CheckpointInfo]:
         found: list[CheckpointInfo] = []
         if not self.root.is_dir():
             return found
         for p in self.root.iterdir():
-            m = CHECKPOINT_RE.match(p.name)
-            if not m or not p.is_dir():
+            if not CHECKPOINT_RE.match(p.name) or not p.is_dir():
                 continue
             ok = self._verify(p)
             if ok is None:
-                log.warning("ignoring incomplete or damaged checkpoint %s (no valid %s marker or a file of the "
-                            "wrong size)", p, MARKER)
+                if report:
+                    log.warning("ignoring incomplete or damaged checkpoint %s (no valid %s marker or a file of the "
+                                "wrong size)", p, MARKER)
                 continue
             found.append(CheckpointInfo(ok[0], p, ok[1] or None))
         return sorted(found, key=lambda c: c.step)
 
-    def partials(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(".tmp-checkpoint-"))
-
     def clean_partials(self) -> None:
         """Report and remove saves that a crash cut short (they can never complete)."""
-        for p in self.partials():
+        if not self.root.is_dir():
+            return
+        for p in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(".tmp-checkpoint-")):
             log.warning("removing partial checkpoint %s left by an interrupted save", p)
             shutil.rmtree(p, ignore_errors=True)
 
     def ensure_local(self, step: int) -> None:
         """For remote storage: make sure checkpoint `step` is complete in the local staging folder."""
-        rel = _name(step)
+        rel = folder_name(step)
         if self.storage.remote and self._verify(self.root / rel) is None:
             try:
                 self.storage.download(rel)
@@ -166,7 +239,7 @@ class CheckpointManager:
         names = self.storage.remote_entries()
         steps = sorted((int(m.group(1)) for n in names if (m := CHECKPOINT_RE.match(n))), reverse=True)
         for step in steps:
-            rel = _name(step)
+            rel = folder_name(step)
             if not self.storage.remote_exists(f"{rel}/{MARKER}"):
                 log.warning("ignoring incomplete remote checkpoint %s/%s", self.storage.remote, rel)
                 continue
@@ -178,17 +251,17 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------------------------- writing
     def save(self, step: int, write: Callable[[Path], None]) -> CheckpointInfo:
         """Write a checkpoint through `write(tmp_folder)`; atomic and durable. StorageError on any I/O failure."""
-        final = self.root / _name(step)
+        final = self.path(step)
         if self._verify(final) is not None:
             log.info("checkpoint for step %d already complete at %s", step, final)
-            return CheckpointInfo(step, final, rfc3339(final.stat().st_mtime))
-        tmp = self.root / f".tmp-{_name(step)}-{os.getpid()}"
+            return CheckpointInfo(step, final, format_time(final.stat().st_mtime))
+        tmp = self.root / f".tmp-{folder_name(step)}-{os.getpid()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             write(tmp)
-            now = rfc3339()
+            now = format_time()
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
             with (tmp / MARKER).open("w") as f:
                 json.dump({"step": step, "time": now, "files": files}, f)
@@ -202,9 +275,8 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             if not is_io_error(exc):
                 raise
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
             raise StorageError(f"cannot write checkpoint for step {step} to {self.storage.uri} ({self.root}): "
-                               f"{reason}; the last complete checkpoint is kept") from exc
+                               f"{io_reason(exc)}; the last complete checkpoint is kept") from exc
         self.prune()
         return CheckpointInfo(step, final, now)
 
@@ -218,20 +290,164 @@ class CheckpointManager:
             except OSError as exc:
                 log.warning("cannot delete old checkpoint %s: %s", old.path, exc)
 
-    def _local_complete(self) -> list[CheckpointInfo]:
-        out = []
-        for p in self.root.iterdir():
-            m = CHECKPOINT_RE.match(p.name)
-            if m and p.is_dir() and (ok := self._verify(p)) is not None:
-                out.append(CheckpointInfo(ok[0], p, ok[1] or None))
-        return sorted(out, key=lambda c: c.step)
-
     def write_progress(self, doc: dict[str, Any], upload: bool) -> None:
         """progress.json beside the checkpoints (atomic replace; uploaded to remote storage when asked)."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.root / "progress.json", doc)
+            write_json_atomic(self.root / PROGRESS_FILE, doc)
             if upload:
-                self.storage.publish("progress.json")
+                self.storage.publish(PROGRESS_FILE)
         except (OSError, StorageError) as exc:
             log.debug("cannot write progress.json: %s", exc)
+
+
+# ------------------------------------------------------------------------------------------ a training run's files
+@dataclass
+class Snapshot:
+    """A checkpoint read back and checked against the model, not yet applied."""
+
+    tensors: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any] | None  # this rank's; absent when the checkpoint had fewer ranks
+    state: TrainState
+
+
+class TrainingFiles:
+    """The files of one training run's checkpoint: trainable parameters (safetensors), optimizer and scheduler state,
+    every rank's RNG state and the TrainState."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 device: torch.device, rank: int) -> None:
+        self.model = model  # unwrapped: parameter names without a DDP prefix
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.device = device
+        self.rank = rank
+
+    def rng_state(self) -> dict[str, Any]:
+        """This rank's torch (+CUDA) and Python RNG state."""
+        out: dict[str, Any] = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())}
+        if torch.cuda.is_available():
+            out["cuda"] = torch.cuda.get_rng_state(self.device)
+        return out
+
+    def write(self, folder: Path, state: TrainState, rngs: list[dict[str, Any]]) -> None:
+        from safetensors.torch import save_file
+
+        trainable = {n: p.detach().to("cpu").contiguous() for n, p in self.model.named_parameters()
+                     if p.requires_grad}
+        save_file(trainable, str(folder / MODEL_FILE))
+        torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+        torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
+        for r, rng in enumerate(rngs):
+            torch.save(rng, folder / rng_file(r))
+        state.save(folder)
+
+    def read(self, folder: Path) -> Snapshot:
+        """Read and check a checkpoint without touching the model: a bad one changes nothing on any rank."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(folder / MODEL_FILE))
+        params = dict(self.model.named_parameters())
+        expected = {n for n, p in params.items() if p.requires_grad}
+        if set(tensors) != expected:
+            missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
+            raise ValueError(f"parameters do not match the model (missing {missing}, unexpected {extra})")
+        for n, t in tensors.items():
+            if tuple(t.shape) != tuple(params[n].shape):
+                raise ValueError(f"parameter {n} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}")
+        opt_state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        ours = [len(g["params"]) for g in self.optimizer.param_groups]
+        theirs = [len(g["params"]) for g in opt_state["param_groups"]]
+        if ours != theirs:
+            raise ValueError(f"optimizer parameter groups {theirs} do not match the model's {ours}")
+        sched_state = torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True)
+        rng_path = folder / rng_file(self.rank)
+        rng = torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.exists() else None
+        return Snapshot(tensors, opt_state, sched_state, rng, TrainState.load(folder))
+
+    def apply(self, snap: Snapshot, world: int) -> TrainState:
+        """Restore model, optimizer, scheduler and (with the same number of processes) the RNG; return the state."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, t in snap.tensors.items():
+                params[n].copy_(t)
+        self.optimizer.load_state_dict(snap.optimizer)
+        self.scheduler.load_state_dict(snap.scheduler)
+        state, rng = snap.state, snap.rng
+        if rng is not None and state.world == world:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(_tuples(json.loads(rng["python"])))
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        state.rescale(world)
+        return state
+
+
+def _tuples(obj: Any) -> Any:
+    """json turns random.getstate()'s tuples into lists; setstate needs them back."""
+    if isinstance(obj, list):
+        return tuple(_tuples(x) for x in obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------- all ranks
+class Checkpointer:
+    """Saving and resuming across the processes of a run. Every rank calls both methods."""
+
+    def __init__(self, manager: CheckpointManager, files: TrainingFiles, dist: Dist) -> None:
+        self.manager = manager
+        self.files = files
+        self.dist = dist
+
+    def save(self, state: TrainState) -> CheckpointInfo | None:
+        """Rank 0 writes (the others return None); a storage failure there stops every rank with exit 74."""
+        rngs = self.dist.gather(self.files.rng_state())
+        return self.dist.on_main(lambda: self._write(state, rngs))
+
+    def _write(self, state: TrainState, rngs: list[dict[str, Any]]) -> CheckpointInfo:
+        state.checkpoints += 1
+        state.last_checkpoint = {"step": state.step, "path": self.manager.uri(state.step), "time": format_time(),
+                                 "count": state.checkpoints}
+        try:
+            info = self.manager.save(state.step, lambda tmp: self.files.write(tmp, state, rngs))
+        except StorageError:
+            state.checkpoints -= 1
+            raise
+        state.last_checkpoint["time"] = info.time
+        return info
+
+    def resume(self) -> tuple[int, TrainState] | None:
+        """The step and state of the newest complete checkpoint that every rank can load, applied on every rank;
+        None to start afresh. Checkpoints that fail to load are set aside and the next older one is tried."""
+        if self.dist.main:
+            self.manager.clean_partials()
+        self.dist.barrier()
+        candidates = self.dist.gather([c.step for c in self.manager.complete()] if self.dist.main else None)[0]
+        for step in reversed(candidates):
+            path = self.manager.path(step)
+            if self.dist.local_rank == 0:  # one download per node for remote storage; the others then read it
+                self.manager.ensure_local(step)
+            self.dist.barrier()
+            if self.dist.local_rank != 0:
+                self.manager.ensure_local(step)
+            try:
+                snap: Snapshot | None = self.files.read(path)
+                error = None
+            except Exception as exc:  # any unreadable file means this checkpoint is unusable
+                snap, error = None, f"{type(exc).__name__}: {exc}"
+            problems = [e for e in self.dist.gather(error) if e]
+            if problems:
+                log.warning("skipping damaged checkpoint %s: %s", path, problems[0])
+                if self.dist.main:
+                    self.manager.set_aside(path)
+                self.dist.barrier()
+                continue
+            assert snap is not None
+            state = self.files.apply(snap, self.dist.world)
+            state.checkpoints = max(state.checkpoints, 1)
+            state.last_checkpoint = {"step": step, "path": self.manager.uri(step),
+                                     "time": (state.last_checkpoint or {}).get("time"), "count": state.checkpoints}
+            return step, state
+        return None

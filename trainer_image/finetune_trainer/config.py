@@ -1,6 +1,6 @@
 """Command line and environment -> RunConfig: everything about *how* to run, as opposed to the job's spec.
 
-The operator sets the environment (FINETUNE_PVC_ROOT, FINETUNE_METRICS_PORT, ...); a laptop user passes flags.
+The operator sets the environment (the names are in finetune_api.trainer_env); a laptop user passes flags.
 Flags win over the environment, the environment over the defaults.
 """
 
@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune_api import trainer_env as var
 from finetune_trainer.errors import ConfigError
 
 LOCAL_PVC_ROOT = "./runs/pvc"  # `finetune run` on a laptop: pvc://claim/path -> ./runs/pvc/claim/path
@@ -65,15 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the pods). Resumes from the latest complete checkpoint in the job's checkpoint storage.",
     )
     p.add_argument("manifest", help="FineTuneJob YAML (apiVersion, kind, metadata, spec)")
-    p.add_argument("--pvc-root", help="folder that holds pvc://<claim>/... (env FINETUNE_PVC_ROOT, which the "
+    p.add_argument("--pvc-root", help=f"folder that holds pvc://<claim>/... (env {var.PVC_ROOT}, which the "
                    f"operator sets to the mount point in its pods; default {LOCAL_PVC_ROOT})")
     p.add_argument("--metrics-port", type=int, help="port for /metrics and /progress, 0 = off "
-                   "(env FINETUNE_METRICS_PORT, default 0)")
-    p.add_argument("--progress-url", help="POST progress JSON here (env FINETUNE_PROGRESS_URL); bearer token from "
-                   "env FINETUNE_PROGRESS_TOKEN")
+                   f"(env {var.METRICS_PORT}, default 0)")
+    p.add_argument("--progress-url", help=f"POST progress JSON here (env {var.PROGRESS_URL}); bearer token from "
+                   f"env {var.PROGRESS_TOKEN}")
     p.add_argument("--grace-period", type=float, help="seconds allowed after SIGTERM to save a checkpoint and exit "
-                   f"(env FINETUNE_GRACE_PERIOD, default {DEFAULT_GRACE_PERIOD:g})")
-    p.add_argument("--threads", type=int, help="CPU threads per process (env FINETUNE_THREADS, default physical "
+                   f"(env {var.GRACE_PERIOD}, default {DEFAULT_GRACE_PERIOD:g})")
+    p.add_argument("--threads", type=int, help=f"CPU threads per process (env {var.THREADS}, default physical "
                    "cores divided among local processes)")
     p.add_argument("--no-progress-bar", action="store_true", help="log progress lines instead of a bar")
     return p
@@ -85,21 +86,21 @@ def parse(argv: list[str] | None, env: Mapping[str, str] | None = None) -> RunCo
     args = build_parser().parse_args(argv)
     if args.pvc_root:
         pvc_root = args.pvc_root
-    elif env.get("FINETUNE_PVC_ROOT"):
-        pvc_root = env["FINETUNE_PVC_ROOT"]
+    elif env.get(var.PVC_ROOT):
+        pvc_root = env[var.PVC_ROOT]
     else:
         pvc_root = LOCAL_PVC_ROOT
-    port = args.metrics_port if args.metrics_port is not None else int(_number(env, "FINETUNE_METRICS_PORT", 0, int))
+    port = args.metrics_port if args.metrics_port is not None else int(_number(env, var.METRICS_PORT, 0, int))
     if not 0 <= port <= 65535:
         raise ConfigError(f"metrics port {port} is outside 0..65535")
-    grace = args.grace_period if args.grace_period is not None else _number(env, "FINETUNE_GRACE_PERIOD",
+    grace = args.grace_period if args.grace_period is not None else _number(env, var.GRACE_PERIOD,
                                                                              DEFAULT_GRACE_PERIOD)
     if grace <= 0:
         raise ConfigError(f"grace period must be positive, got {grace:g}")
-    interval = _number(env, "FINETUNE_PROGRESS_INTERVAL", DEFAULT_PROGRESS_INTERVAL)
+    interval = _number(env, var.PROGRESS_INTERVAL, DEFAULT_PROGRESS_INTERVAL)
     local_procs = int(_number(env, "LOCAL_WORLD_SIZE", 1, int))
     default_threads = max(1, physical_cores() // max(1, local_procs))
-    threads = args.threads if args.threads is not None else int(_number(env, "FINETUNE_THREADS", default_threads,
+    threads = args.threads if args.threads is not None else int(_number(env, var.THREADS, default_threads,
                                                                           int))
     if threads < 1:
         raise ConfigError(f"threads must be at least 1, got {threads}")
@@ -107,12 +108,12 @@ def parse(argv: list[str] | None, env: Mapping[str, str] | None = None) -> RunCo
         manifest=Path(args.manifest),
         pvc_root=Path(pvc_root),
         metrics_port=port,
-        progress_url=args.progress_url or env.get("FINETUNE_PROGRESS_URL") or None,
-        progress_token=env.get("FINETUNE_PROGRESS_TOKEN") or None,
+        progress_url=args.progress_url or env.get(var.PROGRESS_URL) or None,
+        progress_token=env.get(var.PROGRESS_TOKEN) or None,
         progress_interval=max(0.1, interval),
         grace_period=grace,
         progress_bar=not args.no_progress_bar,
         threads=threads,
-        cache_dir=Path(env["FINETUNE_CACHE_DIR"]) if env.get("FINETUNE_CACHE_DIR") else None,
-        termination_log=Path(env["FINETUNE_TERMINATION_LOG"]) if env.get("FINETUNE_TERMINATION_LOG") else None,
+        cache_dir=Path(env[var.CACHE_DIR]) if env.get(var.CACHE_DIR) else None,
+        termination_log=Path(env[var.TERMINATION_LOG]) if env.get(var.TERMINATION_LOG) else None,
     )

@@ -1,8 +1,9 @@
-"""Data: load with `datasets`, check before any training, tokenise once into a cache, batch by length.
+"""Data: load with `datasets`, the helpers the tasks check and tokenise with, a token cache, batches by length.
 
-Every row keeps its origin (file and 1-based row), so a problem is reported where the user can fix it. Tokenised
-examples are stored as flat int32 arrays plus offsets (no padding) and padded per batch; batches are drawn from
-length-sorted groups, so a batch wastes almost nothing on padding while the epoch order stays random.
+Every row keeps its origin (file and 1-based row), so a problem is reported where the user can fix it. What a row
+must hold and how it is tokenised is the task's business (finetune_trainer.tasks). Tokenised examples are stored as
+flat int32 arrays plus offsets (no padding) and padded per batch; batches are drawn from length-sorted groups, so a
+batch wastes almost nothing on padding while the epoch order stays random.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,27 +146,8 @@ def split_off(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
 
 
 # ----------------------------------------------------------------------------------------------------------- checks
-@dataclass(frozen=True)
-class TaskInfo:
-    """What the data check and the tokeniser need to know about the task."""
-
-    type: str
-    columns: dict[str, str]
-    labels: list[str] | None = None
-    num_labels: int | None = None
-    max_seq_length: int = 256
-    source_prefix: str = ""
-
-    @property
-    def regression(self) -> bool:
-        return self.type == "sequence-classification" and self.num_labels == 1
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.labels) if self.labels else int(self.num_labels or 0)
-
-
-def _column(split: Split, col: str, role: str) -> list[Any]:
+def column(split: Split, col: str, role: str) -> list[Any]:
+    """The values of column `col` (the task's `role`); a missing column names the columns that are there."""
     if col not in split.dataset.column_names:
         raise DataError(f"dataset.{split.name} ({', '.join(split.files[:3])}{' ...' if len(split.files) > 3 else ''})"
                         f": column {col!r} (dataset.columns.{role}) is missing; columns found: "
@@ -181,69 +162,10 @@ def _check_strings(split: Split, values: list[Any], col: str) -> None:
                             f"{'nothing (null)' if v is None else type(v).__name__}")
 
 
-def label_ids(split: Split, task: TaskInfo) -> np.ndarray:
-    """Check the label column and map it to class ids (int64) or regression targets (float32)."""
-    col = task.columns["label"]
-    values = _column(split, col, "label")
-    if task.regression:
-        out = np.empty(len(values), dtype=np.float32)
-        for i, v in enumerate(values):
-            try:
-                if isinstance(v, bool) or v is None:
-                    raise ValueError
-                out[i] = float(v)
-                if not math.isfinite(out[i]):
-                    raise ValueError
-            except (TypeError, ValueError):
-                raise DataError(f"{split.where(i)}: field {col!r} must be a finite number for regression "
-                                f"(task.numLabels 1), got {v!r}") from None
-        return out
-    index = {name: k for k, name in enumerate(task.labels or [])}
-    n = task.n_classes
-    out = np.empty(len(values), dtype=np.int64)
-    for i, v in enumerate(values):
-        if isinstance(v, str) and v in index:
-            out[i] = index[v]
-        elif isinstance(v, int | np.integer) and not isinstance(v, bool) and 0 <= v < n:
-            out[i] = int(v)
-        else:
-            allowed = f"one of {task.labels} or an index 0..{n - 1}" if task.labels else f"an integer 0..{n - 1}"
-            raise DataError(f"{split.where(i)}: field {col!r} has label {v!r}, outside the label set (expected "
-                            f"{allowed})")
-    return out
-
-
-def _check_messages(split: Split, values: list[Any], col: str) -> None:
-    for i, conv in enumerate(values):
-        ok = isinstance(conv, list) and conv and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in conv)
-        if not ok:
-            raise DataError(f"{split.where(i)}: field {col!r} must be a list of {{role, content}} messages with "
-                            "text content")
-        if not any(m["role"] == "assistant" for m in conv):
-            raise DataError(f"{split.where(i)}: field {col!r} has no assistant message, so nothing would be learned")
-
-
-def check_split(split: Split, task: TaskInfo) -> None:
-    """Everything that can be checked before tokenising: non-empty, columns present, values of the right kind."""
-    if len(split) == 0:
-        raise DataError(f"dataset.{split.name} ({', '.join(split.files[:3])}) is empty")
-    cols = task.columns
-    if task.type == "sequence-classification":
-        _check_strings(split, _column(split, cols["text"], "text"), cols["text"])
-        if cols.get("textPair"):
-            _check_strings(split, _column(split, cols["textPair"], "textPair"), cols["textPair"])
-        label_ids(split, task)
-    elif task.type == "causal-lm":
-        if "messages" in cols:
-            _check_messages(split, _column(split, cols["messages"], "messages"), cols["messages"])
-        else:
-            for role in ("prompt", "response"):
-                _check_strings(split, _column(split, cols[role], role), cols[role])
-    else:
-        for role in ("source", "target"):
-            _check_strings(split, _column(split, cols[role], role), cols[role])
+def check_text_columns(split: Split, columns: dict[str, str], roles: Sequence[str]) -> None:
+    """Every named role's column is present and holds text in every row."""
+    for role in roles:
+        _check_strings(split, column(split, columns[role], role), columns[role])
 
 
 # ------------------------------------------------------------------------------------------------------- tokenising
@@ -253,6 +175,11 @@ class Encoded:
 
     ragged: dict[str, tuple[np.ndarray, np.ndarray]]
     scalars: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def from_rows(cls, rows: dict[str, list[list[int]]], scalars: dict[str, np.ndarray] | None = None) -> Encoded:
+        """From token lists per example, e.g. {"input_ids": [[...], ...], "labels": [[...], ...]}."""
+        return cls({name: _ragged(r) for name, r in rows.items()}, scalars or {})
 
     def __len__(self) -> int:
         return len(self.ragged["input_ids"][1]) - 1
@@ -295,129 +222,15 @@ def _ragged(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return flat, off
 
 
-def _chunks(n: int) -> Iterator[slice]:
+def chunks(n: int) -> Iterator[slice]:
+    """Slices of TOKENIZE_CHUNK rows: the tokenizer's batch calls stay fast without holding everything at once."""
     for s in range(0, n, TOKENIZE_CHUNK):
         yield slice(s, min(n, s + TOKENIZE_CHUNK))
 
 
-def _encode_classification(split: Split, task: TaskInfo, tok: Any) -> Encoded:
-    texts = split.dataset[task.columns["text"]]
-    pair_col = task.columns.get("textPair")
-    pairs = split.dataset[pair_col] if pair_col else None
-    ids: list[list[int]] = []
-    types: list[list[int]] = []
-    for s in _chunks(len(texts)):
-        enc = tok(texts[s], pairs[s] if pairs else None, truncation=True, max_length=task.max_seq_length)
-        ids.extend(enc["input_ids"])
-        if pairs and "token_type_ids" in enc:
-            types.extend(enc["token_type_ids"])
-    ragged = {"input_ids": _ragged(ids)}
-    if types:
-        ragged["token_type_ids"] = _ragged(types)
-    return Encoded(ragged, {"labels": label_ids(split, task)})
-
-
-def _eos(tok: Any) -> list[int]:
+def eos_ids(tok: Any) -> list[int]:
+    """The end-of-sequence token as a list to append (empty when the tokenizer has none)."""
     return [tok.eos_token_id] if tok.eos_token_id is not None else []
-
-
-def _too_long(split: Split, i: int, n: int, task: TaskInfo, what: str) -> DataError:
-    return DataError(f"{split.where(i)}: {what} is {n} tokens, longer than hyperparameters.maxSeqLength "
-                     f"{task.max_seq_length}; causal-lm examples are never truncated (the response would be cut): "
-                     "shorten or drop the example, or raise maxSeqLength")
-
-
-def _render_chat(tok: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def chat_segments(tok: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
-    """Split a rendered conversation into (text, carries_loss) pieces: only assistant replies carry loss.
-
-    Rendering prefixes of the conversation finds where each reply starts and ends in the template's output, so any
-    template that renders a conversation as the concatenation of its turns works, without special markers.
-    """
-    segments: list[tuple[str, bool]] = []
-    done = ""
-    for k, msg in enumerate(messages):
-        if msg["role"] != "assistant":
-            continue
-        before = _render_chat(tok, messages[:k], generation_prompt=True) if k else ""
-        upto = _render_chat(tok, messages[:k + 1], generation_prompt=False)
-        if not before.startswith(done) or not upto.startswith(before):
-            raise ConfigError("the tokenizer's chat template does not render a conversation as the concatenation "
-                              "of its turns, so the assistant replies cannot be located; use prompt/response "
-                              "columns instead")
-        segments.append((before[len(done):], False))
-        segments.append((upto[len(before):], True))
-        done = upto
-    full = _render_chat(tok, messages, generation_prompt=False)
-    if full[len(done):]:
-        segments.append((full[len(done):], False))
-    return [(t, loss) for t, loss in segments if t]
-
-
-def _encode_causal(split: Split, task: TaskInfo, tok: Any) -> Encoded:
-    ids: list[list[int]] = []
-    labels: list[list[int]] = []
-    cols = task.columns
-    if "messages" in cols:
-        if not getattr(tok, "chat_template", None):
-            raise ConfigError("dataset.columns.messages needs a tokenizer with a chat template, and this model's "
-                              "tokenizer has none; use prompt/response columns instead")
-        for i, conv in enumerate(split.dataset[cols["messages"]]):
-            segs = chat_segments(tok, [{"role": m["role"], "content": m["content"]} for m in conv])
-            row_ids: list[int] = []
-            row_labels: list[int] = []
-            for text, loss in segs:
-                piece = tok(text, add_special_tokens=False)["input_ids"]
-                row_ids += piece
-                row_labels += piece if loss else [IGNORE_INDEX] * len(piece)
-            if len(row_ids) > task.max_seq_length:
-                raise _too_long(split, i, len(row_ids), task, "the rendered conversation")
-            ids.append(row_ids)
-            labels.append(row_labels)
-    else:
-        prompts = split.dataset[cols["prompt"]]
-        responses = split.dataset[cols["response"]]
-        eos = _eos(tok)
-        for s in _chunks(len(prompts)):
-            p_ids = tok(prompts[s], add_special_tokens=True)["input_ids"]
-            r_ids = tok(responses[s], add_special_tokens=False)["input_ids"]
-            for j, (p, r) in enumerate(zip(p_ids, r_ids, strict=True)):
-                row = p + r + eos
-                if len(row) > task.max_seq_length:
-                    raise _too_long(split, s.start + j, len(row), task, "prompt + response")
-                ids.append(row)
-                labels.append([IGNORE_INDEX] * len(p) + r + eos)
-    for i, lab in enumerate(labels):
-        if all(t == IGNORE_INDEX for t in lab):
-            raise DataError(f"{split.where(i)}: the response is empty after tokenising, so nothing would be learned")
-    return Encoded({"input_ids": _ragged(ids), "labels": _ragged(labels)})
-
-
-def _encode_seq2seq(split: Split, task: TaskInfo, tok: Any) -> Encoded:
-    sources = [task.source_prefix + s for s in split.dataset[task.columns["source"]]]
-    targets = split.dataset[task.columns["target"]]
-    ids: list[list[int]] = []
-    labels: list[list[int]] = []
-    eos = _eos(tok)
-    for s in _chunks(len(sources)):
-        ids.extend(tok(sources[s], truncation=True, max_length=task.max_seq_length)["input_ids"])
-        for t in tok(text_target=targets[s], truncation=True, max_length=task.max_seq_length)["input_ids"]:
-            if eos and (not t or t[-1] != eos[0]):
-                t = t[: task.max_seq_length - 1] + eos
-            labels.append(t)
-    return Encoded({"input_ids": _ragged(ids), "labels": _ragged(labels)}, {"decoder": np.ones(len(ids), np.int8)})
-
-
-def encode(split: Split, task: TaskInfo, tok: Any) -> Encoded:
-    """Tokenise a checked split for the task."""
-    if task.type == "sequence-classification":
-        return _encode_classification(split, task, tok)
-    if task.type == "causal-lm":
-        return _encode_causal(split, task, tok)
-    return _encode_seq2seq(split, task, tok)
 
 
 def tokenizer_fingerprint(tok: Any) -> str:
@@ -430,16 +243,17 @@ def tokenizer_fingerprint(tok: Any) -> str:
     return h.hexdigest()
 
 
-def cache_key(split: Split, task: TaskInfo, tok_fp: str) -> str:
-    blob = json.dumps({"v": CACHE_VERSION, "data": split.fingerprint(), "files": split.files, "task": task.__dict__,
-                       "tok": tok_fp}, sort_keys=True, default=str)
+def cache_key(split: Split, settings: Any, tok_fp: str) -> str:
+    """The token cache's key: data, task settings (a dataclass) and tokenizer."""
+    blob = json.dumps({"v": CACHE_VERSION, "data": split.fingerprint(), "files": split.files,
+                       "task": settings.__dict__, "tok": tok_fp}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def encode_cached(split: Split, task: TaskInfo, tok: Any, cache_dir: Path | None, tok_fp: str,
+def encode_cached(split: Split, settings: Any, encode: Callable[[], Encoded], cache_dir: Path | None, tok_fp: str,
                   write: bool = True) -> Encoded:
     """Tokenise once: reuse `<cache>/tokens/<key>.npz` when the data, tokenizer and settings are unchanged."""
-    path = cache_dir / "tokens" / f"{split.name}-{cache_key(split, task, tok_fp)}.npz" if cache_dir else None
+    path = cache_dir / "tokens" / f"{split.name}-{cache_key(split, settings, tok_fp)}.npz" if cache_dir else None
     if path is not None and path.exists():
         try:
             enc = Encoded.load(path)
@@ -448,7 +262,7 @@ def encode_cached(split: Split, task: TaskInfo, tok: Any, cache_dir: Path | None
                 return enc
         except (OSError, ValueError, KeyError) as exc:
             log.warning("ignoring unreadable token cache %s: %s", path, exc)
-    enc = encode(split, task, tok)
+    enc = encode()
     if path is not None and write:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,16 +1,23 @@
-"""torchrun support: process group from the environment (NCCL on GPUs, gloo on CPU) and the few collectives the
-trainer needs. With one process every helper is a no-op, so the single-process path has no distributed code.
+"""torchrun support: process group from the environment (NCCL on GPUs, gloo on CPU), the model's wrapping for data
+parallelism and the few collectives the trainer needs. With one process every helper is a no-op, so the
+single-process path has no distributed code.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from finetune_trainer import errors
+from finetune_trainer.errors import TrainerError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,6 +54,35 @@ class Dist:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
+
+    def agree(self, error: TrainerError | None) -> None:
+        """Raise the same error on every rank if any rank failed, so no rank waits forever in a collective."""
+        found = [e for e in self.gather((type(error).__name__, error.message) if error else None) if e]
+        if found:
+            cls = getattr(errors, found[0][0], TrainerError)
+            raise cls(found[0][1])
+
+    def on_main(self, work: Callable[[], T]) -> T | None:
+        """Run `work` on rank 0 alone, then raise the TrainerError it raised there on every rank; the other ranks
+        get None. Anything else `work` raises is a crash of rank 0 and propagates there."""
+        result: T | None = None
+        error: TrainerError | None = None
+        if self.main:
+            try:
+                result = work()
+            except TrainerError as exc:
+                error = exc
+        self.agree(error)
+        return result
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the loop trains: DDP across processes (gradients averaged in backward), else the model."""
+        if not self.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():

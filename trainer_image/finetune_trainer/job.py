@@ -17,24 +17,28 @@ from typing import Any
 import torch
 
 from finetune_api.manifest import FineTuneJob, load_job
-from finetune_api.spec import FineTuneJobSpec, checkpoint_storage, resolved_columns
+from finetune_api.spec import FineTuneJobSpec, checkpoint_storage
 from finetune_trainer import data as data_mod
-from finetune_trainer import errors
-from finetune_trainer.checkpoint import CheckpointManager, is_io_error, rfc3339, write_json_atomic
+from finetune_trainer import tasks
+from finetune_trainer.checkpoint import CheckpointManager
 from finetune_trainer.config import RunConfig
 from finetune_trainer.distributed import Dist, init_from_env
-from finetune_trainer.errors import ConfigError, StorageError, TrainerError
-from finetune_trainer.evaluation import Evaluator, format_confusion
+from finetune_trainer.errors import ConfigError, DataError
+from finetune_trainer.evaluation import Evaluator
 from finetune_trainer.locations import DATA_SUFFIXES, Location, Storage, expand_files, fetch, resolve, storage
-from finetune_trainer.loop import LoopSettings, StopSignal, Trainer, seed_everything
+from finetune_trainer.loop import LoopSettings, Trainer, TrainResult, seed_everything
 from finetune_trainer.modeling import (
+    Precision,
     apply_lora,
     choose_precision,
     load_model,
     load_tokenizer,
     trainable_summary,
 )
+from finetune_trainer.output import metrics_document, write_output
 from finetune_trainer.progress import Progress
+from finetune_trainer.signals import StopSignal
+from finetune_trainer.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +48,21 @@ class Outcome:
     """What a finished run reports back to the console (and what tests inspect)."""
 
     job: str
-    metrics: dict[str, float]
-    extras: dict[str, Any]
+    task: Task
+    result: TrainResult
     output_uri: str
     output_path: Path
-    steps: int
     seconds: float
-    samples_per_second: float
-    resumed_from: int | None
+
+
+@dataclass(frozen=True)
+class Places:
+    """Where this run reads and writes."""
+
+    cache: Path  # downloads, the datasets cache, staging of remote storage
+    checkpoints: Storage
+    output: Storage
+    tokens: Path | None  # the token cache's folder
 
 
 def read_job(path: Path) -> FineTuneJob:
@@ -76,20 +87,13 @@ def s3_options(spec: FineTuneJobSpec) -> dict[str, Any]:
     return {"client_kwargs": client} if client else {}
 
 
-def agree(dist: Dist, error: TrainerError | None) -> None:
-    """Raise the same error on every rank if any rank failed, so no rank waits forever in a collective."""
-    found = [e for e in dist.gather((type(error).__name__, error.message) if error else None) if e]
-    if found:
-        cls = getattr(errors, found[0][0], TrainerError)
-        raise cls(found[0][1])
-
-
-def task_info(spec: FineTuneJobSpec) -> data_mod.TaskInfo:
-    return data_mod.TaskInfo(
-        type=spec.task.type, columns=resolved_columns(spec), labels=spec.task.labels,
-        num_labels=spec.task.num_labels, max_seq_length=spec.hyperparameters.max_seq_length,
-        source_prefix=spec.task.source_prefix or "",
-    )
+def places(spec: FineTuneJobSpec, cfg: RunConfig) -> Places:
+    cache = cfg.cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finetune"
+    opts = s3_options(spec)
+    ckpt = storage(checkpoint_storage(spec), cfg.pvc_root, cache, opts, "checkpointing.storage")
+    out = storage(spec.output.storage, cfg.pvc_root, cache, opts, "output.storage")
+    # Tokenised data lives beside the checkpoints (a volume that outlives the pod) unless those are remote.
+    return Places(cache, ckpt, out, ckpt.local / ".cache" if not ckpt.remote else cache)
 
 
 def model_source(spec: FineTuneJobSpec, cfg: RunConfig, work_cache: Path) -> str:
@@ -115,12 +119,12 @@ def _split(name: str, uri: str, spec: FineTuneJobSpec, cfg: RunConfig, work_cach
     path = loc.path if loc.path is not None else fetch(loc, work_cache, s3_options(spec))
     files = expand_files(path)
     if not files:
-        raise errors.DataError(f"dataset.{name} {uri}: no data files found (looked in {path})")
+        raise DataError(f"dataset.{name} {uri}: no data files found (looked in {path})")
     return data_mod.load_files(name, uri, files, ds.format, work_cache)
 
 
-def load_splits(spec: FineTuneJobSpec, cfg: RunConfig, work_cache: Path) -> tuple[data_mod.Split,
-                                                                                 data_mod.Split | None]:
+def load_splits(spec: FineTuneJobSpec, cfg: RunConfig, task: Task,
+                work_cache: Path) -> tuple[data_mod.Split, data_mod.Split | None]:
     ds = spec.dataset
     train = _split("train", ds.train, spec, cfg, work_cache, ds.train_split)
     val: data_mod.Split | None = None
@@ -134,184 +138,112 @@ def load_splits(spec: FineTuneJobSpec, cfg: RunConfig, work_cache: Path) -> tupl
         else:
             val = _split("validation", ds.validation, spec, cfg, work_cache, "validation")
     elif ds.validation_split:
-        data_mod.check_split(train, task_info(spec))  # report rows by their original position first
+        task.check(train)  # report rows by their original position first
         train, val = data_mod.split_off(train, ds.validation_split, spec.hyperparameters.seed)
     if ds.max_samples is not None and len(train) > ds.max_samples:
         train = train.select(range(ds.max_samples))
     return train, val
 
 
-def prepare_data(spec: FineTuneJobSpec, cfg: RunConfig, tok: Any, work_cache: Path, token_cache: Path | None,
+def prepare_data(spec: FineTuneJobSpec, cfg: RunConfig, task: Task, tok: Any, where: Places,
                  write_cache: bool) -> tuple[data_mod.Encoded, data_mod.Encoded | None]:
     """Load, check and tokenise both splits (reusing the token cache)."""
-    task = task_info(spec)
-    train, val = load_splits(spec, cfg, work_cache)
+    train, val = load_splits(spec, cfg, task, where.cache)
     for split in (train, val):
         if split is not None:
-            data_mod.check_split(split, task)
+            task.check(split)
     fp = data_mod.tokenizer_fingerprint(tok)
-    train_enc = data_mod.encode_cached(train, task, tok, token_cache, fp, write_cache)
-    val_enc = data_mod.encode_cached(val, task, tok, token_cache, fp, write_cache) if val is not None else None
+
+    def encoded(split: data_mod.Split) -> data_mod.Encoded:
+        return data_mod.encode_cached(split, task.info, lambda: task.encode(split, tok), where.tokens, fp,
+                                      write_cache)
+
+    train_enc = encoded(train)
+    val_enc = encoded(val) if val is not None else None
     log.info("data: %d training and %d validation examples, %.1f tokens per training example on average",
              len(train_enc), len(val_enc) if val_enc is not None else 0, float(train_enc.lengths().mean()))
     return train_enc, val_enc
 
 
-def _output_model(model: Any, tok: Any, spec: FineTuneJobSpec, out: Storage) -> None:
-    """save_pretrained (tokenizer included); LoRA writes the adapter and, if asked, the merged model in merged/."""
-    out.local.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out.local))
-    tok.save_pretrained(str(out.local))
-    if spec.method.type == "lora" and spec.output.merge_adapter:
-        merged = model.merge_and_unload()
-        merged.save_pretrained(str(out.local / "merged"))
-        tok.save_pretrained(str(out.local / "merged"))
+def load_trainable(spec: FineTuneJobSpec, task: Task, source: str, tok: Any, dist: Dist) -> tuple[Any, Precision]:
+    """The pretrained model with the task's head (and LoRA adapters), seeded, and the precision to train in."""
+    seed_everything(spec.hyperparameters.seed)
+    model = load_model(task, source, spec.model.revision, spec.model.trust_remote_code, tok)
+    if spec.method.type == "lora":
+        model = apply_lora(model, task, spec.method.lora)
+    precision = choose_precision(spec.hyperparameters.precision, dist.device)
+    log.info("model: %s; precision %s", trainable_summary(model), precision.name)
+    return model, precision
 
 
 def run(cfg: RunConfig) -> Outcome:
     """Run the job in cfg.manifest; raise TrainerError subclasses for permanent failures and Interrupted on SIGTERM."""
     job = read_job(cfg.manifest)
-    spec = job.spec
-    hp = spec.hyperparameters
     stop = StopSignal(cfg.grace_period)
     stop.install()
     torch.set_num_threads(cfg.threads)
     dist = init_from_env()
     try:
-        return _run(job, spec, hp, cfg, dist, stop)
+        return _run(job, cfg, dist, stop)
     finally:
         stop.uninstall()
         if dist.enabled:
             # The DDP wrapper's reducer holds the process group; reference cycles can keep it alive until interpreter
             # finalisation, where gloo's worker threads then abort the process (SIGABRT, "terminate called without
-            # an active exception", seen once in CI). Free it while the interpreter is whole, then tear down.
+            # an active exception"). Free it while the interpreter is whole, then tear down.
             gc.collect()
         dist.close()
 
 
-def _run(job: FineTuneJob, spec: FineTuneJobSpec, hp: Any, cfg: RunConfig, dist: Dist,
-         stop: StopSignal) -> Outcome:
+def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outcome:
     started = time.monotonic()
-    name = job.metadata.name
-    work_cache = cfg.cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finetune"
-    opts = s3_options(spec)
-    ckpt_uri = checkpoint_storage(spec)
-    ckpt_store = storage(ckpt_uri, cfg.pvc_root, work_cache, opts, "checkpointing.storage")
-    out_store = storage(spec.output.storage, cfg.pvc_root, work_cache, opts, "output.storage")
-    # Tokenised data lives beside the checkpoints (a volume that outlives the pod) unless those are remote.
-    token_cache = ckpt_store.local / ".cache" if not ckpt_store.remote else work_cache
+    name, spec = job.metadata.name, job.spec
+    hp = spec.hyperparameters
+    where = places(spec, cfg)
     log.info("job %s: %s on %s, %d process(es), device %s, %d thread(s)", name, spec.task.type, spec.model.source,
              dist.world, dist.device, cfg.threads)
-
-    error: TrainerError | None = None
-    if dist.main:
-        try:
-            ckpt_store.ensure_writable()
-            out_store.ensure_writable()
-        except TrainerError as exc:
-            error = exc
-    agree(dist, error)
-
-    source = model_source(spec, cfg, work_cache)
-    tok = load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code, spec.task.type)
-
+    dist.on_main(lambda: (where.checkpoints.ensure_writable(), where.output.ensure_writable()))
+    task = tasks.for_spec(spec)
+    source = model_source(spec, cfg, where.cache)
+    tok = load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code, task)
     # Rank 0 checks and tokenises first (and writes the cache); the others then read it.
-    encoded: tuple[data_mod.Encoded, data_mod.Encoded | None] | None = None
-    error = None
-    if dist.main:
-        try:
-            encoded = prepare_data(spec, cfg, tok, work_cache, token_cache, write_cache=True)
-        except TrainerError as exc:
-            error = exc
-    agree(dist, error)
+    encoded = dist.on_main(lambda: prepare_data(spec, cfg, task, tok, where, write_cache=True))
     if not dist.main:
-        encoded = prepare_data(spec, cfg, tok, work_cache, token_cache, write_cache=False)
+        encoded = prepare_data(spec, cfg, task, tok, where, write_cache=False)
     assert encoded is not None
     train_enc, val_enc = encoded
+    model, precision = load_trainable(spec, task, source, tok, dist)
 
-    task = task_info(spec)
-    seed_everything(hp.seed)
-    model = load_model(task, source, spec.model.revision, spec.model.trust_remote_code, tok)
-    if spec.method.type == "lora":
-        lora = spec.method.lora
-        model = apply_lora(model, task, lora.r if lora else 8, lora.alpha if lora else 16,
-                           lora.dropout if lora else 0.05, lora.target_modules if lora else None)
-    precision = choose_precision(hp.precision, dist.device)
-    log.info("model: %s; precision %s", trainable_summary(model), precision.name)
-
-    ckpt = CheckpointManager(ckpt_store, spec.checkpointing.keep_last)
+    ckpt = CheckpointManager(where.checkpoints, spec.checkpointing.keep_last)
     progress = Progress(push_url=cfg.progress_url, push_token=cfg.progress_token,
                         push_interval=cfg.progress_interval, enabled=dist.main,
                         on_write=lambda doc, final: ckpt.write_progress(doc, upload=final))
     progress.start(cfg.metrics_port)
     evaluator = None
     if val_enc is not None:
-        evaluator = Evaluator(task, val_enc, tok, hp.batch_size * 2, dist.device,
+        evaluator = Evaluator(task.evaluate, val_enc, tok, hp.batch_size * 2, dist.device,
                               lambda: precision.autocast(dist.device), dist.rank, dist.world, dist.gather)
-    settings = LoopSettings(
-        batch_size=hp.batch_size, grad_accum=hp.gradient_accumulation_steps, learning_rate=hp.learning_rate,
-        scheduler=hp.lr_scheduler.type, warmup_ratio=hp.lr_scheduler.warmup_ratio, weight_decay=hp.weight_decay,
-        max_grad_norm=hp.max_grad_norm, seed=hp.seed, epochs=hp.epochs, max_steps=hp.max_steps,
-        eval_every=hp.eval_every_steps, checkpoint_every=spec.checkpointing.every_steps,
-        checkpoint_every_epoch=spec.checkpointing.every_epoch,
-    )
     try:
-        trainer = Trainer(model=model, train=train_enc, pad_id=tok.pad_token_id, settings=settings,
-                          precision=precision, dist=dist, checkpoints=ckpt, checkpoint_uri=ckpt_uri,
-                          evaluator=evaluator, progress=progress, stop=stop, progress_bar=cfg.progress_bar,
-                          log_interval=cfg.progress_interval)
+        trainer = Trainer(model=model, train=train_enc, pad_id=tok.pad_token_id, settings=LoopSettings.of(spec),
+                          precision=precision, dist=dist, checkpoints=ckpt, evaluator=evaluator, progress=progress,
+                          stop=stop, progress_bar=cfg.progress_bar, log_interval=cfg.progress_interval)
         result = trainer.run()
-        metrics = result.metrics
-        out_error: TrainerError | None = None
-        if dist.main:
-            try:
-                _output_model(model, tok, spec, out_store)
-                doc = {
-                    "job": name, "task": spec.task.type, "model": spec.model.source, "method": spec.method.type,
-                    "step": result.state.step, "totalSteps": trainer.total_steps, "epoch": result.state.epoch,
-                    "metrics": metrics, "precision": precision.name, "processes": dist.world,
-                    "trainSeconds": round(result.train_seconds, 3),
-                    "trainCpuSeconds": round(result.train_cpu_seconds, 3),
-                    "samplesPerSecond": round(result.samples_per_second, 3),
-                    "tokensPerSecond": round(result.tokens_per_second, 1),
-                    "resumedFrom": result.resumed_from, "lossCurve": result.state.loss_curve,
-                    "trainExamples": len(train_enc),
-                    "validationExamples": len(val_enc) if val_enc else 0,
-                    "finishedAt": rfc3339(),
-                }
-                if "confusionMatrix" in result.extras:
-                    doc["confusionMatrix"] = result.extras["confusionMatrix"]
-                write_json_atomic(out_store.local / "metrics.json", doc)
-                for entry in sorted(out_store.local.iterdir(), key=lambda p: p.name == "metrics.json"):
-                    out_store.publish(entry.name)
-            except StorageError as exc:
-                out_error = exc
-            except Exception as exc:
-                if not is_io_error(exc):
-                    raise
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-                out_error = StorageError(f"cannot write the output to {spec.output.storage} ({out_store.local}): "
-                                         f"{reason}")
-        agree(dist, out_error)
-        progress.update(urgent=False, state="finished", metrics=metrics,
-                        output={"path": spec.output.storage, "metrics": metrics}, etaSeconds=0)
+        dist.on_main(lambda: write_output(where.output, spec, model, tok, lambda: metrics_document(
+            name, spec, result, precision=precision.name, processes=dist.world, train_examples=len(train_enc),
+            validation_examples=len(val_enc) if val_enc else 0)))
+        progress.update(urgent=False, state="finished", metrics=result.metrics,
+                        output={"path": spec.output.storage, "metrics": result.metrics}, eta_seconds=0)
     finally:
         progress.close()
-    return Outcome(name, metrics, result.extras, spec.output.storage, out_store.local, result.state.step,
-                   time.monotonic() - started, result.samples_per_second, result.resumed_from)
+    return Outcome(name, task, result, spec.output.storage, where.output.local, time.monotonic() - started)
 
 
 def summary(outcome: Outcome) -> str:
     """What a person running `finetune run` wants to see at the end."""
-    lines = [f"finished {outcome.job}: {outcome.steps} steps in {outcome.seconds:.1f}s "
-             f"({outcome.samples_per_second:.1f} training samples/s)"
-             + (f", resumed from step {outcome.resumed_from}" if outcome.resumed_from is not None else "")]
-    order = ["accuracy", "f1Macro", "mse", "perplexity", "chrf", "evalLoss", "trainLoss"]
-    shown = [f"{k} {outcome.metrics[k]:.4f}" for k in order if k in outcome.metrics]
-    lines.append("  ".join(shown))
-    cm = outcome.extras.get("confusionMatrix")
-    if cm:
-        lines.append("confusion matrix (rows: true label, columns: predicted):")
-        lines.append(format_confusion(cm["matrix"], cm["labels"]))
+    result = outcome.result
+    lines = [f"finished {outcome.job}: {result.state.step} steps in {outcome.seconds:.1f}s "
+             f"({result.samples_per_second:.1f} training samples/s)"
+             + (f", resumed from step {result.resumed_from}" if result.resumed_from is not None else "")]
+    lines += outcome.task.summary(result.metrics, result.extras)
     lines.append(f"model and metrics.json written to {outcome.output_uri} ({outcome.output_path})")
     return "\n".join(lines)

@@ -31,10 +31,6 @@ class Location:
     remote: str | None = None
     hub: str | None = None
 
-    @property
-    def is_remote(self) -> bool:
-        return self.remote is not None
-
 
 def resolve(uri: str, pvc_root: Path, field_name: str = "location") -> Location:
     """Map a spec location to a local path, a remote URL or a hub id (without touching the network)."""

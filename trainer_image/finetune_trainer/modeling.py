@@ -1,5 +1,5 @@
-"""Models: the transformers Auto classes per task, a fresh head of the right size, LoRA through peft, and the
-precision that is fast on the hardware at hand.
+"""Models: the tokenizer, the pretrained model with the task's head (the task names the Auto class), LoRA through
+peft, and the precision that is fast on the hardware at hand.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from finetune_trainer.data import TaskInfo
+from finetune_api.spec import LoraSpec
 from finetune_trainer.errors import ConfigError
+from finetune_trainer.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,8 @@ def choose_precision(requested: str, device: torch.device) -> Precision:
     return Precision("bf16", torch.bfloat16, False)
 
 
-def load_tokenizer(source: str, revision: str | None, trust_remote_code: bool, task: str) -> Any:
-    """The model's tokenizer; causal LMs without a pad token pad with EOS (padding is masked anyway)."""
+def load_tokenizer(source: str, revision: str | None, trust_remote_code: bool, task: Task) -> Any:
+    """The model's tokenizer, adjusted for the task; one without a pad token pads with EOS (padding is masked)."""
     from transformers import AutoTokenizer
 
     try:
@@ -73,8 +74,8 @@ def load_tokenizer(source: str, revision: str | None, trust_remote_code: bool, t
             tok.pad_token = tok.unk_token
         else:
             raise ConfigError(f"model.source {source!r}: the tokenizer has no pad, eos or unk token to pad with")
-    if task == "causal-lm":
-        tok.padding_side = "right"
+    if task.padding_side is not None:
+        tok.padding_side = task.padding_side
     return tok
 
 
@@ -83,51 +84,40 @@ def _first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:400]
 
 
-def load_model(task: TaskInfo, source: str, revision: str | None, trust_remote_code: bool, tok: Any) -> Any:
-    """The pretrained model with the task's head; a classification head is new and sized to the label set."""
+def load_model(task: Task, source: str, revision: str | None, trust_remote_code: bool, tok: Any) -> Any:
+    """The pretrained model with the task's head (a classification head is new and sized to the label set)."""
     import transformers
 
-    common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code,
-                              "dtype": torch.float32}
     try:
-        if task.type == "sequence-classification":
-            n = task.n_classes
-            kwargs: dict[str, Any] = {"num_labels": n, "ignore_mismatched_sizes": True,
-                                      "problem_type": "regression" if task.regression else
-                                      "single_label_classification"}
-            if task.labels:
-                kwargs["id2label"] = dict(enumerate(task.labels))
-                kwargs["label2id"] = {name: i for i, name in enumerate(task.labels)}
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(source, **common, **kwargs)
-        elif task.type == "causal-lm":
-            model = transformers.AutoModelForCausalLM.from_pretrained(source, **common)
-        else:
-            model = transformers.AutoModelForSeq2SeqLM.from_pretrained(source, **common)
+        auto = getattr(transformers, task.model_class)
+        model = auto.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code,
+                                     dtype=torch.float32, **task.model_kwargs())
     except Exception as exc:
-        raise ConfigError(f"model.source {source!r}: cannot load it as a {task.type} model: "
+        raise ConfigError(f"model.source {source!r}: cannot load it as a {task.name} model: "
                           f"{_first_line(exc)}") from exc
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     return model
 
 
-def apply_lora(model: Any, task: TaskInfo, r: int, alpha: int, dropout: float,
-               target_modules: list[str] | None) -> Any:
-    """Wrap the model with peft LoRA adapters; the classification head stays fully trainable."""
+def apply_lora(model: Any, task: Task, lora: LoraSpec | None) -> Any:
+    """Wrap the model with peft LoRA adapters (spec defaults when `lora` is unset); a classification head stays
+    fully trainable."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    task_type = {"sequence-classification": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM,
-                 "seq2seq": TaskType.SEQ_2_SEQ_LM}[task.type]
+    lora = lora or LoraSpec()
+    task_type = getattr(TaskType, task.lora_task_type)
 
     def build(targets: list[str] | None) -> Any:
-        cfg = LoraConfig(task_type=task_type, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+        cfg = LoraConfig(task_type=task_type, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                         target_modules=targets)
         return get_peft_model(model, cfg)
 
     try:
-        return build(target_modules)
+        return build(lora.target_modules)
     except ValueError as exc:
-        if target_modules:
-            raise ConfigError(f"method.lora.targetModules {target_modules}: {_first_line(exc)}") from exc
+        if lora.target_modules:
+            raise ConfigError(f"method.lora.targetModules {lora.target_modules}: {_first_line(exc)}") from exc
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                         if isinstance(m, torch.nn.Linear) and _LORA_FALLBACK.search(n)})
         if not names:
@@ -141,9 +131,3 @@ def trainable_summary(model: Any) -> str:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable"
-
-
-def non_embedding_parameters(model: Any) -> int:
-    """Parameters that cost 6 FLOPs per token in training (embedding lookups are nearly free)."""
-    emb = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    return sum(p.numel() for p in model.parameters() if id(p) not in emb)

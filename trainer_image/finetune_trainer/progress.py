@@ -1,11 +1,8 @@
-"""Progress reporting: one document, served at GET /progress, mirrored as Prometheus gauges at GET /metrics, pushed
+"""Progress reporting: one report, served at GET /progress, mirrored as Prometheus gauges at GET /metrics, pushed
 to the operator (FINETUNE_PROGRESS_URL, bearer token) and written to progress.json; plus a bar or log lines.
 
-The pushed body is the operator's contract (camelCase, absent keys omitted):
-  {"state", "step", "totalSteps", "epoch", "percent", "loss", "learningRate", "samplesPerSecond", "tokensPerSecond",
-   "etaSeconds", "updatedAt", "metrics": {...}, "checkpoint": {"step", "path", "time", "count"},
-   "output": {"path", "metrics"}}
-Pushes never fail training: errors are logged at debug level and the next push carries the newer state.
+The report is the operator's contract, `finetune_api.progress.ProgressReport` (camelCase, absent keys omitted).
+Reporting never fails training: a push that fails is logged at debug level and the next carries the newer state.
 """
 
 from __future__ import annotations
@@ -20,32 +17,24 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from finetune_trainer.checkpoint import rfc3339
+from pydantic import ValidationError
+
+from finetune_api.progress import ProgressReport, merge_reports
+from finetune_api.times import format_time, humanize_eta
 
 log = logging.getLogger(__name__)
 
 PUSH_TIMEOUT = 5.0
 
 
-def format_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    s = int(seconds)
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
-
-
 class Progress:
-    """The single, thread-safe progress document and everything that publishes it."""
+    """The single, thread-safe progress report and everything that publishes it."""
 
     def __init__(self, total_steps: int = 0, push_url: str | None = None, push_token: str | None = None,
                  push_interval: float = 5.0, on_write: Callable[[dict[str, Any], bool], None] | None = None,
                  enabled: bool = True) -> None:
         self._lock = threading.Lock()
-        self._doc: dict[str, Any] = {"state": "running", "step": 0, "totalSteps": total_steps, "metrics": {}}
+        self._report = ProgressReport(state="running", step=0, total_steps=total_steps, metrics={})
         self.enabled = enabled  # False on ranks other than 0: nothing is published
         self.push_url, self.push_token, self.push_interval = push_url, push_token, push_interval
         self.on_write = on_write
@@ -56,26 +45,25 @@ class Progress:
         self._server: ThreadingHTTPServer | None = None
         self._gauges: dict[str, Any] = {}
         self._registry: Any = None
-        self.pushes_ok = 0
 
     # ----------------------------------------------------------------------------------------------- document
     def update(self, urgent: bool = False, **fields: Any) -> None:
-        """Merge fields (None removes a key); urgent publishes now (checkpoint, evaluation, end)."""
+        """Merge report fields (snake_case names; metrics accumulate, None leaves a field as it is); urgent publishes
+        now (checkpoint, evaluation, end)."""
+        try:
+            incoming = ProgressReport.model_validate({**fields, "updated_at": format_time()})
+        except ValidationError as exc:  # a report the operator would refuse: keep the last good one
+            log.debug("progress update %s not reported: %s", fields, exc)
+            return
         with self._lock:
-            for k, v in fields.items():
-                if v is None:
-                    self._doc.pop(k, None)
-                elif k == "metrics":
-                    self._doc["metrics"] = {**self._doc.get("metrics", {}), **v}
-                else:
-                    self._doc[k] = v
-            self._doc["updatedAt"] = rfc3339()
+            self._report = merge_reports(self._report, incoming)
         if urgent:
             self.publish_now()
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> ProgressReport:
+        """The current report (never changed in place: updates replace it)."""
         with self._lock:
-            return json.loads(json.dumps(self._doc))
+            return self._report
 
     # ---------------------------------------------------------------------------------------------- publishing
     def start(self, metrics_port: int = 0, host: str = "0.0.0.0") -> int | None:
@@ -124,7 +112,7 @@ class Progress:
             self._publish(final=urgent)
 
     def _publish(self, final: bool) -> None:
-        doc = self.snapshot()
+        doc = self.snapshot().wire()
         if self.on_write is not None:
             try:
                 self.on_write(doc, final)
@@ -142,7 +130,6 @@ class Progress:
         try:
             with urllib.request.urlopen(req, timeout=PUSH_TIMEOUT) as resp:
                 resp.read()
-            self.pushes_ok += 1
             return True
         except Exception as exc:  # network, HTTP and URL errors alike: never fatal
             log.debug("progress push to %s failed: %s", self.push_url, exc)
@@ -152,7 +139,7 @@ class Progress:
     def _metrics_text(self) -> bytes:
         from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-        doc = self.snapshot()
+        report = self.snapshot()
         if self._registry is None:
             self._registry = CollectorRegistry()
             spec = {
@@ -169,20 +156,20 @@ class Progress:
             self._gauges["eval"] = Gauge("finetune_trainer_metric", "Latest train/eval metrics by name",
                                          ["name"], registry=self._registry)
         g = self._gauges
-        pairs = {"step": doc.get("step"), "total_steps": doc.get("totalSteps"), "epoch": doc.get("epoch"),
-                 "progress_ratio": (doc["percent"] / 100) if "percent" in doc else None,
-                 "train_loss": doc.get("loss"), "learning_rate": doc.get("learningRate"),
-                 "samples_per_second": doc.get("samplesPerSecond"), "tokens_per_second": doc.get("tokensPerSecond"),
-                 "eta_seconds": doc.get("etaSeconds"),
-                 "checkpoint_step": doc.get("checkpoint", {}).get("step"),
-                 "checkpoints_total": doc.get("checkpoint", {}).get("count"),
-                 "finished": 1.0 if doc.get("state") == "finished" else 0.0}
+        checkpoint = report.checkpoint
+        pairs = {"step": report.step, "total_steps": report.total_steps, "epoch": report.epoch,
+                 "progress_ratio": report.percent / 100 if report.percent is not None else None,
+                 "train_loss": report.loss, "learning_rate": report.learning_rate,
+                 "samples_per_second": report.samples_per_second, "tokens_per_second": report.tokens_per_second,
+                 "eta_seconds": report.eta_seconds,
+                 "checkpoint_step": checkpoint.step if checkpoint else None,
+                 "checkpoints_total": checkpoint.count if checkpoint else None,
+                 "finished": 1.0 if report.state == "finished" else 0.0}
         for name, value in pairs.items():
             if value is not None:
                 g[name].set(float(value))
-        for name, value in doc.get("metrics", {}).items():
-            if isinstance(value, int | float):
-                g["eval"].labels(name=name).set(float(value))
+        for name, value in (report.metrics or {}).items():
+            g["eval"].labels(name=name).set(float(value))
         return generate_latest(self._registry)
 
     def _serve(self, port: int, host: str) -> int:
@@ -194,7 +181,7 @@ class Progress:
                 if path == "/metrics":
                     body, ctype = progress._metrics_text(), "text/plain; version=0.0.4; charset=utf-8"
                 elif path == "/progress":
-                    body, ctype = json.dumps(progress.snapshot()).encode(), "application/json"
+                    body, ctype = json.dumps(progress.snapshot().wire()).encode(), "application/json"
                 elif path in ("/healthz", "/"):
                     body, ctype = b"ok\n", "text/plain"
                 else:
@@ -230,12 +217,12 @@ class Display:
 
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
-    def update(self, doc: dict[str, Any]) -> None:
+    def update(self, report: ProgressReport) -> None:
         if self._bar is not None:
-            self._bar.n = int(doc.get("step", 0))
-            post = {"loss": f"{doc['loss']:.4f}"} if "loss" in doc else {}
-            if "samplesPerSecond" in doc:
-                post["samples/s"] = f"{doc['samplesPerSecond']:.1f}"
+            self._bar.n = int(report.step or 0)
+            post = {"loss": f"{report.loss:.4f}"} if report.loss is not None else {}
+            if report.samples_per_second is not None:
+                post["samples/s"] = f"{report.samples_per_second:.1f}"
             self._bar.set_postfix(post, refresh=False)
             self._bar.refresh()
             return
@@ -243,11 +230,11 @@ class Display:
         if now - self._last < self.interval:
             return
         self._last = now
+        r = report
         log.info("step %d/%d (%.1f%%) epoch %.2f loss %s lr %.3g %.1f samples/s %.0f tokens/s ETA %s",
-                 doc.get("step", 0), doc.get("totalSteps", 0), doc.get("percent", 0.0), doc.get("epoch", 0.0),
-                 f"{doc['loss']:.4f}" if "loss" in doc else "-", doc.get("learningRate", 0.0),
-                 doc.get("samplesPerSecond", 0.0), doc.get("tokensPerSecond", 0.0),
-                 format_eta(doc.get("etaSeconds")))
+                 r.step or 0, r.total_steps or 0, r.percent or 0.0, r.epoch or 0.0,
+                 f"{r.loss:.4f}" if r.loss is not None else "-", r.learning_rate or 0.0,
+                 r.samples_per_second or 0.0, r.tokens_per_second or 0.0, humanize_eta(r.eta_seconds) or "?")
 
     def close(self) -> None:
         if self._bar is not None:

@@ -1,0 +1,72 @@
+"""The job's output, written by rank 0 once training and the final evaluation are done: the fine-tuned model, then
+metrics.json.
+
+The model is `save_pretrained` with its tokenizer (for LoRA the adapter and, with `mergeAdapter`, the merged model in
+merged/). metrics.json comes last, locally and in remote storage, so its presence means the output is complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from finetune_api.spec import FineTuneJobSpec
+from finetune_api.times import format_time
+from finetune_trainer.checkpoint import io_reason, is_io_error, write_json_atomic
+from finetune_trainer.errors import StorageError
+from finetune_trainer.locations import Storage
+from finetune_trainer.loop import TrainResult
+
+METRICS_FILE = "metrics.json"
+
+
+def metrics_document(job: str, spec: FineTuneJobSpec, result: TrainResult, *, precision: str, processes: int,
+                     train_examples: int, validation_examples: int) -> dict[str, Any]:
+    """What metrics.json says: the final metrics and their extras (the confusion matrix), the loss curve,
+    throughput, the step reached and where the run resumed from."""
+    state = result.state
+    doc: dict[str, Any] = {
+        "job": job, "task": spec.task.type, "model": spec.model.source, "method": spec.method.type,
+        "step": state.step, "totalSteps": result.total_steps, "epoch": state.epoch,
+        "metrics": result.metrics, "precision": precision, "processes": processes,
+        "trainSeconds": round(result.train_seconds, 3),
+        "trainCpuSeconds": round(result.train_cpu_seconds, 3),
+        "samplesPerSecond": round(result.samples_per_second, 3),
+        "tokensPerSecond": round(result.tokens_per_second, 1),
+        "resumedFrom": result.resumed_from, "lossCurve": state.loss_curve,
+        "trainExamples": train_examples,
+        "validationExamples": validation_examples,
+        "finishedAt": format_time(),
+    }
+    doc.update(result.extras)
+    return doc
+
+
+def save_model(model: Any, tok: Any, spec: FineTuneJobSpec, folder: Path) -> None:
+    """save_pretrained (tokenizer included); LoRA writes the adapter and, if asked, the merged model in merged/."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    if spec.method.type == "lora" and spec.output.merge_adapter:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(str(folder / "merged"))
+        tok.save_pretrained(str(folder / "merged"))
+
+
+def write_output(store: Storage, spec: FineTuneJobSpec, model: Any, tok: Any,
+                 metrics: Callable[[], dict[str, Any]]) -> None:
+    """The model, then metrics.json (`metrics()`, asked once the model is written); then upload everything to remote
+    storage, metrics.json last. StorageError when the storage cannot be written."""
+    try:
+        save_model(model, tok, spec, store.local)
+        write_json_atomic(store.local / METRICS_FILE, metrics())
+        for entry in sorted(store.local.iterdir(), key=lambda p: p.name == METRICS_FILE):
+            store.publish(entry.name)
+    except StorageError:
+        raise
+    except Exception as exc:
+        if not is_io_error(exc):
+            raise
+        raise StorageError(f"cannot write the output to {spec.output.storage} ({store.local}): "
+                           f"{io_reason(exc)}") from exc
