@@ -194,7 +194,8 @@ class LoraSpec(SpecModel):
         "quantization, about 0.56 bytes per parameter; 8bit: LLM.int8, about 1 byte) instead of 2 bytes in "
         "bf16/fp16, while the adapters train in the compute precision. A 7B base drops from about 14 GB to about 4 "
         "GB; each forward and backward pays for dequantizing. Needs a CUDA GPU: a job without one fails at once "
-        "with exit 78. 8bit cannot be combined with resources.sharding fsdp.",
+        "with exit 78. Not combined with resources.sharding fsdp (QLoRA is for fitting on one GPU; auto then keeps a "
+        "copy per device).",
     )
 
 
@@ -458,11 +459,18 @@ class FineTuneJobSpec(SpecModel):
             check=lambda s: _quantization(s) == "none" or s.resources.gpus_per_worker > 0,
         ),
         Rule(
-            cel=f"{_QUANTIZED} || self.method.lora.quantization != '8bit' || !has(self.resources) || "
+            cel=f"({_QUANTIZED}) || !has(self.resources) || !has(self.resources.sharding) || "
             "self.resources.sharding != 'fsdp'",
-            message="method.lora.quantization 8bit cannot be sharded: use resources.sharding none or auto, or "
-            "quantization 4bit",
-            check=lambda s: _quantization(s) != "8bit" or s.resources.sharding != "fsdp",
+            message="method.lora.quantization cannot be combined with resources.sharding fsdp: use sharding none "
+            "or auto, or quantization none",
+            check=lambda s: _quantization(s) == "none" or s.resources.sharding != "fsdp",
+        ),
+        Rule(
+            cel="self.task.type != 'seq2seq' || !has(self.resources) || !has(self.resources.sharding) || "
+            "self.resources.sharding != 'fsdp'",
+            message="resources.sharding fsdp is not available for task seq2seq (its evaluation generates text, "
+            "which sharded models do not do in lockstep): use sharding none or auto",
+            check=lambda s: s.task.type != "seq2seq" or s.resources.sharding != "fsdp",
         ),
         Rule(
             cel="!has(self.output.mergeAdapter) || !self.output.mergeAdapter || "

@@ -14,7 +14,14 @@ import hmac
 import math
 
 from finetune_api.progress import MAX_METRICS, ProgressReport, merge_reports
-from finetune_api.status import CheckpointRef, CheckpointsStatus, FineTuneJobStatus, OutputStatus, ProgressStatus
+from finetune_api.status import (
+    CheckpointRef,
+    CheckpointsStatus,
+    FineTuneJobStatus,
+    MemoryPlanStatus,
+    OutputStatus,
+    ProgressStatus,
+)
 from finetune_api.times import humanize_eta
 
 __all__ = ["MAX_BODY_BYTES", "ProgressReport", "apply_report", "humanize_eta", "job_token", "merge_reports",
@@ -80,4 +87,6 @@ def apply_report(status: FineTuneJobStatus, report: ProgressReport) -> FineTuneJ
         out.checkpoints = CheckpointsStatus(latest=latest, count=count)
     if report.output is not None:
         out.output = OutputStatus(path=report.output.path, metrics=_clean_metrics(report.output.metrics))
+    if report.memory_plan is not None and report.memory_plan.sharding in ("none", "fsdp"):
+        out.memory_plan = MemoryPlanStatus.model_validate(report.memory_plan.model_dump())
     return out

@@ -108,9 +108,12 @@ MALFORMED = [
     ("QLoRA without GPUs", _with(mutate("spec.method", {"type": "lora", "lora": {"quantization": "4bit"}}),
                                  "spec.resources", {"gpusPerWorker": 0}),
      "spec", "quantization (QLoRA) needs a CUDA GPU"),
-    ("8bit QLoRA sharded", _with(mutate("spec.method", {"type": "lora", "lora": {"quantization": "8bit"}}),
-                                 "spec.resources", {"sharding": "fsdp", "workers": 2}),
-     "spec", "8bit cannot be sharded"),
+    ("QLoRA sharded", _with(mutate("spec.method", {"type": "lora", "lora": {"quantization": "4bit"}}),
+                            "spec.resources", {"sharding": "fsdp", "workers": 2}),
+     "spec", "quantization cannot be combined with resources.sharding fsdp"),
+    ("seq2seq sharded", _with(mutate("spec.task", {"type": "seq2seq"}), "spec.resources",
+                              {"sharding": "fsdp", "workers": 2}),
+     "spec", "fsdp is not available for task seq2seq"),
     ("activationCheckpointing not a bool", mutate("spec.hyperparameters.activationCheckpointing", "sometimes"),
      "spec.hyperparameters.activationCheckpointing", "boolean"),
     ("wrong kind", mutate("kind", "TrainJob"), "kind", "must be FineTuneJob"),
@@ -146,13 +149,14 @@ def test_base_document_is_valid() -> None:
 
 
 def test_memory_fields_default_to_the_cheapest_safe_choice() -> None:
-    """sharding auto, no activation checkpointing, no quantization; QLoRA 4bit with fsdp on GPUs is accepted."""
+    """sharding auto, no activation checkpointing, no quantization; QLoRA 4bit on a GPU with sharding auto is
+    accepted (auto never shards a quantized base)."""
     spec = FineTuneJobSpec.model_validate(BASE["spec"])
     assert spec.resources.sharding == "auto"
     assert spec.hyperparameters.activation_checkpointing is False
     lora = FineTuneJobSpec.model_validate({**BASE["spec"], "method": {"type": "lora"}})
     assert lora.method.lora is None or lora.method.lora.quantization == "none"
-    qlora = FineTuneJobSpec.model_validate({**BASE["spec"], "resources": {"sharding": "fsdp", "workers": 2},
+    qlora = FineTuneJobSpec.model_validate({**BASE["spec"], "resources": {"workers": 2},
                                             "method": {"type": "lora", "lora": {"quantization": "4bit"}}})
     assert qlora.method.lora is not None and qlora.method.lora.quantization == "4bit"
 
