@@ -247,7 +247,7 @@ class Hyperparameters(SpecModel):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         default="auto", description="auto: bf16 on GPUs that support it, else fp16 on GPUs, fp32 on CPUs. The "
         "forward and backward passes run in it (with fsdp: the weights are gathered in it and gradients reduced in "
-        "fp32); on GPUs frozen weights (the LoRA base) are also stored in it, 2 bytes per parameter instead of 4. "
+        "fp32); frozen weights (the LoRA base) are also stored in it, 2 bytes per parameter instead of 4. "
         "Trainable weights and optimizer state stay fp32."
     )
     eval_every_steps: int | None = Field(default=None, description="Evaluate every N optimizer steps as well as at "

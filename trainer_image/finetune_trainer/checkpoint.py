@@ -41,7 +41,7 @@ import torch
 
 from finetune_api.times import format_time
 from finetune_trainer.distributed import Dist
-from finetune_trainer.errors import StorageError
+from finetune_trainer.errors import StorageError, TrainerError
 from finetune_trainer.locations import Storage
 
 log = logging.getLogger(__name__)
@@ -311,11 +311,13 @@ class Snapshot:
     scheduler: dict[str, Any]
     rng: dict[str, Any] | None  # this rank's; absent when the checkpoint had fewer ranks
     state: TrainState
+    sharded: bool = False  # read from a sharded checkpoint (finetune_trainer.sharded_checkpoint)
 
 
 class TrainingFiles:
     """The files of one training run's checkpoint: trainable parameters (safetensors), optimizer and scheduler state,
-    every rank's RNG state and the TrainState."""
+    every rank's RNG state and the TrainState. A sharded layout replaces the tensor half (`write_tensors`,
+    `read_tensors`, `apply_tensors`) and keeps the rest."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  device: torch.device, rank: int) -> None:
@@ -333,12 +335,20 @@ class TrainingFiles:
         return out
 
     def write(self, folder: Path, state: TrainState, rngs: list[dict[str, Any]]) -> None:
+        self.write_tensors(folder)
+        self.write_small(folder, state, rngs)
+
+    def write_tensors(self, folder: Path) -> None:
+        """The trainable parameters and the optimizer state."""
         from safetensors.torch import save_file
 
         trainable = {n: p.detach().to("cpu").contiguous() for n, p in self.model.named_parameters()
                      if p.requires_grad}
         save_file(trainable, str(folder / MODEL_FILE))
         torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+
+    def write_small(self, folder: Path, state: TrainState, rngs: list[dict[str, Any]]) -> None:
+        """Scheduler, every rank's RNG and the state."""
         torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
         for r, rng in enumerate(rngs):
             torch.save(rng, folder / rng_file(r))
@@ -346,6 +356,15 @@ class TrainingFiles:
 
     def read(self, folder: Path) -> Snapshot:
         """Read and check a checkpoint without touching the model: a bad one changes nothing on any rank."""
+        snap = self.read_tensors(folder)
+        snap.scheduler = torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True)
+        rng_path = folder / rng_file(self.rank)
+        snap.rng = torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.exists() else None
+        snap.state = TrainState.load(folder)
+        return snap
+
+    def read_tensors(self, folder: Path) -> Snapshot:
+        """The parameters and optimizer state, checked against the model (the rest of the snapshot left empty)."""
         from safetensors.torch import load_file
 
         tensors = load_file(str(folder / MODEL_FILE))
@@ -362,18 +381,11 @@ class TrainingFiles:
         theirs = [len(g["params"]) for g in opt_state["param_groups"]]
         if ours != theirs:
             raise ValueError(f"optimizer parameter groups {theirs} do not match the model's {ours}")
-        sched_state = torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True)
-        rng_path = folder / rng_file(self.rank)
-        rng = torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.exists() else None
-        return Snapshot(tensors, opt_state, sched_state, rng, TrainState.load(folder))
+        return Snapshot(tensors, opt_state, {}, None, TrainState())
 
     def apply(self, snap: Snapshot, world: int) -> TrainState:
         """Restore model, optimizer, scheduler and (with the same number of processes) the RNG; return the state."""
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for n, t in snap.tensors.items():
-                params[n].copy_(t)
-        self.optimizer.load_state_dict(snap.optimizer)
+        self.apply_tensors(snap)
         self.scheduler.load_state_dict(snap.scheduler)
         state, rng = snap.state, snap.rng
         if rng is not None and state.world == world:
@@ -383,6 +395,13 @@ class TrainingFiles:
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
         state.rescale(world)
         return state
+
+    def apply_tensors(self, snap: Snapshot) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, t in snap.tensors.items():
+                params[n].copy_(t)
+        self.optimizer.load_state_dict(snap.optimizer)
 
 
 def _tuples(obj: Any) -> Any:
@@ -404,18 +423,21 @@ class Checkpointer:
     def save(self, state: TrainState) -> CheckpointInfo | None:
         """Rank 0 writes (the others return None); a storage failure there stops every rank with exit 74."""
         rngs = self.dist.gather(self.files.rng_state())
-        return self.dist.on_main(lambda: self._write(state, rngs))
+        return self.dist.on_main(lambda: self._recorded(state, lambda: self.manager.save(
+            state.step, lambda tmp: self.files.write(tmp, state, rngs))))
 
-    def _write(self, state: TrainState, rngs: list[dict[str, Any]]) -> CheckpointInfo:
+    def _recorded(self, state: TrainState, save: Callable[[], CheckpointInfo | None]) -> CheckpointInfo | None:
+        """Count the checkpoint in the state it carries, then `save()`; the count is undone if saving fails."""
         state.checkpoints += 1
         state.last_checkpoint = {"step": state.step, "path": self.manager.uri(state.step), "time": format_time(),
                                  "count": state.checkpoints}
         try:
-            info = self.manager.save(state.step, lambda tmp: self.files.write(tmp, state, rngs))
-        except StorageError:
+            info = save()
+        except TrainerError:
             state.checkpoints -= 1
             raise
-        state.last_checkpoint["time"] = info.time
+        if info is not None:
+            state.last_checkpoint["time"] = info.time
         return info
 
     def resume(self) -> tuple[int, TrainState] | None:
@@ -435,6 +457,8 @@ class Checkpointer:
             try:
                 snap: Snapshot | None = self.files.read(path)
                 error = None
+            except TrainerError:  # not a damaged checkpoint but one this run must not use (every rank raises)
+                raise
             except Exception as exc:  # any unreadable file means this checkpoint is unusable
                 snap, error = None, f"{type(exc).__name__}: {exc}"
             problems = [e for e in self.dist.gather(error) if e]

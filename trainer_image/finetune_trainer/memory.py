@@ -5,7 +5,8 @@ activations at the configured batch and length), whether it fits the device, and
 sharding and for the fail-fast check. The constants are the usual accounting for mixed-precision AdamW training
 (trainable weights, their gradients and AdamW's two moments in fp32: 16 bytes per trainable parameter), frozen
 weights in their storage precision, and activations per token and layer fitted to what torch actually saves for
-the backward pass of a Llama-style block (`tests/trainer/test_memory.py` checks the fit against a measurement).
+the backward pass of a Llama-style block (`tests/trainer/test_memory_plan.py` checks the fit against a
+measurement). `for_job` is what the trainer calls before it loads any weights.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune_api.progress import MemoryPlanReport
+from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer.errors import ConfigError
 
 GB = 1e9
@@ -76,7 +79,12 @@ class MemoryEstimate:
                 "activations": self.activations, "working": self.working, "total": self.total}
 
     def summary(self) -> str:
-        return ", ".join(f"{k} {v / GB:.2f} GB" for k, v in self.parts().items())
+        return ", ".join(f"{k} {size(v)}" for k, v in self.parts().items())
+
+
+def size(n: float) -> str:
+    """Bytes for people: GB down to 0.1 GB, MB below."""
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.2f} MB"
 
 
 def _compute_bytes(inp: MemoryInputs) -> int:
@@ -88,7 +96,7 @@ def estimate(inp: MemoryInputs) -> MemoryEstimate:
     s = inp.shape
     c = _compute_bytes(inp)
     frozen = s.parameters - s.trainable
-    frozen_bytes = 4 if inp.device != "cuda" or inp.precision == "fp32" else c  # frozen weights in compute dtype
+    frozen_bytes = c  # frozen weights are stored in the compute dtype (modeling.frozen_dtype)
     if inp.quantization in QUANTIZED_BYTES:  # bitsandbytes quantizes the blocks' linear layers, not embeddings
         frozen_embed = min(frozen, s.embedding)
         frozen_total = frozen_embed * c + (frozen - frozen_embed) * QUANTIZED_BYTES[inp.quantization]
@@ -126,14 +134,15 @@ class Plan:
     device_bytes: float
     reason: str
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> MemoryPlanReport:
         """For the progress document (and so the FineTuneJob's status) and metrics.json."""
-        return {"sharding": self.sharding, "reason": self.reason, "deviceBytes": round(self.device_bytes),
-                "perDeviceBytes": {k: round(v) for k, v in self.estimate.parts().items()}}
+        parts = {k: round(v) for k, v in self.estimate.parts().items() if k != "total"}
+        return MemoryPlanReport(sharding=self.sharding, reason=self.reason, per_device_bytes=round(self.estimate.total),
+                                device_bytes=round(self.device_bytes), breakdown=parts)
 
     def describe(self) -> str:
         return (f"memory plan: sharding {self.sharding} ({self.reason}); estimated per device: "
-                f"{self.estimate.summary()}; device memory {self.device_bytes / GB:.2f} GB")
+                f"{self.estimate.summary()}; device memory {size(self.device_bytes)}")
 
 
 def usable(device_bytes: float, device: str) -> float:
@@ -141,15 +150,15 @@ def usable(device_bytes: float, device: str) -> float:
     return max(0.0, device_bytes * USABLE_FRACTION - reserve)
 
 
-def _alternatives(inp: MemoryInputs, method: str) -> list[tuple[str, str, MemoryInputs]]:
+def _alternatives(inp: MemoryInputs, method: str, shardable: bool) -> list[tuple[str, str, MemoryInputs]]:
     """Single-field changes that lower memory, most effective kinds first: (field, new value, inputs)."""
     out: list[tuple[str, str, MemoryInputs]] = []
-    if inp.sharding != "fsdp" and inp.processes > 1:
+    if inp.sharding != "fsdp" and inp.processes > 1 and shardable:
         out.append(("spec.resources.sharding", "fsdp", dataclasses.replace(inp, sharding="fsdp")))
     if not inp.activation_checkpointing:
         out.append(("spec.hyperparameters.activationCheckpointing", "true",
                     dataclasses.replace(inp, activation_checkpointing=True)))
-    if method == "lora" and inp.quantization == "none" and inp.device == "cuda":
+    if method == "lora" and inp.quantization == "none" and inp.device == "cuda" and inp.sharding != "fsdp":
         out.append(("spec.method.lora.quantization", "4bit", dataclasses.replace(inp, quantization="4bit")))
     batch = inp.batch_size // 2
     while batch >= 1:
@@ -158,17 +167,21 @@ def _alternatives(inp: MemoryInputs, method: str) -> list[tuple[str, str, Memory
     return out
 
 
-def plan(requested: str, inp: MemoryInputs, device_bytes: float, method: str = "full") -> Plan:
+def plan(requested: str, inp: MemoryInputs, device_bytes: float, method: str = "full",
+         shardable: bool = True) -> Plan:
     """Resolve `resources.sharding` (auto, none, fsdp) for this job and check that it fits; ConfigError (exit 78)
-    naming the field to change when it does not, before any weights are loaded."""
+    naming the field to change when it does not, before any weights are loaded. `shardable`: whether fsdp is
+    possible for this job at all (not with a quantized base, nor for seq2seq, whose evaluation generates text)."""
     limit = usable(device_bytes, inp.device)
     if requested == "auto":
         single = estimate(dataclasses.replace(inp, sharding="none"))
-        if single.total <= limit or inp.processes <= 1:
-            chosen, reason = "none", ("fits on one device" if single.total <= limit else "a single process")
+        if single.total <= limit:
+            chosen, reason = "none", "auto: a full copy fits on each device"
+        elif inp.processes <= 1 or not shardable:
+            chosen, reason = "none", "auto: it cannot be sharded"  # and does not fit: the error below says so
         else:
             chosen = "fsdp"
-            reason = (f"a full copy per device would need {single.total / GB:.2f} GB, more than the "
+            reason = (f"auto: a full copy per device would need {single.total / GB:.2f} GB, more than the "
                       f"{limit / GB:.2f} GB usable")
     else:
         chosen, reason = requested, "as requested"
@@ -177,7 +190,7 @@ def plan(requested: str, inp: MemoryInputs, device_bytes: float, method: str = "
     if est.total <= limit:
         return Plan(chosen, est, device_bytes, reason)
     hints = []
-    for field, value, alt in _alternatives(inp, method):
+    for field, value, alt in _alternatives(inp, method, shardable):
         after = estimate(alt).total
         if after <= limit:
             hints.append(f"set {field} to {value} (about {after / GB:.2f} GB)")
@@ -189,6 +202,19 @@ def plan(requested: str, inp: MemoryInputs, device_bytes: float, method: str = "
     raise ConfigError(f"the training state would not fit: estimated {est.total / GB:.2f} GB per device "
                       f"({est.summary()}) with spec.resources.sharding {chosen}, and the device has "
                       f"{limit / GB:.2f} GB usable of {device_bytes / GB:.2f} GB; {advice}")
+
+
+def for_job(spec: FineTuneJobSpec, shape: ModelShape, processes: int, precision: str, device: str,
+            device_bytes: float) -> Plan:
+    """The job's plan: its batch size, configured sequence length, method, quantization and activation
+    checkpointing on `processes` devices of `device_bytes` each."""
+    hp = spec.hyperparameters
+    quantization = spec.method.lora.quantization if spec.method.lora else "none"
+    inp = MemoryInputs(shape=shape, sharding="none", processes=processes, batch_size=hp.batch_size,
+                       seq_length=hp.max_seq_length, precision=precision, device=device, quantization=quantization,
+                       activation_checkpointing=hp.activation_checkpointing)
+    shardable = quantization == "none" and spec.task.type != "seq2seq"
+    return plan(spec.resources.sharding, inp, device_bytes, spec.method.type, shardable)
 
 
 # --------------------------------------------------------------------------------------------- from the machine
@@ -272,34 +298,3 @@ def shape_from_config(config: Any, lora_r: int | None = None, lora_targets: list
 
 def local_processes() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
-class SavedTensorBytes:
-    """Measures the activation memory of a forward pass: the bytes of the tensors autograd keeps for the backward
-    pass (each storage once; parameters excluded). With activation checkpointing only what the checkpoints keep is
-    seen, which is what it saves. Used by the tests and the memory benchmark to measure, not compute."""
-
-    def __init__(self) -> None:
-        self._seen: set[int] = set()
-        self.bytes = 0
-        self._ctx: Any = None
-
-    def _pack(self, t: Any) -> Any:
-        from torch import nn
-
-        if not isinstance(t, nn.Parameter) and t.device.type != "meta":
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in self._seen:
-                self._seen.add(storage.data_ptr())
-                self.bytes += storage.nbytes()
-        return t
-
-    def __enter__(self) -> SavedTensorBytes:
-        import torch
-
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)

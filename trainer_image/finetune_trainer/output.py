@@ -22,7 +22,8 @@ METRICS_FILE = "metrics.json"
 
 
 def metrics_document(job: str, spec: FineTuneJobSpec, result: TrainResult, *, precision: str, processes: int,
-                     train_examples: int, validation_examples: int) -> dict[str, Any]:
+                     train_examples: int, validation_examples: int,
+                     memory: dict[str, Any] | None = None) -> dict[str, Any]:
     """What metrics.json says: the final metrics and their extras (the confusion matrix), the loss curve,
     throughput, the step reached and where the run resumed from."""
     state = result.state
@@ -39,27 +40,32 @@ def metrics_document(job: str, spec: FineTuneJobSpec, result: TrainResult, *, pr
         "validationExamples": validation_examples,
         "finishedAt": format_time(),
     }
+    if memory:
+        doc["memory"] = memory  # the memory plan and what each rank measured (finetune_trainer.job.memory_report)
     doc.update(result.extras)
     return doc
 
 
-def save_model(model: Any, tok: Any, spec: FineTuneJobSpec, folder: Path) -> None:
-    """save_pretrained (tokenizer included); LoRA writes the adapter and, if asked, the merged model in merged/."""
+def save_model(model: Any, tok: Any, spec: FineTuneJobSpec, folder: Path,
+               state_dict: dict[str, Any] | None = None, merge: Callable[[Path], Any] | None = None) -> None:
+    """save_pretrained (tokenizer included); LoRA writes the adapter and, if asked, the merged model in merged/.
+    A sharded model passes its gathered weights as `state_dict`, and `merge(folder)` builds the merged model where
+    the trained one cannot be merged in place (sharded or quantized)."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
+    model.save_pretrained(str(folder), state_dict=state_dict)
     tok.save_pretrained(str(folder))
     if spec.method.type == "lora" and spec.output.merge_adapter:
-        merged = model.merge_and_unload()
+        merged = merge(folder) if merge is not None else model.merge_and_unload()
         merged.save_pretrained(str(folder / "merged"))
         tok.save_pretrained(str(folder / "merged"))
 
 
 def write_output(store: Storage, spec: FineTuneJobSpec, model: Any, tok: Any,
-                 metrics: Callable[[], dict[str, Any]]) -> None:
+                 metrics: Callable[[], dict[str, Any]], **saving: Any) -> None:
     """The model, then metrics.json (`metrics()`, asked once the model is written); then upload everything to remote
     storage, metrics.json last. StorageError when the storage cannot be written."""
     try:
-        save_model(model, tok, spec, store.local)
+        save_model(model, tok, spec, store.local, **saving)
         write_json_atomic(store.local / METRICS_FILE, metrics())
         for entry in sorted(store.local.iterdir(), key=lambda p: p.name == METRICS_FILE):
             store.publish(entry.name)

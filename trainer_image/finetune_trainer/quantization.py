@@ -33,36 +33,31 @@ def require_device(quantization: str, device: torch.device) -> None:
                           "project's trainer image or set it to none") from exc
 
 
-def bnb_config(quantization: str, compute_dtype: torch.dtype, storage_dtype: torch.dtype | None = None) -> Any:
+def bnb_config(quantization: str, compute_dtype: torch.dtype) -> Any:
     """transformers' BitsAndBytesConfig for `quantization`. 4bit: NF4 with double quantization, computing in
-    `compute_dtype`; `storage_dtype` (the compute dtype under FSDP) packs the 4-bit weights in a float tensor so
-    that FSDP can shard them with the rest. 8bit: LLM.int8."""
+    `compute_dtype`. 8bit: LLM.int8."""
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype,
-                                  bnb_4bit_quant_storage=storage_dtype or torch.uint8)
+                                  bnb_4bit_compute_dtype=compute_dtype)
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"quantization {quantization!r}")
 
 
-def load_kwargs(quantization: str, device: torch.device, compute_dtype: torch.dtype,
-                sharded: bool = False) -> dict[str, Any]:
+def load_kwargs(quantization: str, device: torch.device, compute_dtype: torch.dtype) -> dict[str, Any]:
     """Extra `from_pretrained` arguments that load the base quantized onto this rank's GPU ({} for none)."""
     if quantization == "none":
         return {}
     require_device(quantization, device)
-    storage = compute_dtype if sharded and quantization == "4bit" else None
-    return {"quantization_config": bnb_config(quantization, compute_dtype, storage),
-            "device_map": {"": device.index or 0}, "dtype": compute_dtype}
+    return {"quantization_config": bnb_config(quantization, compute_dtype), "device_map": {"": device.index or 0},
+            "dtype": compute_dtype}
 
 
-def prepare(model: Any, activation_checkpointing: bool) -> Any:
-    """peft's preparation of a quantized base for training: norms in fp32, input gradients for checkpointing."""
+def prepare(model: Any) -> Any:
+    """peft's preparation of a quantized base for training (norms and other unquantized weights in fp32). Activation
+    checkpointing is not switched on here: `Dist.wrap` does it, non-reentrant, as for any model."""
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=activation_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if activation_checkpointing else None)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -1,7 +1,7 @@
-"""Sharded checkpoints: every rank writes its own shard of the model and optimizer state with
+"""Sharded checkpoints: under FSDP every rank writes its own shard of the trainable state and the optimizer with
 `torch.distributed.checkpoint` (DCP), inside the same atomic ledger as `checkpoint.CheckpointManager`.
 
-A save, all ranks together:
+A save, all ranks together (`ShardedCheckpointer.save`):
   1. rank 0 creates a staging folder `.tmp-checkpoint-<step>-shards-<pid>` (a crash leaves it as a partial, which the
      manager reports and removes on the next start) and every rank checks that it sees it (the storage must be shared);
   2. DCP writes one file per rank (`__<rank>_0.distcp`) and fsyncs it; the coordinator writes `.metadata` only after
@@ -11,8 +11,10 @@ A save, all ranks together:
 A checkpoint therefore has its COMPLETE marker only once all ranks' shards are on disk, and a crash at any moment
 leaves the previous complete one.
 
-Loading reshards: DCP maps the saved shards onto whatever layout this run has (another world size, FSDP or a plain
-model), and a bad checkpoint is found before any parameter changes (read into copies, then applied).
+Resuming detects the format of each checkpoint (`ShardedFiles`): a sharded one is resharded by DCP onto whatever
+layout this run has (another world size, FSDP or a plain model); an unsharded one (safetensors) is spread over this
+run's shards. Either is read into copies and checked before any parameter changes, so a bad checkpoint is set aside
+with the model untouched.
 """
 
 from __future__ import annotations
@@ -28,9 +30,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune_trainer.checkpoint import CheckpointInfo, CheckpointManager, is_io_error
+from finetune_trainer.checkpoint import (
+    Checkpointer,
+    CheckpointInfo,
+    CheckpointManager,
+    Snapshot,
+    TrainingFiles,
+    TrainState,
+    io_reason,
+    is_io_error,
+)
 from finetune_trainer.distributed import Dist
-from finetune_trainer.errors import ConfigError, StorageError, TrainerError
+from finetune_trainer.errors import ConfigError, StorageError
+from finetune_trainer.sharding import Wrapped
 
 log = logging.getLogger(__name__)
 
@@ -57,61 +69,41 @@ def training_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     return {"model": model_sd, "optim": optim_sd}
 
 
-def _agree(dist: Dist, error: str | None, kind: type[TrainerError] = StorageError) -> None:
-    """The same error on every rank if any rank had one, so no rank waits in a collective for ever."""
-    errors = [e for e in dist.gather(error) if e]
-    if errors:
-        raise kind(errors[0])
-
-
-def _storage_error(step: int, manager: CheckpointManager, exc: BaseException) -> str:
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
-    return (f"cannot write checkpoint for step {step} to {manager.storage.uri} ({manager.root}): {reason}; the last "
-            "complete checkpoint is kept")
-
-
-def save(manager: CheckpointManager | None, dist: Dist, step: int, module: nn.Module,
-         optimizer: torch.optim.Optimizer, write_small_files: Callable[[Path], None] | None = None,
-         root: Path | None = None) -> CheckpointInfo | None:
-    """Collective: every rank calls it. Rank 0 passes its writing `manager` (others may pass None, with `root` the
-    same checkpoint folder); `write_small_files(tmp)` runs on rank 0 inside the manager's save. StorageError (exit
-    74) on every rank if any rank cannot write; returns the CheckpointInfo on rank 0."""
+# ------------------------------------------------------------------------------------------------------- saving
+def save(manager: CheckpointManager, dist: Dist, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
+         write_small_files: Callable[[Path], None] | None = None) -> CheckpointInfo | None:
+    """Collective: every rank calls it with the same manager (rank 0 alone writes through it).
+    `write_small_files(tmp)` runs on rank 0 inside the manager's save. StorageError (exit 74) on every rank if any
+    rank cannot write; returns the CheckpointInfo on rank 0."""
     import torch.distributed.checkpoint as dcp
 
-    folder = manager.root if manager is not None else root
-    assert folder is not None, "ranks other than 0 pass the checkpoint folder as root"
-    staging: str | None = None
-    error: str | None = None
-    if dist.main:
-        assert manager is not None
+    def stage_folder() -> str:
         path = manager.root / f".tmp-checkpoint-{step}-shards-{os.getpid()}"
         try:
             path.mkdir(parents=True, exist_ok=False)
-            staging = str(path)
         except OSError as exc:
-            error = _storage_error(step, manager, exc)
-    _agree(dist, error)
-    staging = dist.gather(staging)[0]
-    assert staging is not None
-    stage = Path(staging)
-    if not stage.is_dir():  # another node with its own local folder: rank 0's files would never meet ours
-        error = (f"spec.checkpointing.storage {folder}: rank {dist.rank} does not see the folder rank 0 created; "
-                 "sharded checkpoints need storage that every worker shares (a ReadWriteMany volume, or one node)")
-    _agree(dist, error, ConfigError)
+            raise StorageError(_storage_error(step, manager, exc)) from exc
+        return str(path)
+
+    stage = Path(dist.gather(dist.on_main(stage_folder))[0])
+    seen = None if stage.is_dir() else ConfigError(
+        f"spec.checkpointing.storage {manager.storage.uri}: rank {dist.rank} does not see the folder rank 0 created "
+        f"({stage}); sharded checkpoints need storage that every worker shares (a ReadWriteMany volume, or one node)")
+    dist.agree(seen)
     t0 = time.monotonic()
     try:
-        writer = dcp.FileSystemWriter(str(stage), sync_files=True, single_file_per_rank=True)
-        dcp.save(training_state(module, optimizer), storage_writer=writer)
-    except Exception as exc:
-        if not is_io_error(exc) and not _is_checkpoint_io(exc):
-            raise
-        error = f"cannot write checkpoint shards for step {step} to {folder}: {str(exc).strip().splitlines()[0]}"
-    else:
-        error = None
-    dist.barrier()  # every rank's shard is written and fsynced before rank 0 marks the checkpoint complete
-    info: CheckpointInfo | None = None
-    if dist.main and error is None:
-        assert manager is not None
+        failed: StorageError | None = None
+        try:
+            writer = dcp.FileSystemWriter(str(stage), sync_files=True, single_file_per_rank=True)
+            dcp.save(training_state(module, optimizer), storage_writer=writer, no_dist=not dist.enabled)
+        except Exception as exc:
+            if not is_io_error(exc) and not _is_checkpoint_io(exc):
+                raise
+            failed = StorageError(f"cannot write checkpoint shards for step {step} to {manager.storage.uri} "
+                                  f"({manager.root}): {str(exc).strip().splitlines()[0]}; the last complete "
+                                  "checkpoint is kept")
+        dist.barrier()  # every rank's shard is written and fsynced before rank 0 marks the checkpoint complete
+        dist.agree(failed)
 
         def write(tmp: Path) -> None:
             for f in stage.iterdir():
@@ -119,19 +111,19 @@ def save(manager: CheckpointManager | None, dist: Dist, step: int, module: nn.Mo
             if write_small_files is not None:
                 write_small_files(tmp)
 
-        try:
-            info = manager.save(step, write)
-        except StorageError as exc:
-            error = exc.message
-        finally:
+        info = dist.on_main(lambda: manager.save(step, write))
+    finally:
+        if dist.main:
             shutil.rmtree(stage, ignore_errors=True)
-    elif dist.main:
-        shutil.rmtree(stage, ignore_errors=True)
-    _agree(dist, error)
     if info is not None:
         log.info("sharded checkpoint %s complete from %d rank(s) (%.1fs)", info.path, dist.world,
                  time.monotonic() - t0)
     return info
+
+
+def _storage_error(step: int, manager: CheckpointManager, exc: BaseException) -> str:
+    return (f"cannot write checkpoint for step {step} to {manager.storage.uri} ({manager.root}): {io_reason(exc)}; "
+            "the last complete checkpoint is kept")
 
 
 def _is_checkpoint_io(exc: BaseException) -> bool:
@@ -139,6 +131,7 @@ def _is_checkpoint_io(exc: BaseException) -> bool:
     return type(exc).__name__ == "CheckpointException" and is_io_error(Exception(str(exc)))
 
 
+# ------------------------------------------------------------------------------------------------------ loading
 def check(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """ValueError unless the checkpoint at `path` has every trainable parameter of this model with its shape."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -154,19 +147,30 @@ def check(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> No
             raise ValueError(f"parameter {k} has shape {saved}, the model {tuple(t.shape)}")
 
 
-def load(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load a sharded checkpoint into this run's layout, whatever world size wrote it (collective under a process
-    group, plain in a single process). The shards are read into copies first: if reading fails, the model and the
-    optimizer are unchanged and the caller can set the checkpoint aside and try an older one."""
+def read(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A sharded checkpoint read into copies laid out as this run holds its state, whatever world size wrote it
+    (collective under a process group, plain in a single process); the model and optimizer are not touched."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     check(path, module, optimizer)
     state = training_state(module, optimizer)
     copies = {"model": _clone(state["model"]), "optim": _clone(state["optim"])}
-    dcp.load(copies, storage_reader=dcp.FileSystemReader(str(path)))
-    set_state_dict(module, optimizer, model_state_dict=copies["model"], optim_state_dict=copies["optim"],
-                   options=_options())
+    dcp.load(copies, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not torch.distributed.is_initialized())
+    return copies
+
+
+def load(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """`read`, then apply: the whole sharded load in one call."""
+    copies = read(path, module, optimizer)
+    _apply(module, optimizer, copies["model"], copies["optim"])
+
+
+def _apply(module: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict[str, Any], optim_sd: dict[str, Any],
+           full: bool = False) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(module, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False, full_state_dict=full))
 
 
 def _clone(obj: Any) -> Any:
@@ -179,31 +183,69 @@ def _clone(obj: Any) -> Any:
     return obj
 
 
+def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                          saved: dict[str, Any]) -> dict[str, Any]:
+    """An unsharded optimizer state dict (parameters numbered in param_group order) keyed by parameter name, the form
+    `set_state_dict` spreads over shards. The numbering is this model's: the same model builds the same groups."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return {"state": {order[int(i)]: v for i, v in saved["state"].items()},
+            "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
+                              "params": [order[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
+
+
+class ShardedFiles(TrainingFiles):
+    """TrainingFiles for any layout: a sharded model's tensors are written by DCP (`save`, collective), and every
+    checkpoint is read in the format it was written in, onto the layout this run has."""
+
+    def __init__(self, wrapped: Wrapped, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
+                 rank: int) -> None:
+        super().__init__(wrapped.model, optimizer, scheduler, device, rank)
+        self.sharded = wrapped.sharded
+
+    def read_tensors(self, folder: Path) -> Snapshot:
+        if is_sharded(folder):
+            copies = read(folder, self.model, self.optimizer)
+            return Snapshot(copies["model"], copies["optim"], {}, None, TrainState(), sharded=True)
+        return super().read_tensors(folder)  # whole tensors: checked against the global shapes
+
+    def apply_tensors(self, snap: Snapshot) -> None:
+        if snap.sharded:
+            _apply(self.model, self.optimizer, snap.tensors, snap.optimizer)
+        elif self.sharded:  # an unsharded checkpoint spread over this run's shards
+            _apply(self.model, self.optimizer, snap.tensors,
+                   named_optimizer_state(self.model, self.optimizer, snap.optimizer), full=True)
+        else:
+            super().apply_tensors(snap)
+
+
+class ShardedCheckpointer(Checkpointer):
+    """Saving with every rank writing its shard (the model is sharded); resuming as any Checkpointer."""
+
+    files: ShardedFiles
+
+    def save(self, state: TrainState) -> CheckpointInfo | None:
+        rngs = self.dist.gather(self.files.rng_state())
+        return self._recorded(state, lambda: save(self.manager, self.dist, state.step, self.files.model,
+                                                  self.files.optimizer,
+                                                  lambda tmp: self.files.write_small(tmp, state, rngs)))
+
+
+def checkpointer(manager: CheckpointManager, wrapped: Wrapped, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 dist: Dist) -> Checkpointer:
+    """The checkpointer for this run's layout: sharded saves under FSDP, rank 0's files otherwise; either resumes
+    from both formats."""
+    files = ShardedFiles(wrapped, optimizer, scheduler, dist.device, dist.rank)
+    return (ShardedCheckpointer if wrapped.sharded else Checkpointer)(manager, files, dist)
+
+
 # ------------------------------------------------------------------------------------------------- final output
-def full_state_dict(module: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """The whole (unsharded) state dict on CPU, on every rank's call; collective under FSDP2. `trainable_only`
-    gathers just the adapters of a LoRA model."""
+def full_state_dict(wrapped: Wrapped, trainable_only: bool) -> dict[str, torch.Tensor] | None:
+    """Collective under FSDP2: the whole (unsharded) weights on CPU, `trainable_only` just the adapters (and head) of
+    a LoRA model, for rank 0's save_pretrained; None when the model is not sharded (it saves its own)."""
+    if not wrapped.sharded:
+        return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    return get_model_state_dict(module, options=opts)
-
-
-def save_pretrained(module: nn.Module, model: nn.Module, out: Path, dist: Dist, adapters_only: bool) -> None:
-    """Collective: gather the full weights and let rank 0 write a normal `save_pretrained` folder (the model, or the
-    LoRA adapter), which serving loads as it loads any other."""
-    sd = full_state_dict(module, trainable_only=adapters_only)
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(out), state_dict=sd)
-    dist.barrier()
-
-
-def merge_adapter(base: nn.Module, adapter_dir: Path, out: Path) -> None:
-    """Write the LoRA adapter saved in `adapter_dir` merged into `base`, a freshly loaded unsharded base model (rank 0,
-    on CPU, loaded as the job loads its model): what `output.mergeAdapter` writes when the trained model is sharded
-    or quantized, where merging in place is not possible."""
-    from peft import PeftModel
-
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(str(out))
+    return get_model_state_dict(wrapped.model, options=opts)

@@ -1,16 +1,19 @@
 """How the model is laid over the processes: a full copy on each (DDP) or FSDP2 shards per transformer block, with
-activation checkpointing per block and, on GPUs, frozen weights stored in the compute precision.
+activation checkpointing per block. `Dist.wrap` is the one caller of `wrap`.
 
-`wrap_model` is the one entry point; the loop then calls forward on `Wrapped.module`, accumulates gradients inside
-`Wrapped.accumulating(last)`, clips with `Wrapped.clip_grad_norm` and builds its optimizer over `Wrapped.trainable()`.
-The same API serves every device: FSDP2 (`torch.distributed.fsdp.fully_shard`) runs on CUDA with NCCL and, in the
-torch this project pins, on CPU with gloo, which is what the CPU tests exercise.
+The loop then calls forward on `Wrapped.module`, runs each micro-batch's backward inside `Wrapped.accumulating`,
+clips with `Wrapped.clip_grad_norm` (correct for DTensor shards: the norm is over every rank's shard) and builds
+its optimizer over `Wrapped.trainable()`. FSDP2 (`torch.distributed.fsdp.fully_shard`) runs on CUDA with NCCL and,
+in the torch this project pins, on CPU with gloo, which is what the CPU tests exercise.
+
+This module knows torch and transformers' model anatomy, nothing of the job: the layout comes in as a `Layout`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,14 +21,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune_trainer.distributed import Dist
 from finetune_trainer.errors import ConfigError
-from finetune_trainer.modeling import Precision
 
 log = logging.getLogger(__name__)
 
 SHARDING_FIELD = "spec.resources.sharding"
 CHECKPOINTING_FIELD = "spec.hyperparameters.activationCheckpointing"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How to wrap: `sharding` none (DDP across processes) or fsdp, as the memory plan resolved it; the compute
+    dtype (None: fp32) that FSDP gathers weights in and autocast runs in elsewhere; fp16 loss scaling; activation
+    checkpointing per transformer block."""
+
+    sharding: str = "none"
+    compute_dtype: torch.dtype | None = None
+    grad_scaling: bool = False
+    activation_checkpointing: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ model anatomy
@@ -69,96 +82,110 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     apply_activation_checkpointing(model, check_fn=lambda m: id(m) in ids)
 
 
-def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> int:
-    """Keep frozen parameters (the LoRA base, frozen embeddings) in `dtype`; trainable ones stay fp32 for the
-    optimizer. Returns the bytes saved. Only worth it, and only done by `wrap_model`, where compute runs in `dtype`."""
-    saved = 0
-    for p in model.parameters():
-        if hasattr(p, "quant_state") or type(p).__name__ in ("Params4bit", "Int8Params"):
-            continue  # bitsandbytes' packed weights keep their own storage type
-        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
-            saved += p.numel() * (p.element_size() - torch.empty((), dtype=dtype).element_size())
-            p.data = p.data.to(dtype)
-    return saved
+def is_quantized(model: nn.Module) -> bool:
+    """A base loaded quantized by bitsandbytes: already on its device, and its packed weights cannot move."""
+    return bool(getattr(base_model(model), "is_quantized", False))
 
 
 # ------------------------------------------------------------------------------------------------------ wrapping
+def clip_norm_(params: list[torch.Tensor], max_norm: float) -> None:
+    """Clip the gradients of plain tensors to `max_norm`. On CPU, torch's clip_grad_norm_ without its unconditional
+    rescale: gradients are only rewritten when the norm is over the limit (the same result; one pass over all
+    gradients fewer on most steps). On accelerators torch's (reading the norm back would stall the queue)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if grads[0].device.type != "cpu":
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    norm = float(total)
+    if norm > max_norm or not math.isfinite(norm):
+        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
+
+
 @dataclass
 class Wrapped:
     """The model as the loop drives it."""
 
-    module: nn.Module  # call forward on this (DDP, FSDP2 root, or the model)
+    module: nn.Module  # call forward on this (DDP, the FSDP2 root, or the model)
     model: nn.Module  # the unwrapped model: its parameters are DTensors under FSDP2
     kind: str  # "single" | "ddp" | "fsdp"
-    precision: Precision
+    layout: Layout
+
+    @property
+    def sharded(self) -> bool:
+        return self.kind == "fsdp"
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager[Any]:
-        """Context for one micro-batch's backward. DDP skips its all-reduce until the last micro-batch; FSDP2
-        reduce-scatters every micro-batch so that gradients stay sharded (memory over network traffic)."""
+        """Context for one micro-batch's forward and backward. DDP skips its all-reduce until the last micro-batch;
+        FSDP2 reduce-scatters every micro-batch so that gradients stay sharded (memory over network traffic)."""
         if self.kind == "ddp" and not last:
             return self.module.no_sync()  # type: ignore[operator,no-any-return]
         return contextlib.nullcontext()
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-        """FSDP2's mixed-precision policy already casts the gathered weights; elsewhere autocast does."""
-        if self.kind == "fsdp":
+        """FSDP2's mixed-precision policy already gathers the weights in the compute dtype; elsewhere autocast."""
+        if self.sharded:
             return contextlib.nullcontext()
-        return self.precision.autocast(device)  # type: ignore[no-any-return]
+        if self.layout.compute_dtype is None:
+            return torch.autocast(device.type, enabled=False)
+        return torch.autocast(device.type, dtype=self.layout.compute_dtype)
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """The global gradient norm (over every shard) before clipping; clips in place when max_norm > 0."""
-        params = [p for p in self.trainable() if p.grad is not None]
-        if not params:
-            return 0.0
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        full = getattr(norm, "full_tensor", None)
-        return float(full() if callable(full) else norm)
+    def grad_scaler(self) -> Any:
+        """fp16 loss scaling (None otherwise); the sharded scaler agrees on inf/nan across ranks' shards."""
+        if not self.layout.grad_scaling:
+            return None
+        if self.sharded:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler()
+        return torch.amp.GradScaler("cuda")
+
+    def clip_grad_norm(self, max_norm: float) -> None:
+        """Clip to the global gradient norm. Under FSDP2 torch's clip_grad_norm_ computes it over every rank's shard
+        (the DTensor norm is reduced across ranks), so every rank scales by the same factor."""
+        params = self.trainable()
+        if self.sharded:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+        else:
+            clip_norm_(params, max_norm)
 
 
-def mixed_precision_policy(precision: Precision) -> Any:
+def mixed_precision_policy(compute_dtype: torch.dtype | None) -> Any:
     """Gather weights in the compute precision and reduce gradients in fp32 (fp32 runs keep fp32 throughout)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if precision.autocast_dtype is None:
+    if compute_dtype is None:
         return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=precision.autocast_dtype, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
 
 
-def wrap_model(model: nn.Module, *, sharding: str, precision: Precision, dist: Dist,
-               activation_checkpointing: bool = False, frozen_in_compute_dtype: bool | None = None) -> Wrapped:
-    """Place `model` on this rank's device and wrap it for `sharding` ("none" or "fsdp", as `plan` resolved it).
-
-    `frozen_in_compute_dtype` (default: on GPUs with a 16-bit precision) stores frozen weights in that precision.
-    """
-    if activation_checkpointing:
+def wrap(model: nn.Module, layout: Layout, device: torch.device, world: int) -> Wrapped:
+    """Place `model` on `device` and wrap it for `layout` across `world` processes (an initialised group)."""
+    if layout.activation_checkpointing:
         enable_activation_checkpointing(model)
-    if frozen_in_compute_dtype is None:
-        frozen_in_compute_dtype = dist.device.type == "cuda"
-    if frozen_in_compute_dtype and precision.autocast_dtype is not None:
-        saved = store_frozen_in(model, precision.autocast_dtype)
-        if saved:
-            log.info("frozen weights kept in %s: %.2f GB less", precision.name, saved / 1e9)
-    if not getattr(base_model(model), "is_quantized", False):  # a quantized base was loaded onto its device
-        model.to(dist.device)
+    if not is_quantized(model):
+        model.to(device)
     model.train()
-    if sharding == "fsdp":
-        if not dist.enabled:
+    if layout.sharding == "fsdp":
+        if world <= 1:
             raise ConfigError(f"{SHARDING_FIELD} fsdp needs more than one process; this run has one")
-        return Wrapped(shard(model, precision, dist), model, "fsdp", precision)
-    if sharding != "none":
-        raise ValueError(f"sharding {sharding!r}: resolve auto with memory.plan first")
-    if not dist.enabled:
-        return Wrapped(model, model, "single", precision)
+        return Wrapped(shard(model, layout.compute_dtype, device, world), model, "fsdp", layout)
+    if layout.sharding != "none":
+        raise ValueError(f"sharding {layout.sharding!r}: resolve auto with memory.plan first")
+    if world <= 1:
+        return Wrapped(model, model, "single", layout)
     from torch.nn.parallel import DistributedDataParallel
 
-    ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return Wrapped(DistributedDataParallel(model, device_ids=ids), model, "ddp", precision)
+    ids = [device.index] if device.type == "cuda" else None
+    return Wrapped(DistributedDataParallel(model, device_ids=ids), model, "ddp", layout)
 
 
-def shard(model: nn.Module, precision: Precision, dist: Dist) -> nn.Module:
+def shard(model: nn.Module, compute_dtype: torch.dtype | None, device: torch.device, world: int) -> nn.Module:
     """FSDP2: one parameter group per transformer block, then the root for what is left (embeddings, head, norms)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -167,13 +194,13 @@ def shard(model: nn.Module, precision: Precision, dist: Dist) -> nn.Module:
     if not blocks:
         raise ConfigError(f"{SHARDING_FIELD} fsdp: no transformer blocks found in {type(base_model(model)).__name__}"
                           "; use sharding none")
-    mesh = init_device_mesh(dist.device.type, (dist.world,))
-    policy = mixed_precision_policy(precision)
+    mesh = init_device_mesh(device.type, (world,))
+    policy = mixed_precision_policy(compute_dtype)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     # The root's parameters are needed again at once by the backward pass: keep them gathered after the forward.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    log.info("FSDP2 over %d processes: %d blocks of %s", dist.world, len(blocks), type(blocks[0]).__name__)
+    log.info("FSDP2 over %d processes: %d blocks of %s", world, len(blocks), type(blocks[0]).__name__)
     return model
 
 
@@ -218,3 +245,30 @@ def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
            "optimizer": size(_tensors_of(list(optimizer.state.values()))) if optimizer is not None else 0}
     out["total"] = out["parameters"] + out["gradients"] + out["optimizer"]
     return out
+
+
+class SavedTensorBytes:
+    """Measures the activation memory of a forward pass: the bytes of the tensors autograd keeps for the backward
+    pass (each storage once; parameters excluded). With activation checkpointing only what the checkpoints keep is
+    seen, which is what it saves. The loop measures its first micro-batch with it."""
+
+    def __init__(self) -> None:
+        self._seen: set[int] = set()
+        self.bytes = 0
+        self._ctx: Any = None
+
+    def _pack(self, t: Any) -> Any:
+        if not isinstance(t, nn.Parameter) and t.device.type != "meta":
+            storage = _local(t).untyped_storage()
+            if storage.data_ptr() not in self._seen:
+                self._seen.add(storage.data_ptr())
+                self.bytes += storage.nbytes()
+        return t
+
+    def __enter__(self) -> SavedTensorBytes:
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
