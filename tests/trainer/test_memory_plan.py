@@ -1,5 +1,6 @@
-"""The memory plan before training, QLoRA's fail-fast on machines without CUDA, and sharded checkpoints in one
-process (the two-process proofs are in test_sharding.py)."""
+"""The memory plan before training (and the job failing at once when it cannot fit), QLoRA's fail-fast on machines
+without CUDA, and sharded checkpoints in one process, including an unsharded checkpoint spread over FSDP shards (the
+two-process proofs run the real trainer: test_sharded_training.py)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_trainer import memory, quantization, sharded_checkpoint, sharding
+from finetune_trainer import memory, quantization, sharded_checkpoint
 from finetune_trainer.checkpoint import CheckpointManager
 from finetune_trainer.distributed import Dist
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.locations import storage
 from finetune_trainer.loop import make_optimizer
-from finetune_trainer.modeling import choose_precision
-from tests.trainer import sharded_worker, support
+from finetune_trainer.sharding import Layout, SavedTensorBytes, Wrapped
+from tests.trainer import support
 
 GB = 1e9
 
@@ -57,10 +58,15 @@ def test_auto_picks_fsdp_only_when_a_full_copy_does_not_fit(llama7b: memory.Mode
     plan = memory.plan("auto", _inputs(llama7b, processes=8), 80 * GB)
     assert plan.sharding == "fsdp" and "would need" in plan.reason
     report = plan.report()
-    assert report["sharding"] == "fsdp" and report["perDeviceBytes"]["total"] < 80 * GB
+    assert report.sharding == "fsdp" and report.per_device_bytes < 80 * GB and report.breakdown is not None
+    assert report.per_device_bytes == pytest.approx(sum(report.breakdown.values()), abs=8)
     lora = dataclasses.replace(llama7b, trainable=20_000_000)
     small = memory.plan("auto", _inputs(lora, processes=8, activation_checkpointing=True), 80 * GB, method="lora")
-    assert small.sharding == "none" and small.reason == "fits on one device"
+    assert small.sharding == "none" and small.reason == "auto: a full copy fits on each device"
+    with pytest.raises(ConfigError) as err:  # a job that cannot be sharded (seq2seq) is never told to shard
+        memory.plan("auto", _inputs(llama7b, processes=8), 80 * GB, shardable=False)
+    assert "spec.resources.sharding none" in err.value.message
+    assert "set spec.resources.sharding to fsdp" not in err.value.message
 
 
 def test_a_plan_that_cannot_fit_names_the_field_to_change(llama7b: memory.ModelShape) -> None:
@@ -87,14 +93,11 @@ def test_qlora_7b_fits_in_24_gb_by_the_estimate(llama7b: memory.ModelShape) -> N
 
 def test_activation_estimate_matches_a_measurement_within_a_factor_of_two() -> None:
     torch.set_num_threads(1)
-    run = {"method": "full", "config": {"num_hidden_layers": 4, "vocab_size": 128}, "global_batch": 4, "seq": 128}
-    model = sharded_worker.build_model(run)
-    x = sharded_worker.batch(run, 0, 0, Dist())
+    x = support.counting_tokens(4, 128)
     for ac in (False, True):
-        w = sharding.wrap_model(sharded_worker.build_model(run) if ac else model, sharding="none",
-                                precision=choose_precision("fp32", torch.device("cpu")), dist=Dist(),
-                                activation_checkpointing=ac)
-        with memory.SavedTensorBytes() as saved:
+        model = support.llama_in_memory(num_hidden_layers=4)
+        w = Dist().wrap(model, Layout(activation_checkpointing=ac))
+        with SavedTensorBytes() as saved:
             w.module(input_ids=x, labels=x)
         est = memory.estimate(memory.MemoryInputs(memory.model_shape(model), "none", 1, 4, 128, "fp32", "cpu",
                                                   activation_checkpointing=ac))
@@ -113,9 +116,9 @@ def test_qlora_without_cuda_fails_at_once_with_exit_78_naming_the_field() -> Non
 
 
 def test_bnb_config_is_nf4_double_quant_in_the_compute_dtype() -> None:
-    cfg = quantization.bnb_config("4bit", torch.bfloat16, storage_dtype=torch.bfloat16)
+    cfg = quantization.bnb_config("4bit", torch.bfloat16)
     assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_use_double_quant
-    assert cfg.bnb_4bit_compute_dtype == torch.bfloat16 and cfg.bnb_4bit_quant_storage == torch.bfloat16
+    assert cfg.bnb_4bit_compute_dtype == torch.bfloat16
     assert quantization.bnb_config("8bit", torch.float16).load_in_8bit
 
 
@@ -128,11 +131,10 @@ def test_bitsandbytes_imports_without_a_gpu() -> None:
 
 
 # ------------------------------------------------------------------------------------------- sharded checkpoints
-def _trained(run: dict[str, object]) -> tuple[sharding.Wrapped, torch.optim.Optimizer]:
-    w = sharding.wrap_model(sharded_worker.build_model(run), sharding="none",
-                            precision=choose_precision("fp32", torch.device("cpu")), dist=Dist())
+def _trained(lora: bool = False, seed: int = 0, **config: object) -> tuple[Wrapped, torch.optim.Optimizer]:
+    w = Dist().wrap(support.llama_in_memory(lora=lora, seed=seed, **config))
     opt = make_optimizer(w.model, 1e-2, 0.0)
-    x = sharded_worker.batch(run, 0, 0, Dist())
+    x = support.counting_tokens(4, 16)
     w.module(input_ids=x, labels=x).loss.backward()
     opt.step()
     opt.zero_grad()
@@ -145,8 +147,7 @@ def _manager(path: Path) -> CheckpointManager:
 
 def test_sharded_checkpoint_round_trip_and_ledger(tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    run = {"method": "lora"}
-    w, opt = _trained(run)
+    w, opt = _trained(lora=True)
     manager = _manager(tmp_path)
     info = sharded_checkpoint.save(manager, Dist(), 1, w.module, opt,
                                    write_small_files=lambda tmp: (tmp / "trainer_state.json").write_text("{}"))
@@ -162,7 +163,7 @@ def test_sharded_checkpoint_round_trip_and_ledger(tmp_path: Path) -> None:
     assert all("lora_" in k for k in tensors), sorted(tensors)[:3]
     assert sum(torch.Size(s).numel() for s in tensors.values()) == 3 * sum(p.numel() for p in w.trainable())
 
-    fresh, fresh_opt = _trained({"method": "lora", "seed": 1})
+    fresh, fresh_opt = _trained(lora=True, seed=1)
     sharded_checkpoint.load(info.path, fresh.module, fresh_opt)
     for (n, a), (_, b) in zip(w.model.named_parameters(), fresh.model.named_parameters(), strict=True):
         if a.requires_grad:
@@ -178,12 +179,83 @@ def test_sharded_checkpoint_round_trip_and_ledger(tmp_path: Path) -> None:
 
 def test_a_checkpoint_of_another_model_is_refused_before_anything_changes(tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    w, opt = _trained({"method": "full"})
+    w, opt = _trained()
     info = sharded_checkpoint.save(_manager(tmp_path), Dist(), 1, w.module, opt)
     assert info is not None
-    other, other_opt = _trained({"method": "full", "config": {"hidden_size": 32, "intermediate_size": 64}})
+    other, other_opt = _trained(hidden_size=32, intermediate_size=64)
     before = {n: p.detach().clone() for n, p in other.model.named_parameters()}
     with pytest.raises(ValueError, match="shape"):
         sharded_checkpoint.load(info.path, other.module, other_opt)
     for n, p in other.model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+def test_an_unsharded_checkpoint_is_spread_over_fsdp_shards(tmp_path: Path) -> None:
+    """A checkpoint written without sharding (safetensors + optimizer.pt) resumes a sharded run: parameters and AdamW
+    state land in the DTensor shards, and the next step is the step the unsharded run takes (one-process group)."""
+    import torch.distributed as td
+
+    from finetune_trainer.checkpoint import TrainingFiles
+    from finetune_trainer.sharding import shard
+
+    torch.set_num_threads(1)
+    plain, opt = _trained()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    TrainingFiles(plain.model, opt, scheduler, torch.device("cpu"), 0).write_tensors(tmp_path)
+    td.init_process_group("gloo", store=td.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = support.llama_in_memory(seed=1)
+        wrapped = Wrapped(shard(model, None, torch.device("cpu"), 1), model, "fsdp", Layout("fsdp"))
+        sharded_opt = make_optimizer(model, 1e-2, 0.0)
+        files = sharded_checkpoint.ShardedFiles(wrapped, sharded_opt, torch.optim.lr_scheduler.LambdaLR(
+            sharded_opt, lambda s: 1.0), torch.device("cpu"), 0)
+        files.apply_tensors(files.read_tensors(tmp_path))
+        params = dict(plain.model.named_parameters())
+        for name, p in model.named_parameters():
+            assert type(p.data).__name__ == "DTensor"
+            torch.testing.assert_close(p.full_tensor(), params[name], msg=name)
+        x = support.counting_tokens(4, 16, seed=3)
+        for w, o in ((plain, opt), (wrapped, sharded_opt)):
+            w.module(input_ids=x, labels=x).loss.backward()
+            o.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.full_tensor(), params[name], rtol=1e-5, atol=1e-6, msg=name)
+    finally:
+        td.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------- the job fails at once
+def _job(tmp: Path, model: str, **spec: object) -> Path:
+    base = {"task": {"type": "causal-lm"}, "model": {"source": model},
+            "dataset": {"train": str(tmp / "no-such-data.jsonl")}, "hyperparameters": {"maxSteps": 1},
+            "resources": {"gpusPerWorker": 0}, "output": {"storage": str(tmp / "out")}}
+    return support.manifest(tmp / "job.yaml", {**base, **spec})
+
+
+def test_a_plan_that_cannot_fit_fails_with_78_before_data_or_weights_are_read(tmp_path: Path, isolated: Path) -> None:
+    """A 70B full fine-tune on one process: the plan (from config.json on the meta device) fails the job at once,
+    naming the fields to change. The folder has no weights and the data file does not exist: neither was needed."""
+    from transformers import LlamaConfig
+
+    from finetune_trainer.__main__ import main
+
+    big = tmp_path / "llama-70b"
+    LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000).save_pretrained(big)
+    support.word_tokenizer(big)
+    assert main([str(_job(tmp_path, str(big))), "--no-progress-bar"]) == 78
+    said = (isolated / "termination-log").read_text()
+    assert "the training state would not fit: estimated" in said and "with spec.resources.sharding none" in said
+    assert "spec.hyperparameters.activationCheckpointing" in said and "[exit 78:" in said
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_qlora_on_a_cpu_fails_with_78_before_anything_else(tmp_path: Path, isolated: Path) -> None:
+    """Not even the model or the data is looked at (neither exists here): the first thing the job checks."""
+    from finetune_trainer.__main__ import main
+
+    job = _job(tmp_path, str(tmp_path / "no-such-model"), method={"type": "lora", "lora": {"quantization": "4bit"}},
+               resources={"gpusPerWorker": 1})
+    assert main([str(job), "--no-progress-bar"]) == 78
+    said = (isolated / "termination-log").read_text()
+    assert said.startswith("spec.method.lora.quantization 4bit (QLoRA) needs a CUDA GPU and this process has none")

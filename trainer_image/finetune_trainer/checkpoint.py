@@ -20,7 +20,8 @@ Three parts, each replaceable on its own:
 - `TrainingFiles`: what a training run puts in a folder (parameters, optimizer, scheduler, every rank's RNG, the
   `TrainState`) and how it is read back: checked completely before anything is applied.
 - `Checkpointer`: what every rank does: rank 0 writes and all ranks agree on a failure; all ranks resume from the
-  same checkpoint. A sharded format (every rank writing its own shard) provides its own `TrainingFiles` and `save`.
+  same checkpoint. The sharded format (every rank writes its shard: finetune_trainer.sharded_checkpoint) replaces the
+  tensor half of `TrainingFiles` and the `save`.
 """
 
 from __future__ import annotations

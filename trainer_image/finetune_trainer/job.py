@@ -45,7 +45,7 @@ from finetune_trainer.modeling import (
 from finetune_trainer.output import metrics_document, write_output
 from finetune_trainer.progress import Progress
 from finetune_trainer.sharded_checkpoint import full_state_dict
-from finetune_trainer.sharding import Layout
+from finetune_trainer.sharding import Layout, Wrapped
 from finetune_trainer.signals import StopSignal
 from finetune_trainer.tasks.base import Task
 
@@ -265,16 +265,11 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
                           precision=precision, dist=dist, checkpoints=ckpt, evaluator=evaluator, progress=progress,
                           stop=stop, progress_bar=cfg.progress_bar, log_interval=cfg.progress_interval, layout=layout)
         result = trainer.run()
-        wrapped = trainer.optimizer_step.wrapped
-        weights = full_state_dict(wrapped, trainable_only=spec.method.type == "lora")  # collective under FSDP
-        merge = None
-        if spec.method.type == "lora" and (wrapped.sharded or quantization_of(spec) != "none"):
-            # The trained base is sharded or quantized: the saved adapter is merged into a fresh fp32 base instead.
-            merge = functools.partial(merge_into_fresh_base, spec, task, source, tok)
+        saving = output_saving(spec, task, source, tok, trainer.optimizer_step.wrapped)  # collective under FSDP
         used = memory_report(plan, trainer.optimizer_step.measured)
         dist.on_main(lambda: write_output(where.output, spec, model, tok, lambda: metrics_document(
             name, spec, result, precision=precision.name, processes=dist.world, train_examples=len(train_enc),
-            validation_examples=len(val_enc) if val_enc else 0, memory=used), state_dict=weights, merge=merge))
+            validation_examples=len(val_enc) if val_enc else 0, memory=used), **saving))
         progress.update(urgent=False, state="finished", metrics=result.metrics,
                         output={"path": spec.output.storage, "metrics": result.metrics}, eta_seconds=0)
     finally:
@@ -282,8 +277,18 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
     return Outcome(name, task, result, spec.output.storage, where.output.local, time.monotonic() - started)
 
 
+def output_saving(spec: FineTuneJobSpec, task: Task, source: str, tok: Any, wrapped: Wrapped) -> dict[str, Any]:
+    """How rank 0 saves the trained model (`output.save_model`'s options). Every rank calls it: under FSDP the full
+    weights (the adapter for LoRA) are gathered here; a sharded or quantized LoRA base is not merged in place, the
+    saved adapter is merged into the base loaded again in fp32."""
+    lora = spec.method.type == "lora"
+    saving: dict[str, Any] = {"state_dict": full_state_dict(wrapped, trainable_only=lora)}
+    if lora and spec.output.merge_adapter and (wrapped.sharded or quantization_of(spec) != "none"):
+        saving["merge"] = functools.partial(merge_into_fresh_base, spec, task, source, tok)
+    return saving
+
+
 def merge_into_fresh_base(spec: FineTuneJobSpec, task: Task, source: str, tok: Any, adapter: Path) -> Any:
-    """The adapter saved in `adapter` merged into the base loaded again in fp32 on the CPU."""
     base = load_model(task, source, spec.model.revision, spec.model.trust_remote_code, tok)
     return merged_adapter(base, adapter)
 

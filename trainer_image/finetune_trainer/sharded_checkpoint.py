@@ -19,11 +19,13 @@ with the model untouched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,14 @@ def training_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     return {"model": model_sd, "optim": optim_sd}
 
 
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns on every single-process save and load that it assumes one process, which is what we asked for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
+        yield
+
+
 # ------------------------------------------------------------------------------------------------------- saving
 def save(manager: CheckpointManager, dist: Dist, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
          write_small_files: Callable[[Path], None] | None = None) -> CheckpointInfo | None:
@@ -95,7 +105,8 @@ def save(manager: CheckpointManager, dist: Dist, step: int, module: nn.Module, o
         failed: StorageError | None = None
         try:
             writer = dcp.FileSystemWriter(str(stage), sync_files=True, single_file_per_rank=True)
-            dcp.save(training_state(module, optimizer), storage_writer=writer, no_dist=not dist.enabled)
+            with _single_process_quiet():
+                dcp.save(training_state(module, optimizer), storage_writer=writer, no_dist=not dist.enabled)
         except Exception as exc:
             if not is_io_error(exc) and not _is_checkpoint_io(exc):
                 raise
@@ -155,7 +166,8 @@ def read(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> dic
     check(path, module, optimizer)
     state = training_state(module, optimizer)
     copies = {"model": _clone(state["model"]), "optim": _clone(state["optim"])}
-    dcp.load(copies, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not torch.distributed.is_initialized())
+    with _single_process_quiet():
+        dcp.load(copies, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not torch.distributed.is_initialized())
     return copies
 
 
