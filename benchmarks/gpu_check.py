@@ -4,11 +4,11 @@ Two decoder shapes built from configs with random weights (throughput and memory
 there is no hub): a 1B class (TinyLlama-1.1B's shape) and a 7B class (Llama-2-7B's shape). For each, on the same
 data (random tokens, fixed seed) and batch:
 
-  ours full      this trainer's model set-up (`sharding.wrap_model`: fp32 weights and AdamW state, bf16 autocast,
-                 fused AdamW) and step (forward, backward, clip, step), full fine-tuning
+  ours full      this trainer's model set-up and step (`ours` below: the modules a FineTuneJob runs, down to
+                 `loop.OptimizerStep`): fp32 weights and AdamW state, bf16 autocast, fused AdamW, clipping
   Trainer full   stock transformers.Trainer, bf16=True, same model, data, batch and activation checkpointing
-  ours LoRA      LoRA r=16 on the attention projections, frozen base stored in bf16
-  ours QLoRA     the base loaded 4-bit (NF4) through transformers' BitsAndBytesConfig (`quantization.load_kwargs`)
+  ours LoRA      LoRA r=16 on the attention projections, frozen base stored in bf16 (`modeling.frozen_dtype`)
+  ours QLoRA     the base loaded 4-bit (NF4) through `job.load_trainable` (transformers' BitsAndBytesConfig)
 
 Reported per row: samples/s and tokens/s after one warm-up step, MFU (6 x non-embedding parameters x tokens/s over
 the GPU's dense bf16 peak; full fine-tuning rows), the peak of allocated GPU memory during training, and the
@@ -81,13 +81,6 @@ def _data(torch: Any, cfg: Any, batch: int, seq: int, steps: int, device: Any) -
     return [torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device) for _ in range(steps + 1)]
 
 
-def _lora(model: Any) -> Any:
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-
-
 def _sync(torch: Any, device: Any) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -104,60 +97,77 @@ def _peak(torch: Any, device: Any) -> float | None:
     return float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None  # CPU: not tracked
 
 
-def ours(row: str, shape: dict[str, int], run: tuple[int, int, int, bool], tmp: Path) -> dict[str, Any]:
-    """This trainer's set-up and step: wrap_model, fused AdamW, bf16 autocast, clipping at 1.0."""
-    torch, device = _setup()
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+class _Tokenizer:
+    pad_token_id = 0  # the trainer's model loading only asks the tokenizer for its pad id
 
-    from finetune_trainer import memory, quantization, sharding
+
+def ours(row: str, shape: dict[str, int], run: tuple[int, int, int, bool], tmp: Path) -> dict[str, Any]:
+    """This trainer's set-up and step, as a FineTuneJob with these settings runs them: the weights in
+    `modeling.frozen_dtype` (fp32 for full fine-tuning; a bf16 base for LoRA), LoRA through `modeling.apply_lora`,
+    QLoRA through `job.load_trainable` (BitsAndBytesConfig, peft's k-bit preparation), then `loop.OptimizerStep`
+    (`Dist.wrap`: activation checkpointing; bf16 autocast, fused AdamW, clipping at 1.0, the schedule) on batches
+    collated by `data.collate`. Only the data (random tokens) and the model's weights (random, built from a config
+    instead of read from a hub) differ from a real job."""
+    torch, device = _setup()
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from finetune_api.spec import FineTuneJobSpec
+    from finetune_trainer import memory, quantization, tasks
+    from finetune_trainer.data import Encoded
     from finetune_trainer.distributed import Dist
-    from finetune_trainer.loop import make_optimizer
-    from finetune_trainer.modeling import choose_precision
+    from finetune_trainer.job import load_trainable
+    from finetune_trainer.loop import LoopSettings, OptimizerStep
+    from finetune_trainer.modeling import apply_lora, choose_precision, frozen_dtype, trainable_in_fp32
+    from finetune_trainer.sharding import Layout
 
     batch, seq, steps, ac = run
     cfg = _config(shape, seq)
     precision = choose_precision("bf16", device)
+    method = "full" if row == "ours_full" else "lora"
+    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+            "quantization": "4bit" if row == "ours_qlora" else "none"}
+    spec = FineTuneJobSpec.model_validate({
+        "task": {"type": "causal-lm"}, "model": {"source": str(tmp / "base")}, "dataset": {"train": "random"},
+        "method": {"type": method, **({"lora": lora} if method == "lora" else {})},
+        "hyperparameters": {"maxSteps": steps + 1, "batchSize": batch, "maxSeqLength": seq, "learningRate": 1e-5,
+                            "lrScheduler": {"type": "constant"}, "precision": "bf16", "maxGradNorm": 1.0,
+                            "activationCheckpointing": ac},
+        "output": {"storage": str(tmp / "out")}})
+    task = tasks.for_spec(spec)
+    dist = Dist(device=device)
     torch.manual_seed(0)
     if row == "ours_qlora":
         quantization.require_device("4bit", device)  # on CPU: ConfigError (exit 78), reported by the caller
         with torch.device(device):
-            base = LlamaForCausalLM(cfg).to(torch.bfloat16)
-        base.save_pretrained(tmp / "base")
-        del base
+            AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(tmp / "base")
         gc.collect()
         torch.cuda.empty_cache()
-        model = AutoModelForCausalLM.from_pretrained(
-            tmp / "base", **quantization.load_kwargs("4bit", device, torch.bfloat16))
-        model = quantization.prepare(model, activation_checkpointing=ac)
-        model = _lora(model)
+        model = load_trainable(spec, task, str(tmp / "base"), _Tokenizer(), dist, precision)
     else:
         with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-        if row == "ours_lora":
-            model = _lora(model)
-    w = sharding.wrap_model(model, sharding="none", precision=precision, dist=Dist(device=device),
-                            activation_checkpointing=ac and row != "ours_qlora")
-    opt = make_optimizer(w.model, 1e-5, 0.0)
-    shape_now = memory.model_shape(w.model)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=frozen_dtype(method, precision))
+        if method == "lora":
+            model = apply_lora(model, task, spec.method.lora)
+        trainable_in_fp32(model)
+    layout = Layout("none", precision.autocast_dtype, precision.grad_scaling, ac)
+    step = OptimizerStep(model, dist, LoopSettings.of(spec), precision, steps + 1, layout)
+    shape_now = memory.model_shape(step.wrapped.model)
     est = memory.estimate(memory.MemoryInputs(shape_now, "none", 1, batch, seq, precision.name, device.type,
-                                              "4bit" if row == "ours_qlora" else "none", ac))
-    data = _data(torch, cfg, batch, seq, steps, device)
+                                              lora["quantization"] if method == "lora" else "none", ac))
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, cfg.vocab_size, ((steps + 1) * batch, seq), generator=g).tolist()
+    data = Encoded.from_rows({"input_ids": rows, "labels": rows})
     _peak_reset(torch, device)
     t_first = 0.0
     loss = float("nan")
-    for i, x in enumerate(data):
-        with w.autocast(device):
-            out = w.module(input_ids=x, labels=x)
-        out.loss.backward()
-        w.clip_grad_norm(1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    for i in range(steps + 1):
+        loss, _, _ = step(data, [np.arange(i * batch, (i + 1) * batch)], pad_id=0)
         if i == 0:
             _sync(torch, device)
             t_first = time.perf_counter()
     _sync(torch, device)
     seconds = time.perf_counter() - t_first
-    loss = float(out.loss.detach())
     return {"samples_per_second": steps * batch / seconds, "tokens_per_second": steps * batch * seq / seconds,
             "peak_bytes": _peak(torch, device), "estimate_bytes": est.total, "loss": loss,
             "non_embedding_parameters": shape_now.parameters - shape_now.embedding, "device": _device_name(device)}
