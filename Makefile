@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo test test-fast lint crds check-crds cluster controlplane-bin bench clean
+.PHONY: help venv demo test test-fast lint crds check-crds cluster controlplane-bin bench clean version lock check-floors
 
 help:
 	@echo "make demo    - set up a virtualenv and fine-tune all-MiniLM-L6-v2 on the example sentiment data (CPU, <5 min)"
@@ -16,14 +16,18 @@ help:
 	@echo "make crds    - regenerate the CRD (and the chart's copy) from the pydantic models"
 	@echo "make lint    - ruff"
 	@echo "make bench   - run the benchmarks under benchmarks/"
+	@echo "make lock    - re-pin requirements/*.txt from pyproject.toml (PyPI)"
+	@echo "make check-floors - resolve every extra at its lowest versions; install and test the API/operator/CLI ones"
 
 # torch first (the PyPI build, about 3 GB with its CUDA libraries; it runs on CPU), then the rest; pip's cache
 # serves later runs.
-$(STAMP): pyproject.toml
+# requirements/dev.txt pins every version (python requirements/lock.py), torch included, consistent with the images'
+# requirements/operator.txt and requirements/trainer.txt.
+$(STAMP): pyproject.toml requirements/dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip >/dev/null
-	$(PIP) install "torch>=2.4"
-	$(PIP) install -e ".[operator,trainer,dev]"
+	$(PIP) install -c requirements/dev.txt torch
+	$(PIP) install -c requirements/dev.txt -e ".[operator,cli,trainer,dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -53,6 +57,26 @@ crds: $(STAMP)
 check-crds: $(STAMP)
 	$(PY) -m finetune_api.crd --check
 	$(PY) helm/chartgen.py --check
+	$(PY) requirements/lock.py --check
+
+# The one version (operator/finetune_api/_version.py), e.g. for `docker build -t finetune-operator:$(make -s version)`.
+version:
+	@sed -n 's/^__version__ = "\(.*\)"$$/\1/p' operator/finetune_api/_version.py
+
+lock: $(STAMP)
+	$(PY) requirements/lock.py
+
+# The floors in pyproject.toml are tested: each extra resolves at its lowest versions to exactly the declared floors,
+# and the API, operator and CLI pass their unit tests installed at those floors (the trainer's would need a second
+# torch; they are resolved only). Needs PyPI; CI runs it.
+check-floors: $(STAMP)
+	rm -rf .floors
+	$(PY) requirements/lock.py --floors .floors
+	$(VENV)/bin/uv venv -q -p $(PYTHON) .floors/venv
+	$(VENV)/bin/uv pip install -q -p .floors/venv/bin/python -r .floors/floors-tested.txt "pytest>=8" "pytest-timeout>=2.3"
+	$(VENV)/bin/uv pip install -q -p .floors/venv/bin/python --no-deps -e .
+	.floors/venv/bin/python -m pytest tests/api tests/operator tests/cli/test_view.py -q -p no:cacheprovider \
+		-m "not cluster and not e2e and not slow"
 
 cluster: $(STAMP) controlplane-bin
 	$(PY) -m tests.controlplane
@@ -61,4 +85,4 @@ bench: $(STAMP)
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs .pytest_cache .ruff_cache .floors

@@ -311,7 +311,7 @@ def run(n: int, namespaces: int, workdir: Path, operator_env: dict[str, str], ti
 
         def phase_count(phase: str) -> Callable[[], bool]:
             def check() -> bool:
-                return metric_sum(operator_metrics(op), "finetune_jobs", phase=phase) >= n
+                return metric_sum(operator_metrics(op), "finetune_job_phase", phase=phase) >= n
             return check
 
         result.all_running_s = wait_until(phase_count("Running"), timeout, "every FineTuneJob Running") - t0

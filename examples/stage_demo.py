@@ -70,7 +70,7 @@ def main() -> int:
         shutil.rmtree(args.pvc_root / "runs" / "sentiment-minilm", ignore_errors=True)
     if not args.run:
         return 0
-    from finetune_api.cli import main as finetune
+    from finetune_cli.main import main as finetune
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: fail at once rather than retry the hub
     return finetune(["run", str(HERE / "sentiment.yaml"), "--pvc-root", str(args.pvc_root)])

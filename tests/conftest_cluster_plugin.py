@@ -53,6 +53,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Builds missing control-plane binaries before the first test, outside every test's deadline (pytest-timeout):
+    a cold build takes minutes. A failure is reported by the `control_plane` fixture, which tries again."""
+    wanted = ("control_plane", "helm", "promql_check_bin")  # every fixture that takes a binary from build.sh
+    if _skip_requested() or not any(set(wanted) & set(getattr(i, "fixturenames", ())) for i in session.items):
+        return
+    capman = session.config.pluginmanager.getplugin("capturemanager")
+    uncaptured = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
+    with uncaptured, contextlib.suppress(BuildError):
+        build_binaries()
+
+
 @pytest.fixture(scope="session")
 def control_plane(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """The session's control plane: admin kubeconfig, kubectl/helm helpers, finish_pod/evict_pod (see ControlPlane)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,8 +75,12 @@ def validate_document(doc: Any, source: str = "<input>") -> tuple[FineTuneJob | 
     return (job if not problems else None), problems
 
 
+STDIN = "-"
+
+
 def load_documents(path: str | Path) -> list[Any]:
-    text = Path(path).read_text()
+    """The YAML documents of a file; `-` reads standard input."""
+    text = sys.stdin.read() if str(path) == STDIN else Path(path).read_text()
     return [d for d in yaml.safe_load_all(text) if d is not None]
 
 
@@ -93,14 +98,15 @@ def load_job(path: str | Path) -> FineTuneJob:
 def validate_files(paths: list[str]) -> list[Problem]:
     problems: list[Problem] = []
     for path in paths:
+        name = "<stdin>" if path == STDIN else path
         try:
             docs = load_documents(path)
         except (OSError, yaml.YAMLError) as exc:
-            problems.append(Problem(path, "(file)", str(exc).replace("\n", " ")))
+            problems.append(Problem(name, "(file)", str(exc).replace("\n", " ")))
             continue
         if not docs:
-            problems.append(Problem(path, "(file)", "no YAML document found"))
+            problems.append(Problem(name, "(file)", "no YAML document found"))
         for i, doc in enumerate(docs):
-            source = path if len(docs) == 1 else f"{path}#{i}"
+            source = name if len(docs) == 1 else f"{name}#{i}"
             problems.extend(validate_document(doc, source)[1])
     return problems

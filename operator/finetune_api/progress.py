@@ -36,10 +36,13 @@ class CheckpointReport(_Report):
 
 
 class OutputReport(_Report):
-    """The final model, once written."""
+    """The final model, once written: where, its metrics, which step's weights and why."""
 
     path: str = Field(min_length=1, max_length=2048)
     metrics: dict[str, float] | None = None
+    step: int | None = Field(default=None, ge=0)
+    model: str | None = Field(default=None, max_length=16)  # "best" | "last"
+    reason: str | None = Field(default=None, max_length=1024)
 
 
 class MemoryPlanReport(_Report):

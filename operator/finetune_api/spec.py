@@ -269,6 +269,41 @@ class Hyperparameters(SpecModel):
     )
 
 
+# The metrics each task's evaluation reports (camelCase, as in status.metrics and metrics.json): what
+# checkpointing.selectBest may choose by. Regression (sequence-classification, numLabels 1) reports REGRESSION_METRICS.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "sequence-classification": ("evalLoss", "accuracy", "f1Macro"),
+    "causal-lm": ("evalLoss", "perplexity"),
+    "seq2seq": ("evalLoss", "chrf"),
+}
+REGRESSION_METRICS: tuple[str, ...] = ("evalLoss", "mse")
+HIGHER_IS_BETTER = frozenset({"accuracy", "f1Macro", "chrf"})  # the others are losses: lower is better
+MetricName = Literal["evalLoss", "accuracy", "f1Macro", "mse", "perplexity", "chrf"]
+
+
+class SelectBestSpec(SpecModel):
+    """Which evaluation counts as the best: its checkpoint is kept whatever keepLast says."""
+
+    metric: MetricName = Field(description="Evaluation metric to compare, one the task reports: "
+                               "sequence-classification evalLoss, accuracy, f1Macro (numLabels 1: evalLoss, mse); "
+                               "causal-lm evalLoss, perplexity; seq2seq evalLoss, chrf.")
+    mode: Literal["min", "max"] | None = Field(default=None, description="min: lower is better; max: higher is "
+                                               "better. Unset: max for accuracy, f1Macro and chrf, min for the "
+                                               "losses, mse and perplexity.")
+
+
+def metric_mode(select: SelectBestSpec) -> str:
+    """selectBest's mode, defaulted from the metric when unset."""
+    return select.mode or ("max" if select.metric in HIGHER_IS_BETTER else "min")
+
+
+def task_metrics(task: TaskSpec) -> tuple[str, ...]:
+    """The metrics the task's evaluation reports."""
+    if task.type == "sequence-classification" and task.num_labels == 1:
+        return REGRESSION_METRICS
+    return TASK_METRICS[task.type]
+
+
 class CheckpointingSpec(SpecModel):
     """Periodic, atomic checkpoints; a restarted or resumed job continues from the latest complete one."""
 
@@ -279,6 +314,10 @@ class CheckpointingSpec(SpecModel):
     every_epoch: bool = Field(default=True, description="Checkpoint at the end of every epoch.")
     keep_last: int = Field(default=2, description="Complete checkpoints kept; older ones are deleted only after a "
                            "newer one is complete.", ge=1, le=100)
+    select_best: SelectBestSpec | None = Field(
+        default=None, description="Keep the checkpoint of the best evaluation as well as the last keepLast: an "
+        "evaluation that improves the metric is checkpointed at once, and retention never deletes the best one. "
+        "Needs validation data and hyperparameters.evalEverySteps. With it, output.model defaults to best.")
 
     rules = (
         Rule(cel="has(self.everySteps) || !has(self.everyEpoch) || self.everyEpoch",
@@ -296,6 +335,10 @@ class OutputSpec(SpecModel):
                               "model (save_pretrained, tokenizer included) and metrics.json.")
     merge_adapter: bool = Field(default=False, description="For LoRA, also write the adapter merged into the base "
                                 "model.")
+    model: Literal["best", "last"] | None = Field(
+        default=None, description="Which weights become the model: last (after the last optimizer step) or best (the "
+        "checkpoint of the best evaluation, see checkpointing.selectBest). Unset: best when checkpointing.selectBest "
+        "is set, else last. status.output and metrics.json say which step was written and why.")
 
     rules = (Rule(cel=_pvc_cel("storage"), message=f"output.storage {PVC_MESSAGE}",
                   check=lambda o: _pvc_ok(o.storage)),)
@@ -358,7 +401,7 @@ class ResourcesSpec(SpecModel):
 
 
 class RunPolicy(SpecModel):
-    """Retries, deadlines, clean-up, suspension and queueing."""
+    """Retries, deadlines, clean-up, suspension, cancellation and queueing."""
 
     backoff_limit: int = Field(default=3, description="Retries after crashes or interruptions, each resuming from "
                                "the latest checkpoint. Bad configuration or data fails at once.", ge=0, le=100)
@@ -368,6 +411,15 @@ class RunPolicy(SpecModel):
                                                    "ConfigMap this long after the end; the FineTuneJob and its "
                                                    "status stay.", ge=0)
     suspend: bool = Field(default=False, description="true stops the pods after a checkpoint; false resumes from it.")
+    cancel: bool = Field(
+        default=False,
+        description="true ends the job for good: the operator deletes its pods (the trainer saves a checkpoint "
+        "first), Job, Service and ConfigMap, and the job ends Failed with reason Cancelled; the FineTuneJob, its "
+        "status and its checkpoints stay. Cannot be set back to false.",
+        json_schema_extra={"x-kubernetes-validations": [
+            {"rule": "self || !oldSelf", "message": "runPolicy.cancel cannot be undone: a cancelled FineTuneJob stays "
+             "Failed; create a new FineTuneJob to train again"}]},
+    )
     queue_name: str | None = Field(default=None, description="Kueue LocalQueue: the Job is created suspended and "
                                    "Kueue admits it.", max_length=63, pattern=DNS_LABEL)
 
@@ -390,6 +442,48 @@ class CredentialsSpec(SpecModel):
     s3: S3Credentials | None = Field(default=None, description="Credentials for s3:// locations.")
 
 
+class EarlyStoppingSpec(SpecModel):
+    """Stop training when the metric of checkpointing.selectBest stops improving."""
+
+    patience: int = Field(default=3, description="Evaluations in a row without an improvement of more than minDelta "
+                          "after which training stops (the output then follows output.model).", ge=1, le=10000)
+    min_delta: float = Field(default=0.0, description="Smallest change of the metric, in its own units, that counts "
+                             "as an improvement.", ge=0)
+
+
+class MlflowSpec(SpecModel):
+    """An MLflow tracking server, by Secret reference only: rank 0 logs parameters, every logged step and evaluation,
+    and at the end metrics.json, loss.png and the model card as artifacts, into one run per FineTuneJob (a resumed
+    job continues its run)."""
+
+    tracking_uri: SecretKeyRef = Field(description="Secret key holding the tracking URI (MLFLOW_TRACKING_URI), e.g. "
+                                       "https://mlflow.example.com; a Secret because URIs may carry credentials.")
+    username: SecretKeyRef | None = Field(default=None, description="Secret key holding the user name for basic "
+                                          "authentication (MLFLOW_TRACKING_USERNAME). Needs password.")
+    password: SecretKeyRef | None = Field(default=None, description="Secret key holding the password "
+                                          "(MLFLOW_TRACKING_PASSWORD). Needs username.")
+    token: SecretKeyRef | None = Field(default=None, description="Secret key holding a bearer token "
+                                       "(MLFLOW_TRACKING_TOKEN).")
+    experiment: str | None = Field(default=None, description="Experiment name, created if missing. Default: the "
+                                   "FineTuneJob's namespace (finetune for a manifest without one).", min_length=1,
+                                   max_length=256)
+
+    rules = (
+        Rule(cel="has(self.username) == has(self.password)",
+             message="tracking.mlflow.username and tracking.mlflow.password go together",
+             check=lambda m: (m.username is None) == (m.password is None)),
+    )
+
+
+class TrackingSpec(SpecModel):
+    """Experiment trackers fed by rank 0 with what metrics.jsonl records (every logged step, every evaluation).
+    Tracking never fails training: a tracker that stops answering is reported in the log and left."""
+
+    tensorboard: bool = Field(default=True, description="Write TensorBoard event files to <output.storage>/"
+                              "tensorboard (tensorboard --logdir there; no server is started).")
+    mlflow: MlflowSpec | None = Field(default=None, description="Log to an MLflow tracking server; off unless set.")
+
+
 # The column roles of each task, with the column name a role reads by default (None: optional, no default).
 TASK_COLUMNS: dict[str, dict[str, str | None]] = {
     "sequence-classification": {"text": "text", "textPair": None, "label": "label"},
@@ -404,13 +498,74 @@ def _columns_fit_task(spec: FineTuneJobSpec) -> bool:
     return all(name in allowed for name in used)
 
 
-def _quantization(spec: FineTuneJobSpec) -> str:
+def quantization_of(spec: FineTuneJobSpec) -> str:
+    """none, 4bit or 8bit: method.lora.quantization (QLoRA), none without LoRA settings."""
     return spec.method.lora.quantization if spec.method.lora else "none"
 
 
 # CEL: true when no quantization is asked for (the rules below then hold trivially).
 _QUANTIZED = ("!has(self.method) || !has(self.method.lora) || !has(self.method.lora.quantization) || "
               "self.method.lora.quantization == 'none'")
+
+
+_HAS_SELECT = "has(self.checkpointing) && has(self.checkpointing.selectBest)"
+
+
+def _metric_fits_task_cel() -> str:
+    """CEL: selectBest's metric is one the task reports (TASK_METRICS, REGRESSION_METRICS)."""
+    metric = "self.checkpointing.selectBest.metric"
+    regression = "self.task.type == 'sequence-classification' && has(self.task.numLabels) && self.task.numLabels == 1"
+    branches = f"({regression}) ? {metric} in {list(REGRESSION_METRICS)}"
+    for task, names in TASK_METRICS.items():
+        branches += f" : self.task.type == '{task}' ? {metric} in {list(names)}"
+    return f"!({_HAS_SELECT}) || ({branches} : false)"
+
+
+def _metrics_help() -> str:
+    tasks = "; ".join(f"{task}: {', '.join(names)}" for task, names in TASK_METRICS.items())
+    return f"{tasks} (numLabels 1: {', '.join(REGRESSION_METRICS)})"
+
+
+def _evaluates(spec: FineTuneJobSpec) -> bool:
+    ds = spec.dataset
+    return (ds.validation is not None or ds.validation_split is not None) and \
+        spec.hyperparameters.eval_every_steps is not None
+
+
+def _selects(spec: FineTuneJobSpec) -> bool:
+    return spec.checkpointing.select_best is not None
+
+
+# Best checkpoint, early stopping and output.model: what they need from the rest of the spec.
+SELECTION_RULES = (
+    Rule(
+        cel=_metric_fits_task_cel(),
+        message=f"checkpointing.selectBest.metric must be one the task reports: {_metrics_help()}",
+        check=lambda s: not _selects(s) or s.checkpointing.select_best.metric in task_metrics(s.task),
+    ),
+    Rule(
+        cel=f"!({_HAS_SELECT}) || ((has(self.dataset.validation) || has(self.dataset.validationSplit)) && "
+        "has(self.hyperparameters.evalEverySteps))",
+        message="checkpointing.selectBest needs evaluations to compare: validation data (dataset.validation or "
+        "dataset.validationSplit) and hyperparameters.evalEverySteps",
+        check=lambda s: not _selects(s) or _evaluates(s),
+    ),
+    Rule(
+        cel=f"!has(self.earlyStopping) || ({_HAS_SELECT})",
+        message="earlyStopping needs checkpointing.selectBest, which names the metric it watches",
+        check=lambda s: s.early_stopping is None or _selects(s),
+    ),
+    Rule(
+        cel=f"!has(self.output.model) || self.output.model != 'best' || ({_HAS_SELECT})",
+        message="output.model best needs checkpointing.selectBest, which says what best means",
+        check=lambda s: s.output.model != "best" or _selects(s),
+    ),
+)
+
+
+def output_model(spec: FineTuneJobSpec) -> str:
+    """best or last: output.model, defaulted from checkpointing.selectBest."""
+    return spec.output.model or ("best" if _selects(spec) else "last")
 
 
 def _columns_cel() -> str:
@@ -441,9 +596,14 @@ class FineTuneJobSpec(SpecModel):
         default_factory=ResourcesSpec,
         description="Workers, GPUs, placement, image. Immutable: they shape the Job's pod template, which Kubernetes "
         "does not let change; delete and re-create the FineTuneJob to change them.")
-    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, suspend, Kueue.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, suspend, cancel, Kueue.")
     credentials: CredentialsSpec | None = Field(default=None, description="Secret references for the hub and "
                                                 "object stores.")
+    early_stopping: EarlyStoppingSpec | None = Field(
+        default=None, description="Stop when the metric of checkpointing.selectBest has not improved for patience "
+        "evaluations; off unless set. Needs checkpointing.selectBest.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Metric history beyond metrics.jsonl: "
+                                   "TensorBoard files (on by default) and MLflow (opt-in).")
 
     rules = (
         Rule(
@@ -456,14 +616,14 @@ class FineTuneJobSpec(SpecModel):
             cel=f"{_QUANTIZED} || !has(self.resources) || self.resources.gpusPerWorker > 0",
             message="method.lora.quantization (QLoRA) needs a CUDA GPU: set resources.gpusPerWorker to at least 1, "
             "or quantization to none",
-            check=lambda s: _quantization(s) == "none" or s.resources.gpus_per_worker > 0,
+            check=lambda s: quantization_of(s) == "none" or s.resources.gpus_per_worker > 0,
         ),
         Rule(
             cel=f"({_QUANTIZED}) || !has(self.resources) || !has(self.resources.sharding) || "
             "self.resources.sharding != 'fsdp'",
             message="method.lora.quantization cannot be combined with resources.sharding fsdp: use sharding none "
             "or auto, or quantization none",
-            check=lambda s: _quantization(s) == "none" or s.resources.sharding != "fsdp",
+            check=lambda s: quantization_of(s) == "none" or s.resources.sharding != "fsdp",
         ),
         Rule(
             cel="self.task.type != 'seq2seq' || !has(self.resources) || !has(self.resources.sharding) || "
@@ -478,6 +638,7 @@ class FineTuneJobSpec(SpecModel):
             message="output.mergeAdapter applies only to method.type lora",
             check=lambda s: not s.output.merge_adapter or s.method.type == "lora",
         ),
+        *SELECTION_RULES,
     )
 
 

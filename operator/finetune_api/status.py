@@ -66,7 +66,14 @@ class OutputStatus(SpecModel):
     """The final model."""
 
     path: str = Field(description="Where the fine-tuned model was written.", max_length=2048)
-    metrics: dict[str, float] | None = Field(default=None, description="Final evaluation metrics.", max_length=64)
+    metrics: dict[str, float] | None = Field(default=None, description="Evaluation metrics of the written model "
+                                             "(with output.model best, those of the best evaluation).", max_length=64)
+    step: int | None = Field(default=None, description="Optimizer step whose weights were written.", ge=0)
+    model: Literal["best", "last"] | None = Field(default=None, description="best: the checkpoint of the best "
+                                                  "evaluation; last: the weights after the last optimizer step.")
+    reason: str | None = Field(default=None, description="Why that step became the model, e.g. 'best f1Macro 0.9712 "
+                               "(max) of 4 evaluations, at step 100; training stopped early at step 150 ...'.",
+                               max_length=1024)
 
 
 class MemoryPlanStatus(SpecModel):

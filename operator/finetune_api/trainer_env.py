@@ -14,3 +14,10 @@ TERMINATION_LOG = "FINETUNE_TERMINATION_LOG"  # where the one-paragraph failure 
 THREADS = "FINETUNE_THREADS"  # torch CPU threads per process
 CACHE_DIR = "FINETUNE_CACHE_DIR"  # downloads, the datasets cache, staging of remote storage
 LOG_LEVEL = "FINETUNE_LOG_LEVEL"  # INFO, DEBUG, ...
+
+# MLflow's own variables (read by the mlflow client in the trainer), set by the operator from
+# spec.tracking.mlflow's Secret references.
+MLFLOW_TRACKING_URI = "MLFLOW_TRACKING_URI"
+MLFLOW_TRACKING_USERNAME = "MLFLOW_TRACKING_USERNAME"
+MLFLOW_TRACKING_PASSWORD = "MLFLOW_TRACKING_PASSWORD"
+MLFLOW_TRACKING_TOKEN = "MLFLOW_TRACKING_TOKEN"

@@ -1,11 +1,12 @@
 """`python -m finetune_operator` / `finetune-operator`: serve probes, win the lease, then run kopf and the reconciler.
 
 Exit codes: 0 after SIGTERM/SIGINT, 1 when the lease was lost or kopf stopped on its own (the pod restarts and comes
-back as a standby), 2 for invalid settings.
+back as a standby), 2 for invalid settings or any command-line argument but --help and --version.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -14,7 +15,7 @@ import sys
 
 import kopf
 
-from finetune_operator import handlers, logs
+from finetune_operator import __version__, handlers, logs
 from finetune_operator.controller import Controller
 from finetune_operator.k8s import Kube
 from finetune_operator.leader import LeaderElector
@@ -24,9 +25,8 @@ from finetune_operator.settings import Settings, SettingsError
 
 log = logging.getLogger("finetune_operator")
 
-USAGE = """usage: finetune-operator
-
-Runs the FineTuneJob operator. Configured through environment variables (see operator/README.md):
+DESCRIPTION = """Runs the FineTuneJob operator. It takes no arguments: it is configured through environment variables
+(see operator/README.md):
   FINETUNE_NAMESPACES, FINETUNE_TRAINER_IMAGE, FINETUNE_ALLOWED_REGISTRIES, FINETUNE_METRICS_PORT,
   FINETUNE_HEALTH_PORT, FINETUNE_PROGRESS_PORT, FINETUNE_PROGRESS_URL, FINETUNE_PROGRESS_KEY(_FILE),
   FINETUNE_LOG_LEVEL, FINETUNE_LOG_FORMAT, FINETUNE_PEERING, FINETUNE_RESYNC_SECONDS, FINETUNE_WORKERS,
@@ -34,6 +34,49 @@ Runs the FineTuneJob operator. Configured through environment variables (see ope
   FINETUNE_GRACE_PERIOD_SECONDS,
   FINETUNE_BIND_ADDRESS, FINETUNE_STATUS_SETTLE_SECONDS
 """
+
+
+async def _lead(settings: Settings, controller: Controller, stop: asyncio.Event, kopf_ready: asyncio.Event,
+                elector: LeaderElector | None) -> int:
+    """As the leader: run kopf (and through it the controller) until a stop signal, a lost lease or kopf's own end.
+    Returns the exit code."""
+    loop = asyncio.get_running_loop()
+    kopf_stop = asyncio.Event()
+    operator = asyncio.create_task(kopf.operator(
+        registry=handlers.REGISTRY,
+        memo=kopf.Memo(controller=controller),
+        standalone=not settings.peering,
+        peering_name=settings.peering or None,
+        clusterwide=settings.clusterwide,
+        namespaces=list(settings.namespaces),
+        stop_flag=kopf_stop,
+        ready_flag=kopf_ready,
+    ), name="kopf")
+
+    async def reclaim_signals() -> None:
+        # kopf installs its own SIGTERM/SIGINT handlers when it starts; route them back through `stop`.
+        await kopf_ready.wait()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+    waiters = [asyncio.create_task(stop.wait(), name="stop-signal"), operator,
+               asyncio.create_task(reclaim_signals(), name="reclaim-signals")]
+    if elector is not None:
+        waiters.append(asyncio.create_task(elector.lost.wait(), name="lease-lost"))
+    code = 0
+    done, _ = await asyncio.wait(waiters[:2] + waiters[3:], return_when=asyncio.FIRST_COMPLETED)
+    if operator in done:
+        code = 0 if stop.is_set() else 1
+        if operator.exception() is not None:
+            log.error("kopf stopped: %r", operator.exception())
+    elif elector is not None and elector.lost.is_set():
+        code = 1
+    kopf_stop.set()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await asyncio.wait_for(operator, 30)
+    for w in waiters:
+        w.cancel()
+    return code
 
 
 async def run(settings: Settings) -> int:
@@ -56,7 +99,6 @@ async def run(settings: Settings) -> int:
         await serve(progress_app(controller.accept_report, ready), settings.bind_address, settings.progress_port),
     ]
     elector: LeaderElector | None = None
-    code = 0
     try:
         await kube.start()
         if settings.leader_election:
@@ -66,40 +108,7 @@ async def run(settings: Settings) -> int:
             kube.write_guard = elector.holds
         leading = True
         metrics.leader.set(1)
-        kopf_stop = asyncio.Event()
-        operator = asyncio.create_task(kopf.operator(
-            registry=handlers.REGISTRY,
-            memo=kopf.Memo(controller=controller),
-            standalone=not settings.peering,
-            peering_name=settings.peering or None,
-            clusterwide=settings.clusterwide,
-            namespaces=list(settings.namespaces),
-            stop_flag=kopf_stop,
-            ready_flag=kopf_ready,
-        ), name="kopf")
-
-        async def reclaim_signals() -> None:
-            # kopf installs its own SIGTERM/SIGINT handlers when it starts; route them back through `stop`.
-            await kopf_ready.wait()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-
-        waiters = [asyncio.create_task(stop.wait(), name="stop-signal"), operator,
-                   asyncio.create_task(reclaim_signals(), name="reclaim-signals")]
-        if elector is not None:
-            waiters.append(asyncio.create_task(elector.lost.wait(), name="lease-lost"))
-        done, _ = await asyncio.wait(waiters[:2] + waiters[3:], return_when=asyncio.FIRST_COMPLETED)
-        if operator in done:
-            code = 0 if stop.is_set() else 1
-            if operator.exception() is not None:
-                log.error("kopf stopped: %r", operator.exception())
-        elif elector is not None and elector.lost.is_set():
-            code = 1
-        kopf_stop.set()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(operator, 30)
-        for w in waiters:
-            w.cancel()
+        code = await _lead(settings, controller, stop, kopf_ready, elector)
     finally:
         metrics.leader.set(0)
         await controller.stop()
@@ -111,11 +120,16 @@ async def run(settings: Settings) -> int:
     return code
 
 
+def parse_args(argv: list[str]) -> None:
+    """Only --help and --version: anything else is a mistake (exit 2 with usage), never a cluster-wide start."""
+    parser = argparse.ArgumentParser(prog="finetune-operator", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"finetune-operator {__version__}")
+    parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
+    parse_args(sys.argv[1:] if argv is None else argv)
     try:
         settings = Settings.from_env()
     except SettingsError as exc:

@@ -17,14 +17,9 @@ from finetune_api import exitcodes, names
 from finetune_api import trainer_env as env_names
 from finetune_api.progress import progress_path
 from finetune_api.spec import FineTuneJobSpec, checkpoint_storage
+from finetune_operator.labels import KUEUE_QUEUE, child_labels, selector
 
 CONTAINER = "trainer"
-LABEL_JOB = f"{names.GROUP}/job-name"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-MANAGER = "finetune-operator"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-# Server-side selector for the operator's watches on Jobs and Pods: only what it created.
-CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_JOB}"
 GPU_RESOURCE = "nvidia.com/gpu"
 CONFIG_DIR = "/etc/finetune"
 CONFIG_KEY = "job.yaml"
@@ -74,7 +69,7 @@ def progress_url(ctx: BuildContext, owner: Owner) -> str:
 
 
 def labels(owner: Owner) -> dict[str, str]:
-    return {LABEL_MANAGED_BY: MANAGER, LABEL_JOB: owner.name}
+    return child_labels(owner.name)
 
 
 def owner_reference(owner: Owner) -> dict[str, Any]:
@@ -153,7 +148,7 @@ def build_service(owner: Owner) -> dict[str, Any]:
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
-            "selector": labels(owner),
+            "selector": selector(owner.name),
             "ports": [
                 {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"},
                 {"name": "metrics", "port": TRAINER_METRICS_PORT, "targetPort": TRAINER_METRICS_PORT,
@@ -180,7 +175,8 @@ def _secret_env(name: str, ref: Any) -> dict[str, Any]:
 
 
 def trainer_env(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> list[dict[str, Any]]:
-    """Environment of the trainer container. Credentials only as secretKeyRef: values never enter the Job."""
+    """Environment of the trainer container. Credentials (hub, s3, MLflow's URI and login) only as secretKeyRef:
+    values never enter the Job."""
     env: list[dict[str, Any]] = [
         {"name": env_names.PVC_ROOT, "value": PVC_ROOT},
         {"name": env_names.METRICS_PORT, "value": str(TRAINER_METRICS_PORT)},
@@ -206,6 +202,14 @@ def trainer_env(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> list[
             env.append({"name": "AWS_ENDPOINT_URL", "value": creds.s3.endpoint_url})
         if creds.s3.region:
             env.append({"name": "AWS_DEFAULT_REGION", "value": creds.s3.region})
+    mlflow = spec.tracking.mlflow
+    if mlflow:
+        env.append(_secret_env(env_names.MLFLOW_TRACKING_URI, mlflow.tracking_uri))
+        for name, ref in ((env_names.MLFLOW_TRACKING_USERNAME, mlflow.username),
+                          (env_names.MLFLOW_TRACKING_PASSWORD, mlflow.password),
+                          (env_names.MLFLOW_TRACKING_TOKEN, mlflow.token)):
+            if ref is not None:
+                env.append(_secret_env(name, ref))
     return env
 
 
@@ -280,10 +284,11 @@ def desired_suspend(spec: FineTuneJobSpec) -> bool:
     return spec.run_policy.suspend or spec.run_policy.queue_name is not None
 
 
-def build_job(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[str, Any]:
-    r, rp = spec.resources, spec.run_policy
-    volumes, mounts = _volumes(owner, spec)
-    container: dict[str, Any] = {
+def trainer_container(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext,
+                      mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The one container of a trainer pod: restricted, read-only root, credentials only by reference."""
+    r = spec.resources
+    return {
         "name": CONTAINER,
         "image": r.image or ctx.trainer_image,
         "imagePullPolicy": "IfNotPresent",
@@ -308,7 +313,13 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[st
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
-    pod_spec: dict[str, Any] = {
+
+
+def pod_spec(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[str, Any]:
+    """The trainer pods' spec: no service-account token, restricted security context, placement from the spec."""
+    r = spec.resources
+    volumes, mounts = _volumes(owner, spec)
+    out: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -320,18 +331,23 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[st
             "fsGroup": RUN_AS_USER,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [container],
+        "containers": [trainer_container(owner, spec, ctx, mounts)],
         "volumes": volumes,
     }
     if needs_service(spec):
-        pod_spec["subdomain"] = service_name(owner)
+        out["subdomain"] = service_name(owner)
     if r.node_selector:
-        pod_spec["nodeSelector"] = dict(r.node_selector)
+        out["nodeSelector"] = dict(r.node_selector)
     if r.tolerations:
-        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in r.tolerations]
+        out["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in r.tolerations]
     if r.priority_class_name:
-        pod_spec["priorityClassName"] = r.priority_class_name
-    job_labels = {KUEUE_QUEUE_LABEL: rp.queue_name} if rp.queue_name else {}
+        out["priorityClassName"] = r.priority_class_name
+    return out
+
+
+def build_job(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[str, Any]:
+    r, rp = spec.resources, spec.run_policy
+    job_labels = {KUEUE_QUEUE: rp.queue_name} if rp.queue_name else {}
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": r.workers,
@@ -339,7 +355,7 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[st
         "backoffLimit": rp.backoff_limit,
         "suspend": desired_suspend(spec),
         "podFailurePolicy": pod_failure_policy(),
-        "template": {"metadata": {"labels": labels(owner)}, "spec": pod_spec},
+        "template": {"metadata": {"labels": labels(owner)}, "spec": pod_spec(owner, spec, ctx)},
     }
     if rp.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = rp.active_deadline_seconds
@@ -369,30 +385,3 @@ def job_spec_patch(spec: FineTuneJobSpec, current: dict[str, Any], kueue_managed
     if current.get("activeDeadlineSeconds") != rp.active_deadline_seconds:
         patch["activeDeadlineSeconds"] = rp.active_deadline_seconds
     return {"spec": patch} if patch else {}
-
-
-def image_allowed(image: str, allowed_registries: tuple[str, ...]) -> bool:
-    """Whether an image reference lies under one of the allowed prefixes (empty list: any image).
-
-    A prefix is a registry host (`registry.example.com`, `localhost:5000`) or a repository path under one
-    (`ghcr.io/acme`). After a bare host only `/` may follow (a `:` there would be another port, another registry);
-    after a repository path also a tag (`:`) or a digest (`@`)."""
-    if not allowed_registries:
-        return True
-    full = normalise_image(image)
-    for prefix in allowed_registries:
-        p = prefix.rstrip("/")
-        follows = ("/",) if "/" not in p else ("/", ":", "@")
-        if full == p or any(full.startswith(p + sep) for sep in follows):
-            return True
-    return False
-
-
-def normalise_image(image: str) -> str:
-    """docker.io/library/ is implied for bare names (python:3.11), as the container runtime does."""
-    first, _, rest = image.partition("/")
-    if rest and ("." in first or ":" in first or first == "localhost"):
-        return image
-    if not rest:
-        return f"docker.io/library/{image}"
-    return f"docker.io/{image}"

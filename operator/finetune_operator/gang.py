@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from finetune_api import exitcodes
-from finetune_operator.observe import PodView, parse_time
+from finetune_api.times import parse_time
+from finetune_operator.observe import PodView
 
 LIVE = ("Pending", "Running", "Unknown")
 

@@ -8,12 +8,13 @@ always add a finalizer (deletion would hang while the operator is down). The con
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import kopf
 
 from finetune_api import names
-from finetune_operator import builders, k8s
+from finetune_operator import k8s, labels
 from finetune_operator.observe import (
     owner_key,
     summarize_configmap,
@@ -25,15 +26,21 @@ from finetune_operator.observe import (
 log = logging.getLogger(__name__)
 
 REGISTRY = kopf.OperatorRegistry()
-_CHILD_LABELS = {builders.LABEL_MANAGED_BY: builders.MANAGER, builders.LABEL_JOB: kopf.PRESENT}
+# kopf's client-side filter, from the same definition as the server-side selector below.
+_CHILD_LABELS = {key: kopf.PRESENT if value is None else value for key, value in labels.SELECTOR_MATCH.items()}
+# Every kind of child the operator watches: (resource, index id, event handler id, summary kept in the index).
+_CHILDREN: tuple[tuple[tuple[str, ...], str, str, Callable[[dict[str, Any]], Any]], ...] = (
+    (("batch", "v1", "jobs"), "jobs_by_owner", "job_event", summarize_job),
+    (("v1", "pods"), "pods_by_owner", "pod_event", summarize_pod),
+    (("v1", "configmaps"), "configmaps_by_owner", "configmap_event", summarize_configmap),
+    (("v1", "services"), "services_by_owner", "service_event", summarize_service),
+)
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
     """kopf settings: server-side selectors for the children, no scanning (no CRD/namespace RBAC), no kopf Events."""
-    settings.watching.label_selectors["batch", "v1", "jobs"] = builders.CHILD_SELECTOR
-    settings.watching.label_selectors["v1", "pods"] = builders.CHILD_SELECTOR
-    settings.watching.label_selectors["v1", "configmaps"] = builders.CHILD_SELECTOR
-    settings.watching.label_selectors["v1", "services"] = builders.CHILD_SELECTOR
+    for resource, *_ in _CHILDREN:
+        settings.watching.label_selectors[resource] = labels.SELECTOR
     settings.scanning.disabled = True
     settings.posting.enabled = False
     settings.watching.server_timeout = 300
@@ -60,50 +67,21 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await memo.controller.stop()
 
 
-@kopf.index("batch", "v1", "jobs", labels=_CHILD_LABELS, registry=REGISTRY)
-async def jobs_by_owner(body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
-    key = owner_key(dict(body))
-    return {key: summarize_job(dict(body))} if key else None
-
-
-@kopf.index("v1", "pods", labels=_CHILD_LABELS, registry=REGISTRY)
-async def pods_by_owner(body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
-    key = owner_key(dict(body))
-    return {key: summarize_pod(dict(body))} if key else None
-
-
-@kopf.index("v1", "configmaps", labels=_CHILD_LABELS, registry=REGISTRY)
-async def configmaps_by_owner(body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
-    key = owner_key(dict(body))
-    return {key: summarize_configmap(dict(body))} if key else None
-
-
-@kopf.index("v1", "services", labels=_CHILD_LABELS, registry=REGISTRY)
-async def services_by_owner(body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
-    key = owner_key(dict(body))
-    return {key: summarize_service(dict(body))} if key else None
-
-
 @kopf.on.event(names.GROUP, names.VERSION, names.PLURAL, registry=REGISTRY)
 async def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     memo.controller.observe_ftj(event.get("type"), event["object"])
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=_CHILD_LABELS, registry=REGISTRY)
-async def job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+async def _by_owner(body: kopf.Body, param: Callable[[dict[str, Any]], Any], **_: Any) -> dict[Any, Any] | None:
+    """Index entry of a child: its summary under its FineTuneJob's key."""
+    key = owner_key(dict(body))
+    return {key: param(dict(body))} if key else None
+
+
+async def _child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     memo.controller.observe_child(owner_key(event["object"]))
 
 
-@kopf.on.event("v1", "pods", labels=_CHILD_LABELS, registry=REGISTRY)
-async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    memo.controller.observe_child(owner_key(event["object"]))
-
-
-@kopf.on.event("v1", "configmaps", labels=_CHILD_LABELS, registry=REGISTRY)
-async def configmap_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    memo.controller.observe_child(owner_key(event["object"]))
-
-
-@kopf.on.event("v1", "services", labels=_CHILD_LABELS, registry=REGISTRY)
-async def service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    memo.controller.observe_child(owner_key(event["object"]))
+for _resource, _index_id, _event_id, _summary in _CHILDREN:
+    kopf.index(*_resource, id=_index_id, param=_summary, labels=_CHILD_LABELS, registry=REGISTRY)(_by_owner)
+    kopf.on.event(*_resource, id=_event_id, labels=_CHILD_LABELS, registry=REGISTRY)(_child_event)

@@ -9,6 +9,7 @@ retry later). Every request is counted in the metrics by verb, resource and code
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
 import json
 import logging
@@ -23,8 +24,8 @@ import aiohttp
 import kopf
 
 from finetune_api import names
+from finetune_api.times import format_time
 from finetune_operator.metrics import Metrics
-from finetune_operator.observe import format_time
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ def path_for(api_version: str, kind: str, namespace: str | None, name: str | Non
 
 
 def login(**_: Any) -> kopf.ConnectionInfo | None:
-    """In a pod: the service account; elsewhere: the kubeconfig (exec plugins through the kubernetes package)."""
+    """In a pod: the service account; elsewhere: the kubeconfig (exec plugins through the kubernetes package, which
+    the `cli` extra brings; the operator image does without it)."""
     settings = kopf.OperatorSettings()
     if Path("/var/run/secrets/kubernetes.io/serviceaccount/token").exists():
         return kopf.login_with_service_account(settings=settings, logger=log)
@@ -92,6 +94,9 @@ def login(**_: Any) -> kopf.ConnectionInfo | None:
     text = first.read_text() if first.exists() else ""
     if text and "exec:" not in text and '"exec"' not in text:
         return kopf.login_with_kubeconfig(settings=settings, logger=log)
+    if importlib.util.find_spec("kubernetes") is None:  # the operator image has no client: it logs in as its pod
+        raise kopf.LoginError("this kubeconfig runs an exec credential plugin, which needs the kubernetes client: "
+                              "pip install 'finetune-operator[operator,cli]'")
     return kopf.login_via_client(settings=settings, logger=log)
 
 

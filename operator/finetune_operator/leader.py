@@ -22,6 +22,7 @@ import random
 import socket
 import time
 import uuid
+from collections.abc import Awaitable
 from typing import Any
 
 from finetune_operator.k8s import ApiError, Kube
@@ -76,13 +77,7 @@ class LeaderElector:
         if lease is None:
             body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": self.name, "namespace": self.namespace}, "spec": self._record(now, 0)}
-            try:
-                self._lease = await self.kube.create(body)
-            except ApiError as exc:
-                if exc.conflict:
-                    return False
-                raise
-            return True
+            return await self._store(self.kube.create(body))
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity")
         record = (holder, spec.get("renewTime"))
@@ -97,8 +92,12 @@ class LeaderElector:
         if holder == self.identity and spec.get("acquireTime"):
             new_spec["acquireTime"] = spec["acquireTime"]
         lease["spec"] = new_spec
+        return await self._store(self.kube.replace(lease))
+
+    async def _store(self, write: Awaitable[dict[str, Any]]) -> bool:
+        """Create or replace the Lease; a 409 means another candidate wrote it first."""
         try:
-            self._lease = await self.kube.replace(lease)
+            self._lease = await write
         except ApiError as exc:
             if exc.conflict:
                 return False

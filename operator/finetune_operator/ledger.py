@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from finetune_api import exitcodes
+from finetune_api.times import parse_time
 from finetune_operator.gang import LIVE, members_at_failure
-from finetune_operator.observe import JobView, PodView, parse_time
+from finetune_operator.observe import JobView, PodView
 
 TERMINAL_POD_PHASES = ("Succeeded", "Failed")
 

@@ -10,8 +10,9 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from finetune_api.status import PHASES
@@ -36,7 +37,7 @@ class _JobCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         samples = list(self._source())
-        by_phase = GaugeMetricFamily("finetune_jobs", "FineTuneJobs by namespace and phase.",
+        by_phase = GaugeMetricFamily("finetune_job_phase", "Number of FineTuneJobs by namespace and phase.",
                                      labels=["namespace", "phase"])
         tally = Tally((s.namespace, s.phase or "Unknown") for s in samples)
         for ns in sorted({s.namespace for s in samples}):
@@ -81,8 +82,8 @@ class Metrics:
                                 ["namespace"], registry=r)
         self.checkpoints = Counter("finetune_job_checkpoints_recorded", "Complete checkpoints recorded in status, "
                                    "by namespace.", ["namespace"], registry=r)
-        self.gpu_seconds = Counter("finetune_gpu_seconds", "GPU-seconds consumed by trainer pods, by namespace.",
-                                   ["namespace"], registry=r)
+        self.gpu_seconds = Counter("finetune_job_gpu_seconds", "GPU-seconds consumed by trainer pods, by "
+                                   "namespace.", ["namespace"], registry=r)
         self.progress_reports = Counter("finetune_operator_progress_reports", "Progress pushes received, by result.",
                                         ["result"], registry=r)
         self.queue_depth = Gauge("finetune_operator_queue_depth", "FineTuneJobs waiting for a reconcile pass.",
@@ -106,5 +107,8 @@ class Metrics:
         for key in [k for k in self._last if k[1:] == (namespace, name)]:
             del self._last[key]
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition and its content type, negotiated by prometheus_client from the scraper's Accept header
+        (Prometheus text format by default, OpenMetrics when asked for)."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type

@@ -13,12 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_api import names
-from finetune_api.times import format_time as format_time  # re-exported for the modules that read views' times
-from finetune_api.times import parse_time as parse_time
-from finetune_operator.builders import GPU_RESOURCE, KUEUE_QUEUE_LABEL, LABEL_JOB
-
-JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
-INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+from finetune_operator.builders import GPU_RESOURCE
+from finetune_operator.labels import JOB_COMPLETION_INDEX, JOB_CONTROLLER_UID, JOB_NAME, KUEUE_QUEUE
 
 
 def controller_uid(meta: dict[str, Any], kind: str | None = None) -> str | None:
@@ -66,6 +62,22 @@ class JobView:
         return None
 
     @property
+    def success(self) -> JobCondition | None:
+        """The condition saying the Job succeeded: `Complete`, or `SuccessCriteriaMet`, which the Job controller
+        sets first, while it still stops the remaining pods (Kubernetes 1.31+)."""
+        return self.condition("Complete") or self.condition("SuccessCriteriaMet")
+
+    @property
+    def failure(self) -> JobCondition | None:
+        """The condition saying the Job failed: `Failed`, or `FailureTarget`, set first while pods are stopped."""
+        return self.condition("Failed") or self.condition("FailureTarget")
+
+    @property
+    def finished(self) -> bool:
+        """The outcome is decided: nothing the operator does to the Job or its children can change it any more."""
+        return self.success is not None or self.failure is not None
+
+    @property
     def live_spec(self) -> dict[str, Any]:
         return {"suspend": self.suspend, "backoffLimit": self.backoff_limit,
                 "activeDeadlineSeconds": self.active_deadline_seconds}
@@ -110,7 +122,7 @@ def summarize_job(body: dict[str, Any]) -> JobView:
         suspend=bool(spec.get("suspend")),
         backoff_limit=spec.get("backoffLimit"),
         active_deadline_seconds=spec.get("activeDeadlineSeconds"),
-        queue_name=(meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL),
+        queue_name=(meta.get("labels") or {}).get(KUEUE_QUEUE),
         completions=int(spec.get("completions") or 1),
         active=int(status.get("active") or 0),
         ready=int(status.get("ready") or 0),
@@ -164,13 +176,13 @@ def summarize_pod(body: dict[str, Any]) -> PodView:
             finished_at = t.get("finishedAt")
         break  # one container: the trainer
     try:
-        index = int(annotations.get(INDEX_ANNOTATION) or labels.get(INDEX_ANNOTATION) or 0)
+        index = int(annotations.get(JOB_COMPLETION_INDEX) or labels.get(JOB_COMPLETION_INDEX) or 0)
     except ValueError:
         index = 0
     return PodView(
         name=meta.get("name", ""),
         uid=meta.get("uid", ""),
-        job_uid=labels.get(JOB_UID_LABEL) or controller_uid(meta, "Job"),
+        job_uid=labels.get(JOB_CONTROLLER_UID) or controller_uid(meta, "Job"),
         index=index,
         phase=status.get("phase") or "Pending",
         node=spec.get("nodeName"),
@@ -241,5 +253,5 @@ def summarize_service(body: dict[str, Any]) -> ServiceView:
 def owner_key(body: dict[str, Any]) -> tuple[str, str] | None:
     """(namespace, FineTuneJob name) of a watched child, from the operator's label."""
     meta = body.get("metadata") or {}
-    name = (meta.get("labels") or {}).get(LABEL_JOB)
+    name = (meta.get("labels") or {}).get(JOB_NAME)
     return (meta.get("namespace", ""), name) if name else None

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import math
 
-from finetune_api.progress import MAX_METRICS, ProgressReport, merge_reports
+from finetune_api.progress import MAX_METRICS, ProgressReport
 from finetune_api.status import (
     CheckpointRef,
     CheckpointsStatus,
@@ -23,9 +23,6 @@ from finetune_api.status import (
     ProgressStatus,
 )
 from finetune_api.times import humanize_eta
-
-__all__ = ["MAX_BODY_BYTES", "ProgressReport", "apply_report", "humanize_eta", "job_token", "merge_reports",
-           "token_valid"]
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -86,7 +83,9 @@ def apply_report(status: FineTuneJobStatus, report: ProgressReport) -> FineTuneJ
         count = max(prev.count, cp.count if cp.count is not None else prev.count + (1 if is_new else 0))
         out.checkpoints = CheckpointsStatus(latest=latest, count=count)
     if report.output is not None:
-        out.output = OutputStatus(path=report.output.path, metrics=_clean_metrics(report.output.metrics))
+        o = report.output
+        out.output = OutputStatus(path=o.path, metrics=_clean_metrics(o.metrics), step=o.step,
+                                  model=o.model if o.model in ("best", "last") else None, reason=o.reason)
     if report.memory_plan is not None and report.memory_plan.sharding in ("none", "fsdp"):
         out.memory_plan = MemoryPlanStatus.model_validate(report.memory_plan.model_dump())
     return out

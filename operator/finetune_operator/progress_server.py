@@ -11,7 +11,6 @@ import logging
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from finetune_api.progress import PROGRESS_ROUTE
 from finetune_operator.metrics import Metrics
@@ -66,8 +65,9 @@ def health_app(alive: Callable[[], bool], ready: Callable[[], bool]) -> web.Appl
 
 
 def metrics_app(metrics: Metrics) -> web.Application:
-    async def serve(_: web.Request) -> web.Response:
-        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def serve(request: web.Request) -> web.Response:
+        body, content_type = metrics.render(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     app = web.Application()
     app.router.add_get("/metrics", serve)

@@ -8,14 +8,19 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+from finetune_api import __version__
 
 log = logging.getLogger(__name__)
 
+N = TypeVar("N", int, float)
+
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/finetune-trainer:0.1.0"
+DEFAULT_TRAINER_IMAGE = f"ghcr.io/finetune-operator/finetune-trainer:{__version__}"
 
 
 class SettingsError(ValueError):
@@ -106,26 +111,24 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1, maximum: int = 65535) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
-    if not minimum <= value <= maximum:
-        raise SettingsError(f"{name} must be between {minimum} and {maximum}, got {value}")
-    return value
+    return _number(env, name, default, int, "an integer", minimum, maximum)
 
 
 def _float(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    return _number(env, name, default, float, "a number", minimum)
+
+
+def _number(env: Mapping[str, str], name: str, default: N, parse: Callable[[str], N], kind: str, minimum: N,
+            maximum: N | None = None) -> N:
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = float(raw)
+        value = parse(raw)
     except ValueError:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+        raise SettingsError(f"{name} must be {kind}, got {raw!r}") from None
+    if maximum is not None and not minimum <= value <= maximum:
+        raise SettingsError(f"{name} must be between {minimum} and {maximum}, got {value}")
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, got {value}")
     return value

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_api import exitcodes
+from finetune_api.progress import ProgressReport
 from finetune_api.status import TERMINAL_PHASES, FineTuneJobStatus, OutputStatus
+from finetune_api.times import parse_time
 from finetune_operator import conditions as cond
-from finetune_operator.observe import JobCondition, JobView, PodView, parse_time
-from finetune_operator.progress import ProgressReport, apply_report
+from finetune_operator.observe import JobCondition, JobView, PodView
+from finetune_operator.progress import apply_report
 
 # Reasons (CamelCase, stable: dashboards and alerts match on them).
 INVALID_SPEC = "InvalidSpec"
@@ -36,6 +38,7 @@ BACKOFF_LIMIT = "BackoffLimitExceeded"
 DEADLINE = "DeadlineExceeded"
 POD_FAILURE_POLICY = "PodFailurePolicy"
 RESTARTING_WORKERS = "RestartingWorkers"
+CANCELLED = "Cancelled"
 EXIT_REASONS = {
     exitcodes.DATA_ERROR: "DataError",
     exitcodes.CONFIG_ERROR: "ConfigError",
@@ -54,6 +57,7 @@ class Observation:
     workers: int = 1
     output_storage: str = ""
     suspend_requested: bool = False
+    cancel_requested: bool = False
     job_name: str | None = None
     job: JobView | None = None
     pods: tuple[PodView, ...] = ()
@@ -139,6 +143,13 @@ def compute_status(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStat
         _set(st, "Failed", "True", INVALID_SPEC, obs.invalid, obs)
         st.completion_time = st.completion_time or obs.now
         return st
+    if obs.cancel_requested:
+        st.phase = "Failed"
+        _set(st, "Failed", "True", CANCELLED, "runPolicy.cancel is true: the pods were stopped and the Job removed; "
+             "the status and the checkpoints are kept", obs)
+        _clear(st, "Running", CANCELLED, "cancelled", obs)
+        st.completion_time = st.completion_time or obs.now
+        return st
     if obs.conflict is not None:
         st.phase = "Pending"
         _set(st, "Created", "False", NAME_CONFLICT, obs.conflict, obs)
@@ -155,10 +166,14 @@ def compute_status(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStat
     st.gpu_seconds = round(obs.gpu_seconds, 1)
     if obs.report is not None:
         st = apply_report(st, obs.report)
+    if not (_ended(st, job, obs) or _held(st, job, obs)):
+        _progressing(st, job, obs)
+    return st
 
-    complete = job.condition("Complete") or job.condition("SuccessCriteriaMet")
-    failed = job.condition("Failed") or job.condition("FailureTarget")
-    if complete is not None:
+
+def _ended(st: FineTuneJobStatus, job: JobView, obs: Observation) -> bool:
+    """Succeeded or Failed, as the Job's conditions say (final from here on)."""
+    if job.success is not None:
         st.phase = "Succeeded"
         _set(st, "Succeeded", "True", COMPLETED, f"all {obs.workers} worker(s) finished training", obs)
         _clear(st, "Running", COMPLETED, "training finished", obs)
@@ -166,33 +181,41 @@ def compute_status(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStat
         st.completion_time = st.completion_time or job.completion_time or obs.now
         if st.output is None and obs.output_storage:
             st.output = OutputStatus(path=obs.output_storage)
-        return st
-    if failed is not None:
+        return True
+    if (failed := job.failure) is not None:
         reason, message = failure(failed, obs.pods)
         st.phase = "Failed"
         _set(st, "Failed", "True", reason, message, obs)
         _clear(st, "Running", reason, message, obs)
         st.start_time = st.start_time or _first_start(obs.pods, job)
         st.completion_time = st.completion_time or obs.now
-        return st
+        return True
+    return False
 
+
+def _held(st: FineTuneJobStatus, job: JobView, obs: Observation) -> bool:
+    """Not running on purpose: a broken group being restarted, queued by Kueue, or suspended by the user."""
     if obs.restarting is not None and not obs.suspend_requested:
         st.phase = "Pending"
         _set(st, "Running", "False", RESTARTING_WORKERS, obs.restarting, obs)
-        return st
-    if job.suspend:
-        if job.queue_name and not obs.suspend_requested:
-            st.phase = "Queued"
-            _set(st, "Queued", "True", WAITING_FOR_ADMISSION,
-                 f"waiting for Kueue to admit the Job through LocalQueue {job.queue_name}", obs)
-            _clear(st, "Running", WAITING_FOR_ADMISSION, "queued", obs)
-        else:
-            st.phase = "Suspended"
-            _set(st, "Suspended", "True", SUSPENDED,
-                 "runPolicy.suspend is true: pods were stopped and resume from the latest checkpoint", obs)
-            _clear(st, "Running", SUSPENDED, "suspended", obs)
-        return st
+        return True
+    if not job.suspend:
+        return False
+    if job.queue_name and not obs.suspend_requested:
+        st.phase = "Queued"
+        _set(st, "Queued", "True", WAITING_FOR_ADMISSION,
+             f"waiting for Kueue to admit the Job through LocalQueue {job.queue_name}", obs)
+        _clear(st, "Running", WAITING_FOR_ADMISSION, "queued", obs)
+    else:
+        st.phase = "Suspended"
+        _set(st, "Suspended", "True", SUSPENDED,
+             "runPolicy.suspend is true: pods were stopped and resume from the latest checkpoint", obs)
+        _clear(st, "Running", SUSPENDED, "suspended", obs)
+    return True
 
+
+def _progressing(st: FineTuneJobStatus, job: JobView, obs: Observation) -> None:
+    """Admitted and not suspended: Running once every worker is up, else Pending with the reason why not."""
     if cond.is_true(st.conditions, "Queued"):
         _set(st, "Queued", "False", ADMITTED, "Kueue admitted the Job", obs)
     if cond.is_true(st.conditions, "Suspended"):
@@ -209,11 +232,10 @@ def compute_status(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStat
         st.phase = "Running"
         _set(st, "Running", "True", PODS_RUNNING, f"all {obs.workers} worker pod(s) are running", obs)
         st.start_time = st.start_time or _first_start(tuple(running), job) or obs.now
-        return st
+        return
     st.phase = "Pending"
     reason, message = problem or (PODS_PENDING, f"waiting for {obs.workers} worker pod(s) to start")
     _set(st, "Running", "False", reason, message, obs)
-    return st
 
 
 _HEADLINE = {"Pending": "Running", "Queued": "Queued", "Running": "Running", "Succeeded": "Succeeded",
@@ -242,8 +264,14 @@ def transition_event(prev: FineTuneJobStatus, new: FineTuneJobStatus) -> tuple[s
     if after[:2] == ("Pending", PODS_PENDING):
         return None  # pods starting is the normal course of events; their arrival is announced as Running
     phase, reason, message = after
-    kind = "Warning" if phase == "Failed" or reason in WARNING_REASONS else "Normal"
+    kind = "Warning" if (phase == "Failed" and reason != CANCELLED) or reason in WARNING_REASONS else "Normal"
     return kind, reason, f"{phase}: {message}"
+
+
+def transition_events(prev: FineTuneJobStatus, new: FineTuneJobStatus) -> list[tuple[str, str, str]]:
+    """Every Event a written status change calls for, in order: the reconcile pass posts exactly these."""
+    event = transition_event(prev, new)
+    return [event] if event is not None else []
 
 
 def merge_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from finetune_api.manifest import validate_document
-from tests.api.test_manifests import BASE, MALFORMED, mutate
+from tests.api.test_manifests import BASE, MALFORMED, SELECTION_OK, mutate
 from tests.controlplane.cluster import ApiError, ControlPlane
 
 pytestmark = pytest.mark.cluster
@@ -65,6 +65,16 @@ def test_examples_are_accepted_and_defaults_applied(finetune_crd: None, control_
         assert spec["runPolicy"]["backoffLimit"] == 3 or "backoffLimit" in doc["spec"].get("runPolicy", {})
         assert spec["hyperparameters"]["seed"] == 42
         assert spec["checkpointing"]["keepLast"] >= 1
+
+
+@pytest.mark.parametrize("doc", [d for _, d in SELECTION_OK], ids=[n for n, _ in SELECTION_OK])
+def test_server_accepts_the_selection_and_tracking_fields(finetune_crd: None, control_plane: ControlPlane,
+                                                          namespace: str, doc: dict) -> None:
+    """The CEL side of the selection rules accepts what the Python side accepts (the rejections are in MALFORMED)."""
+    created = _create(control_plane, namespace, copy.deepcopy(doc))
+    assert created["spec"]["tracking"]["tensorboard"] == doc["spec"].get("tracking", {}).get("tensorboard", True)
+    assert created["spec"].get("checkpointing", {}).get("selectBest") == doc["spec"].get("checkpointing", {}).get(
+        "selectBest")
 
 
 def test_immutable_fields_and_allowed_edits(finetune_crd: None, control_plane: ControlPlane, namespace: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from finetune_api.manifest import validate_document, validate_files
-from finetune_api.spec import FineTuneJobSpec, checkpoint_storage, resolved_columns
+from finetune_api.spec import FineTuneJobSpec, checkpoint_storage, metric_mode, output_model, resolved_columns
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -51,6 +51,39 @@ def mutate(path: str, value: object, *, delete: bool = False) -> dict:
         node = node.setdefault(part, {})
     node.pop(last)
     return doc
+
+
+def evaluated(**sections: object) -> dict:
+    """BASE with validation data and an evaluation cadence (what checkpointing.selectBest needs), and `sections`
+    replacing top-level spec sections."""
+    doc = copy.deepcopy(BASE)
+    doc["spec"]["dataset"]["validation"] = "pvc://data/validation.jsonl"
+    doc["spec"]["hyperparameters"]["evalEverySteps"] = 50
+    for key, value in sections.items():
+        if key == "hyperparameters":  # merged; None removes a key
+            hp = {**doc["spec"]["hyperparameters"], **value}  # type: ignore[dict-item]
+            doc["spec"]["hyperparameters"] = {k: v for k, v in hp.items() if v is not None}
+        else:
+            doc["spec"][key] = value
+    return doc
+
+
+# Valid uses of the selection and tracking fields (both validators accept them; see also the server test).
+SELECTION_OK = [
+    ("best by accuracy, early stopping, best output", evaluated(
+        checkpointing={"selectBest": {"metric": "accuracy"}}, earlyStopping={"patience": 2, "minDelta": 0.001},
+        output={"storage": "pvc://runs/out", "model": "best"})),
+    ("regression by mse, last output", evaluated(
+        task={"type": "sequence-classification", "numLabels": 1},
+        checkpointing={"selectBest": {"metric": "mse", "mode": "min"}}, output={"storage": "o", "model": "last"})),
+    ("causal-lm by perplexity on a validation split", {**BASE, "spec": {
+        **BASE["spec"], "task": {"type": "causal-lm"}, "dataset": {"train": "t.jsonl", "validationSplit": 0.1},
+        "hyperparameters": {"maxSteps": 100, "evalEverySteps": 10},
+        "checkpointing": {"selectBest": {"metric": "perplexity"}}}}),
+    ("mlflow with login, tensorboard off", mutate("spec.tracking", {"tensorboard": False, "mlflow": {
+        "trackingUri": {"name": "mlflow", "key": "uri"}, "username": {"name": "mlflow", "key": "user"},
+        "password": {"name": "mlflow", "key": "password"}, "experiment": "sentiment"}})),
+]
 
 
 # (description, document, expected field path, expected words in the message)
@@ -117,6 +150,40 @@ MALFORMED = [
     ("activationCheckpointing not a bool", mutate("spec.hyperparameters.activationCheckpointing", "sometimes"),
      "spec.hyperparameters.activationCheckpointing", "boolean"),
     ("wrong kind", mutate("kind", "TrainJob"), "kind", "must be FineTuneJob"),
+    ("selectBest by a metric the task does not report", evaluated(checkpointing={"selectBest": {"metric": "chrf"}}),
+     "spec", "checkpointing.selectBest.metric must be one the task reports"),
+    ("selectBest by accuracy for a regression", evaluated(task={"type": "sequence-classification", "numLabels": 1},
+                                                          checkpointing={"selectBest": {"metric": "accuracy"}}),
+     "spec", "numLabels 1: evalLoss, mse"),
+    ("selectBest by an unknown metric", evaluated(checkpointing={"selectBest": {"metric": "bleu"}}),
+     "spec.checkpointing.selectBest.metric", "evalLoss"),
+    ("selectBest mode neither min nor max", evaluated(checkpointing={"selectBest": {"metric": "accuracy",
+                                                                                  "mode": "up"}}),
+     "spec.checkpointing.selectBest.mode", "'min' or 'max'"),
+    ("selectBest without validation data", mutate("spec.checkpointing", {"selectBest": {"metric": "accuracy"}}),
+     "spec", "selectBest needs evaluations to compare"),
+    ("selectBest without an evaluation cadence", evaluated(hyperparameters={"evalEverySteps": None},
+                                                           checkpointing={"selectBest": {"metric": "accuracy"}}),
+     "spec", "hyperparameters.evalEverySteps"),
+    ("earlyStopping without selectBest", evaluated(earlyStopping={"patience": 2}), "spec",
+     "earlyStopping needs checkpointing.selectBest"),
+    ("earlyStopping patience 0", evaluated(earlyStopping={"patience": 0},
+                                           checkpointing={"selectBest": {"metric": "accuracy"}}),
+     "spec.earlyStopping.patience", "greater than or equal to 1"),
+    ("earlyStopping negative minDelta", evaluated(earlyStopping={"minDelta": -0.1},
+                                                  checkpointing={"selectBest": {"metric": "accuracy"}}),
+     "spec.earlyStopping.minDelta", "greater than or equal to 0"),
+    ("output.model best without selectBest", mutate("spec.output.model", "best"), "spec",
+     "output.model best needs checkpointing.selectBest"),
+    ("output.model neither best nor last", mutate("spec.output.model", "final"), "spec.output.model",
+     "'best' or 'last'"),
+    ("mlflow tracking URI given inline", mutate("spec.tracking", {"mlflow": {"trackingUri": "https://u:p@mlflow"}}),
+     "spec.tracking.mlflow.trackingUri", "SecretKeyRef"),
+    ("mlflow username without password", mutate("spec.tracking", {"mlflow": {
+        "trackingUri": {"name": "mlflow", "key": "uri"}, "username": {"name": "mlflow", "key": "user"}}}),
+     "spec.tracking.mlflow", "username and tracking.mlflow.password go together"),
+    ("tensorboard not a boolean", mutate("spec.tracking", {"tensorboard": "sometimes"}), "spec.tracking.tensorboard",
+     "valid boolean"),
 ]
 
 
@@ -139,6 +206,24 @@ def test_malformed_manifest_is_rejected_with_field_and_rule(doc: dict, field: st
     matching = [p for p in problems if p.path == field]
     assert matching, f"no problem reported at {field}: {[str(p) for p in problems]}"
     assert any(words.lower() in p.message.lower() for p in matching), [str(p) for p in matching]
+
+
+@pytest.mark.parametrize("doc", [d for _, d in SELECTION_OK], ids=[n for n, _ in SELECTION_OK])
+def test_selection_and_tracking_fields_validate(doc: dict) -> None:
+    job, problems = validate_document(copy.deepcopy(doc))
+    assert problems == [] and job is not None
+
+
+def test_selection_defaults() -> None:
+    """selectBest's mode follows its metric; output.model follows selectBest; TensorBoard is on by default."""
+    spec = FineTuneJobSpec.model_validate(evaluated(checkpointing={"selectBest": {"metric": "f1Macro"}})["spec"])
+    assert spec.checkpointing.select_best is not None and metric_mode(spec.checkpointing.select_best) == "max"
+    assert output_model(spec) == "best"
+    assert spec.tracking.tensorboard and spec.tracking.mlflow is None and spec.early_stopping is None
+    loss = FineTuneJobSpec.model_validate(evaluated(checkpointing={"selectBest": {"metric": "evalLoss"}})["spec"])
+    assert loss.checkpointing.select_best is not None and metric_mode(loss.checkpointing.select_best) == "min"
+    plain = FineTuneJobSpec.model_validate(BASE["spec"])
+    assert output_model(plain) == "last"
 
 
 def test_base_document_is_valid() -> None:
@@ -176,12 +261,12 @@ def test_validate_cli_prints_every_problem_with_its_path(tmp_path: Path) -> None
     doc["spec"]["dataset"]["validationSplit"] = 2
     bad.write_text(yaml.safe_dump(doc))
     good = EXAMPLES[0]
-    run = subprocess.run([sys.executable, "-m", "finetune_api.cli", "validate", str(good), str(bad)],
+    run = subprocess.run([sys.executable, "-m", "finetune_cli", "validate", str(good), str(bad)],
                          capture_output=True, text=True, check=False)
     assert run.returncode == 1
     assert f"{bad}: spec.hyperparameters.learningRate:" in run.stderr
     assert f"{bad}: spec.dataset.validationSplit:" in run.stderr
     assert "2 problem(s)" in run.stderr
-    ok = subprocess.run([sys.executable, "-m", "finetune_api.cli", "validate", str(good)], capture_output=True,
+    ok = subprocess.run([sys.executable, "-m", "finetune_cli", "validate", str(good)], capture_output=True,
                         text=True, check=False)
     assert ok.returncode == 0 and "valid" in ok.stdout

@@ -33,8 +33,12 @@ def test_credentials_appear_nowhere_but_in_their_secret(control_plane: ControlPl
                                                               start_proxy: StartProxy) -> None:
     cp = control_plane
     values = {"token": f"hf_{uuid.uuid4().hex}", "id": f"AKIA{uuid.uuid4().hex[:16].upper()}",
-              "secret": uuid.uuid4().hex + uuid.uuid4().hex}
-    for name, data in (("hf", {"token": values["token"]}), ("s3", {"id": values["id"], "secret": values["secret"]})):
+              "secret": uuid.uuid4().hex + uuid.uuid4().hex,
+              "mlflow-uri": f"https://tracker:{uuid.uuid4().hex}@mlflow.example.org",
+              "mlflow-user": f"user-{uuid.uuid4().hex}", "mlflow-password": uuid.uuid4().hex}
+    for name, data in (("hf", {"token": values["token"]}), ("s3", {"id": values["id"], "secret": values["secret"]}),
+                       ("mlflow", {"uri": values["mlflow-uri"], "user": values["mlflow-user"],
+                                   "password": values["mlflow-password"]})):
         cp.request("POST", f"/api/v1/namespaces/{namespace}/secrets", {
             "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": "Opaque",
             "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}})
@@ -44,12 +48,17 @@ def test_credentials_appear_nowhere_but_in_their_secret(control_plane: ControlPl
     create_ftj(cp, manifest("secretive", namespace, credentials={
         "hubToken": {"name": "hf", "key": "token"},
         "s3": {"accessKeyId": {"name": "s3", "key": "id"}, "secretAccessKey": {"name": "s3", "key": "secret"},
-               "endpointUrl": "http://minio.example.org:9000"}}))
+               "endpointUrl": "http://minio.example.org:9000"}},
+        tracking={"mlflow": {"trackingUri": {"name": "mlflow", "key": "uri"},
+                             "username": {"name": "mlflow", "key": "user"},
+                             "password": {"name": "mlflow", "key": "password"}}}))
     pod = wait_running_pods(cp, namespace, "secretive", 1)[0]
     env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
     assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3", "key": "id"}
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3", "key": "secret"}
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow", "key": "uri"}
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow", "key": "password"}
     wait_phase(cp, namespace, "secretive", "Running")
     cp.finish_pod(namespace, pod["metadata"]["name"], exit_code=0)
     wait_phase(cp, namespace, "secretive", "Succeeded")

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from finetune_api import __version__
 from finetune_api import crd as crd_module
 
 from .conftest import CHART, MONITORING_APIS, VALUES_DIR, Helm, env_of, find, one
@@ -147,7 +148,7 @@ def test_default_env(default: list[dict[str, Any]]) -> None:
     env = env_of(one(default, "Deployment"))
     assert set(env) == OPERATOR_ENV
     assert env["FINETUNE_NAMESPACES"] == ""
-    assert env["FINETUNE_TRAINER_IMAGE"] == "ghcr.io/finetune-operator/finetune-trainer:0.1.0"
+    assert env["FINETUNE_TRAINER_IMAGE"] == f"ghcr.io/finetune-operator/finetune-trainer:{__version__}"
     assert env["FINETUNE_ALLOWED_REGISTRIES"] == ""
     assert env["FINETUNE_PROGRESS_URL"] == "http://ft-finetune-operator.finetune-system.svc:8081"
     assert env["FINETUNE_PROGRESS_KEY"] == {"secretKeyRef": {"name": "ft-finetune-operator-progress-key",
@@ -157,7 +158,7 @@ def test_default_env(default: list[dict[str, Any]]) -> None:
     assert (env["FINETUNE_LOG_LEVEL"], env["FINETUNE_LOG_FORMAT"]) == ("INFO", "json")
     assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     image = one(default, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
-    assert image == "ghcr.io/finetune-operator/finetune-operator:0.1.0"
+    assert image == f"ghcr.io/finetune-operator/finetune-operator:{__version__}"
 
 
 def test_env_is_what_the_operator_reads(default: list[dict[str, Any]]) -> None:
@@ -168,7 +169,7 @@ def test_env_is_what_the_operator_reads(default: list[dict[str, Any]]) -> None:
     parsed = settings.Settings.from_env(env)
     assert parsed.clusterwide
     assert parsed.progress_url == "http://ft-finetune-operator.finetune-system.svc:8081"
-    assert parsed.trainer_image == "ghcr.io/finetune-operator/finetune-trainer:0.1.0"
+    assert parsed.trainer_image == f"ghcr.io/finetune-operator/finetune-trainer:{__version__}"
     assert parsed.log_format == "json"
     source = (CHART.parents[1] / "operator" / "finetune_operator" / "settings.py").read_text()
     unknown = {n for n in env if n.startswith("FINETUNE_") and f'"{n}"' not in source}

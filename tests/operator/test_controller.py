@@ -697,3 +697,25 @@ def test_a_foreign_configmap_in_place_of_ours_is_never_adopted_or_changed() -> N
         assert w.kube.objects[("ConfigMap", NS, "job1-config")] == foreign
         assert w.ftj()["status"]["phase"] == "Running"
     asyncio.run(body())
+
+
+@pytest.mark.parametrize("decided", ["FailureTarget", "SuccessCriteriaMet"])
+def test_a_job_whose_outcome_is_decided_gets_no_edits_or_repairs(decided: str) -> None:
+    """The Job controller sets FailureTarget or SuccessCriteriaMet before Failed or Complete: from then on the Job is
+    finished, and the pass that reports it neither carries a spec edit to it nor repairs its children."""
+    async def body() -> None:
+        w = World()
+        await w.running(2)
+        w.kube.objects[("Job", NS, NAME)].setdefault("status", {})["conditions"] = [
+            {"type": decided, "status": "True", "reason": "BackoffLimitExceeded", "message": "limit"}]
+        ftj = w.ftj()
+        ftj["spec"]["runPolicy"] = {"suspend": True}
+        ftj["metadata"]["generation"] = 2
+        del w.kube.objects[("ConfigMap", NS, "job1-config")]
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        phase = "Failed" if decided == "FailureTarget" else "Succeeded"
+        assert w.ftj()["status"]["phase"] == phase
+        assert [c[:2] for c in w.kube.writes()] == [("PATCH", "FineTuneJob/status"), ("POST", "Event")]
+    asyncio.run(body())

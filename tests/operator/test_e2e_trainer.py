@@ -129,7 +129,7 @@ def test_real_trainer_progress_and_checkpoints_reach_status(control_plane: Contr
             "dataset": {"train": f"pvc://{CLAIM}/data/train.jsonl", "validationSplit": 0.25},
             "hyperparameters": {"maxSteps": 8, "batchSize": 4, "learningRate": 1e-3, "maxSeqLength": 32,
                                 "evalEverySteps": 4},
-            "checkpointing": {"everySteps": 3, "keepLast": 2},
+            "checkpointing": {"everySteps": 3, "keepLast": 2, "selectBest": {"metric": "accuracy"}},
             "output": {"storage": f"pvc://{CLAIM}/out"},
             "resources": {"workers": 1, "gpusPerWorker": 0, "cpu": 1, "memory": "2Gi"},
         },
@@ -180,3 +180,9 @@ def test_real_trainer_progress_and_checkpoints_reach_status(control_plane: Contr
     assert st["output"]["path"] == f"pvc://{CLAIM}/out"
     assert (claim_dir / "out").is_dir()
     assert st["metrics"], "final metrics recorded"
+    # Which step became the model, and why (selectBest: output.model defaults to best), as metrics.json says.
+    written = json.loads((claim_dir / "out" / "metrics.json").read_text())["output"]
+    assert st["output"]["model"] == "best" and st["output"]["step"] == written["step"] in (4, 8)
+    assert st["output"]["reason"] == written["reason"] and "best accuracy" in written["reason"]
+    # The model card names the FineTuneJob by the uid the API server gave it.
+    assert f"uid `{ftj['metadata']['uid']}`" in (claim_dir / "out" / "README.md").read_text()

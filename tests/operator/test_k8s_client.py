@@ -71,7 +71,7 @@ def test_requests_errors_and_relogin() -> None:
             assert seen[-1][3] == {"status": {"phase": "Running"}}
             events = await kube.job_events("ns", "job-uid", "FailedCreate")
             assert events == [] and "fieldSelector=involvedObject.uid%3Djob-uid,reason%3DFailedCreate" in seen[-1][1]
-            text = metrics.render().decode()
+            text = metrics.render()[0].decode()
             assert 'finetune_operator_api_requests_total{code="201",resource="ConfigMap",verb="POST"} 1.0' in text
             assert 'finetune_operator_api_requests_total{code="404",resource="ConfigMap",verb="GET"} 1.0' in text
             await kube.close()

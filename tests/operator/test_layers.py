@@ -1,9 +1,11 @@
 """Layering, checked like an import-linter contract: the pure modules import no I/O, only k8s.py builds requests,
-finetune_api stands alone, and the trainer's modules only import those below them."""
+finetune_api stands alone, the trainer's modules only import those below them, and each behaviour of the controller
+lives in the one module the README's map names for it."""
 
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -11,11 +13,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "operator" / "finetune_operator"
+README = PACKAGE.parent / "README.md"
 API = REPO / "operator" / "finetune_api"
 TRAINER = REPO / "trainer_image" / "finetune_trainer"
-PURE = ("builders", "conditions", "state", "progress", "ledger", "observe", "workqueue", "settings")
+PURE = ("builders", "conditions", "state", "progress", "ledger", "observe", "workqueue", "settings", "labels",
+        "image_policy", "record", "caches")
 IO_MODULES = {"kopf", "aiohttp", "kubernetes", "urllib", "http", "socket", "requests", "finetune_operator.k8s",
-              "finetune_operator.controller", "finetune_operator.handlers"}
+              "finetune_operator.controller", "finetune_operator.handlers", "finetune_operator.children",
+              "finetune_operator.reconcile", "finetune_operator.runner"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -25,7 +30,25 @@ def _imports(path: Path) -> set[str]:
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
+            if node.module == "finetune_operator":  # from finetune_operator import builders, state
+                names.update(f"finetune_operator.{a.name}" for a in node.names)
     return names
+
+
+def _modules() -> dict[str, ast.Module]:
+    return {path.stem: ast.parse(path.read_text()) for path in sorted(PACKAGE.glob("*.py"))}
+
+
+def _calls(tree: ast.Module, methods: set[str]) -> list[str]:
+    """`<something>.kube.<method>(...)` or `kube.<method>(...)` calls in a module, by method name."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in methods:
+            target = node.func.value
+            name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", "")
+            if name == "kube":
+                found.append(node.func.attr)
+    return found
 
 
 @pytest.mark.parametrize("module", PURE)
@@ -73,9 +96,11 @@ TRAINER_LEVELS: tuple[tuple[str, ...], ...] = (
     ("checkpoint", "evaluation"),
     ("sharded_checkpoint",),
     ("tasks",),
-    ("modeling",),
+    ("modeling", "tracking", "plots"),
+    ("history",),
+    ("selection",),
     ("loop",),
-    ("output",),
+    ("output", "model_card"),
     ("job",),
     ("__main__",),
 )
@@ -122,3 +147,92 @@ def test_tasks_are_one_module_each() -> None:
             continue
         specific = {m for m in _trainer_imports(path) if m.startswith("tasks.")} - {"tasks.base"}
         assert not specific, f"{path.relative_to(TRAINER)} imports {sorted(specific)}"
+
+
+def test_only_children_py_touches_children_on_the_api() -> None:
+    """Create (409-as-done), get, patch, delete and evict of Jobs, ConfigMaps, Secrets, Services and pods: children.py.
+    (leader.py writes its Lease; k8s.py implements the calls.)"""
+    for module, tree in _modules().items():
+        if module in ("children", "k8s", "leader"):
+            continue
+        calls = _calls(tree, {"create", "patch", "delete", "evict", "replace", "get"})
+        assert not calls, f"{module}.py calls kube.{calls} on children: that belongs in children.py"
+
+
+def test_only_the_reconcile_pass_writes_status_and_posts_events() -> None:
+    """One status write per pass, then its Events: both in reconcile.py and nowhere else."""
+    for module, tree in _modules().items():
+        if module in ("reconcile", "k8s"):
+            continue
+        calls = _calls(tree, {"patch_ftj_status", "post_event"})
+        assert not calls, f"{module}.py calls kube.{calls}: status and Events are written by reconcile.py"
+
+
+def test_per_job_memory_is_one_record() -> None:
+    """Everything the operator remembers about a job is a field of record.JobRecord: no parallel per-job maps."""
+    for module, tree in _modules().items():
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)
+                    and node.value.id in ("dict", "set")):
+                continue
+            args = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+            if isinstance(args[0], ast.Name) and args[0].id == "Key":
+                value = ast.unparse(args[1]) if len(args) > 1 else None
+                assert value == "JobRecord", f"{module}.py keeps {ast.unparse(node)}: add a field to JobRecord"
+
+
+def test_the_runner_knows_nothing_of_the_pass() -> None:
+    """runner.py schedules passes and maps errors to retries; what a pass does is reconcile.py's business."""
+    imported = _imports(PACKAGE / "runner.py")
+    inner = {"children", "reconcile", "state", "builders", "caches", "gang", "ledger", "controller"}
+    assert not {m for m in imported if m.removeprefix("finetune_operator.") in inner}
+
+
+def test_children_py_decides_no_status() -> None:
+    """Status policy is state.py's (through the reconcile pass); the children module only reports what happened."""
+    imported = _imports(PACKAGE / "children.py")
+    assert not imported & {"finetune_operator.state", "finetune_operator.conditions", "finetune_operator.reconcile"}
+
+
+def test_handlers_are_kopf_wiring_only() -> None:
+    """handlers.py reaches the controller only through the memo: it imports none of its parts."""
+    imported = _imports(PACKAGE / "handlers.py")
+    parts = {"controller", "reconcile", "children", "record", "runner", "caches", "state", "builders"}
+    assert not {m for m in imported if m.removeprefix("finetune_operator.") in parts}
+
+
+def test_label_keys_are_spelled_only_in_labels_py() -> None:
+    """One definition of every label key and of the children's selector (the watches and the builders use it)."""
+    spellings = ("app.kubernetes.io/", "/job-name", "kueue.x-k8s.io/", "batch.kubernetes.io/")
+    for module, tree in _modules().items():
+        if module == "labels":
+            continue
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                      and n.body and isinstance(n.body[0], ast.Expr)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                assert not any(s in node.value for s in spellings), f"{module}.py spells a label: {node.value!r}"
+
+
+def test_image_registry_policy_is_not_a_builder() -> None:
+    """builders.py builds objects; which images are allowed is image_policy.py's."""
+    source = (PACKAGE / "builders.py").read_text()
+    assert "allowed_registries" not in source and "def image_allowed" not in source
+
+
+def test_the_readme_map_names_places_that_exist() -> None:
+    """Every module in the README's "Where does X live" map exists, and every name next to it is defined there."""
+    table = README.read_text().split("### Where does X live", 1)[1].strip().split("\n\n", 1)[0]
+    rows = table.splitlines()[2:]
+    assert len(rows) >= 10
+    for row in rows:
+        for cell in row.split("|")[2:-1]:
+            modules = re.findall(r"`(\w+)\.py`", cell)
+            sources = "\n".join((PACKAGE / f"{m}.py").read_text() for m in modules)
+            for token in re.findall(r"`([\w.]+)`", cell):
+                if token.endswith(".py"):
+                    continue
+                for part in filter(None, token.split(".")):
+                    defined = rf"(def|class)\s+{part}\b|^\s*{part}\s*[:=]"
+                    assert re.search(defined, sources, re.MULTILINE), f"README map: {token} is not in {modules}"

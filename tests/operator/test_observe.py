@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from finetune_operator.observe import format_time, owner_key, parse_time, summarize_job, summarize_pod
+import pytest
+
+from finetune_api.times import format_time, parse_time
+from finetune_operator.observe import owner_key, summarize_job, summarize_pod
 
 POD = {
     "metadata": {
@@ -61,6 +64,21 @@ def test_job_summary() -> None:
     failed = j.condition("Failed")
     assert failed is not None and failed.reason == "BackoffLimitExceeded"
     assert j.condition("Complete") is None
+
+
+@pytest.mark.parametrize(("conditions", "outcome"), [
+    ([], None),
+    ([("Complete", "True")], "success"),
+    ([("SuccessCriteriaMet", "True")], "success"),  # set first; Complete follows once the pods are gone
+    ([("Failed", "True")], "failure"),
+    ([("FailureTarget", "True")], "failure"),  # set first; Failed follows once the pods are gone
+    ([("Failed", "False"), ("Suspended", "True")], None),
+])
+def test_one_definition_of_a_finished_job(conditions: list[tuple[str, str]], outcome: str | None) -> None:
+    job = summarize_job({"metadata": {"name": "j", "uid": "u"}, "status": {
+        "conditions": [{"type": t, "status": s} for t, s in conditions]}})
+    assert (job.success is not None, job.failure is not None) == (outcome == "success", outcome == "failure")
+    assert job.finished is (outcome is not None)
 
 
 def test_time_round_trip() -> None:

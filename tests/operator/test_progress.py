@@ -7,15 +7,10 @@ import math
 import pytest
 from pydantic import ValidationError
 
+from finetune_api.progress import ProgressReport, merge_reports
 from finetune_api.status import FineTuneJobStatus
-from finetune_operator.progress import (
-    ProgressReport,
-    apply_report,
-    humanize_eta,
-    job_token,
-    merge_reports,
-    token_valid,
-)
+from finetune_api.times import humanize_eta
+from finetune_operator.progress import apply_report, job_token, token_valid
 
 KEY = b"k" * 32
 
@@ -88,6 +83,22 @@ def test_percent_eta_and_finished_state() -> None:
     done = apply_report(s, ProgressReport.model_validate({"state": "finished", "step": 3, "totalSteps": 3,
                                                           "etaSeconds": 12}))
     assert done.progress is not None and (done.progress.percent, done.progress.eta) == (100.0, "0s")
+
+
+def test_output_says_which_step_became_the_model_and_why() -> None:
+    reason = "best f1Macro 0.9712 (max) of 4 evaluations, at step 100; training stopped early at step 150"
+    r = ProgressReport.model_validate({"state": "finished", "step": 150, "totalSteps": 400, "output": {
+        "path": "pvc://runs/out", "metrics": {"f1Macro": 0.9712, "evalLoss": math.inf}, "step": 100,
+        "model": "best", "reason": reason}})
+    s = apply_report(FineTuneJobStatus(), r)
+    assert s.output is not None
+    assert s.output.model_dump(by_alias=True, exclude_none=True) == {
+        "path": "pvc://runs/out", "metrics": {"f1Macro": 0.9712}, "step": 100, "model": "best", "reason": reason}
+    # An older trainer says only where: the rest stays absent; an unknown choice is not copied into status.
+    old = apply_report(FineTuneJobStatus(), ProgressReport.model_validate({"output": {"path": "p"}}))
+    assert old.output is not None and old.output.model_dump(exclude_none=True) == {"path": "p"}
+    odd = apply_report(FineTuneJobStatus(), ProgressReport.model_validate({"output": {"path": "p", "model": "x"}}))
+    assert odd.output is not None and odd.output.model is None
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (59.6, "1m00s"), (61, "1m01s"), (3725, "1h02m"),

@@ -75,14 +75,14 @@ def test_metrics_exposition_has_per_job_series_only_while_running() -> None:
         r = await client.get("/metrics")
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
         text = await r.text()
-        assert 'finetune_jobs{namespace="team-a",phase="Running"} 1.0' in text
-        assert 'finetune_jobs{namespace="team-a",phase="Succeeded"} 1.0' in text
-        assert 'finetune_jobs{namespace="team-a",phase="Failed"} 0.0' in text
+        assert 'finetune_job_phase{namespace="team-a",phase="Running"} 1.0' in text
+        assert 'finetune_job_phase{namespace="team-a",phase="Succeeded"} 1.0' in text
+        assert 'finetune_job_phase{namespace="team-a",phase="Failed"} 0.0' in text
         assert 'finetune_job_step{name="a",namespace="team-a"} 10.0' in text
         assert 'name="b"' not in text, "finished jobs have no per-job series"
         assert 'finetune_operator_reconcile_total{result="ok"} 1.0' in text
         assert "finetune_operator_reconcile_duration_seconds_bucket" in text
-        assert 'finetune_gpu_seconds_total{namespace="team-a"} 30.0' in text
+        assert 'finetune_job_gpu_seconds_total{namespace="team-a"} 30.0' in text
         assert 'finetune_job_checkpoints_recorded_total{namespace="team-a"} 2.0' in text
 
     with_client(metrics_app(metrics), check)

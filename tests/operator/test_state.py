@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
+from finetune_api.progress import ProgressReport
 from finetune_api.status import Condition, FineTuneJobStatus
 from finetune_operator import conditions as cond
 from finetune_operator import state
 from finetune_operator.observe import JobCondition, JobView, PodView
-from finetune_operator.progress import ProgressReport
 
 T0 = "2026-01-01T00:00:00Z"
 T1 = "2026-01-01T00:01:00Z"
@@ -206,3 +206,18 @@ def test_status_patch_writes_only_real_changes() -> None:
 def test_merge_diff_nulls_removed_keys_and_recurses() -> None:
     assert state.merge_diff({"a": 1, "b": {"c": 1, "d": 2}, "e": [1]}, {"b": {"c": 1, "d": 3}, "e": [2]}) == {
         "a": None, "b": {"d": 3}, "e": [2]}
+
+
+def test_cancel_ends_the_job_failed_cancelled_and_keeps_the_record() -> None:
+    """runPolicy.cancel: Failed with reason Cancelled (a Normal Event: the user asked for it), progress kept."""
+    run = state.compute_status(FineTuneJobStatus(), obs(job=job(active=1), pods=(running(),)))
+    run.restarts = 1
+    cancelled = state.compute_status(run, obs(cancel_requested=True))
+    assert cancelled.phase == "Failed" and cancelled.completion_time == T1 and cancelled.restarts == 1
+    failed = cond.find(cancelled.conditions, "Failed")
+    assert failed is not None and (failed.status, failed.reason) == ("True", state.CANCELLED)
+    assert cond.find(cancelled.conditions, "Running").status == "False"  # type: ignore[union-attr]
+    assert state.transition_event(run, cancelled) == ("Normal", state.CANCELLED, f"Failed: {failed.message}")
+    assert state.compute_status(prev_with(), obs(cancel_requested=True)).phase == "Failed", "before any Job exists"
+    done = state.compute_status(run, obs(job=job(conditions=(JobCondition("Complete", "True", "", ""),))))
+    assert state.compute_status(done, obs(cancel_requested=True)).phase == "Succeeded", "a finished job stays"

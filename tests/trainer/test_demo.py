@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from finetune_trainer.__main__ import main
@@ -38,7 +39,7 @@ def test_generator_reproduces_committed_data(tmp_path: Path) -> None:
     assert {r["label"] for r in rows} == {"negative", "positive"}
 
 
-def test_staged_demo_trains_from_pvc(isolated: Path) -> None:
+def test_staged_demo_trains_from_pvc(isolated: Path, capsys: pytest.CaptureFixture[str]) -> None:
     stage_demo = _load(EXAMPLES / "stage_demo.py", "stage_demo")
     pvc = isolated / "pvc"
     stage_demo.stage(pvc, copy=False)
@@ -51,6 +52,15 @@ def test_staged_demo_trains_from_pvc(isolated: Path) -> None:
     job = isolated / "sentiment-short.yaml"
     job.write_text(yaml.safe_dump(doc))
     assert main([str(job), "--pvc-root", str(pvc), "--no-progress-bar"]) == 0
-    metrics = json.loads((pvc / "runs" / "sentiment-minilm" / "metrics.json").read_text())
+    out = pvc / "runs" / "sentiment-minilm"
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 3 and metrics["trainExamples"] == 48
     assert "accuracy" in metrics["metrics"] and metrics["confusionMatrix"]["labels"] == ["negative", "positive"]
+    # What `make demo` ends with besides the model: the summary, the plot, TensorBoard files and the model card.
+    assert metrics["output"]["model"] == "best" and metrics["output"]["step"] == 3
+    printed = capsys.readouterr().out
+    assert "finished sentiment-minilm: 3 of 3 steps" in printed and "model: step 3, best f1Macro" in printed
+    assert (out / "loss.png").stat().st_size > 10_000
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert "# sentiment-minilm" in (out / "README.md").read_text()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4  # steps 1, 2, 3 and the final evaluation

@@ -177,6 +177,43 @@ def test_sharded_checkpoint_round_trip_and_ledger(tmp_path: Path) -> None:
     assert manager.complete() == []
 
 
+
+SHARD_TOO_LARGE = """
+import json, resource, sys
+from pathlib import Path
+import torch
+from finetune_trainer import sharded_checkpoint
+from finetune_trainer.checkpoint import CheckpointManager
+from finetune_trainer.distributed import Dist
+from finetune_trainer.errors import StorageError
+from finetune_trainer.locations import storage
+from tests.trainer.test_memory_plan import _trained
+
+root = Path(sys.argv[1])
+manager = CheckpointManager(storage(str(root), Path("."), root / ".cache", {}, "checkpointing.storage"), 2)
+w, opt = _trained()
+sharded_checkpoint.save(manager, Dist(), 1, w.module, opt)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # as a full or quota-limited volume
+try:
+    sharded_checkpoint.save(manager, Dist(), 2, w.module, opt)
+except StorageError as exc:
+    print(json.dumps({"exit": exc.exit_code, "message": exc.message}))
+"""
+
+
+def test_a_shard_that_cannot_be_written_is_a_storage_error_and_the_last_checkpoint_stays(tmp_path: Path) -> None:
+    """DCP reports a rank's write failure as a CheckpointException (not an Exception): it still becomes exit 74
+    naming the storage and the OS's reason, with the previous sharded checkpoint complete and no staging left."""
+    done = subprocess.run([support.PYTHON, "-c", SHARD_TOO_LARGE, str(tmp_path)], cwd=support.REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr[-3000:]
+    said = json.loads(done.stdout.strip().splitlines()[-1])
+    assert said["exit"] == 74
+    assert said["message"].startswith(f"cannot write checkpoint shards for step 2 to {tmp_path}")
+    assert "File too large" in said["message"] and said["message"].endswith("the last complete checkpoint is kept")
+    assert support.complete_steps(tmp_path) == [1]
+    assert not list(tmp_path.glob(".tmp-*"))
+
 def test_a_checkpoint_of_another_model_is_refused_before_anything_changes(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     w, opt = _trained()
@@ -259,3 +296,62 @@ def test_qlora_on_a_cpu_fails_with_78_before_anything_else(tmp_path: Path, isola
     assert main([str(job), "--no-progress-bar"]) == 78
     said = (isolated / "termination-log").read_text()
     assert said.startswith("spec.method.lora.quantization 4bit (QLoRA) needs a CUDA GPU and this process has none")
+
+
+def test_best_weights_load_into_fsdp_shards_from_either_format(tmp_path: Path) -> None:
+    """output.model best under FSDP (`ShardedCheckpointer.load_weights`, which `selection.load_chosen` calls on every
+    rank): the weights of a sharded checkpoint and of one written without sharding both land in this run's DTensor
+    shards and the optimizer state is left alone; a damaged checkpoint changes nothing and the choice falls back to
+    the last step, saying why (one-process group; two processes: test_sharded_training.py)."""
+    import torch.distributed as td
+
+    from finetune_trainer.checkpoint import TrainingFiles, TrainState
+    from finetune_trainer.selection import Choice, load_chosen
+    from finetune_trainer.sharding import shard
+
+    torch.set_num_threads(1)
+    manager = _manager(tmp_path / "ckpt")
+    whole, whole_opt = _trained(seed=2)
+    files = TrainingFiles(whole.model, whole_opt, torch.optim.lr_scheduler.LambdaLR(whole_opt, lambda s: 1.0),
+                          torch.device("cpu"), 0)
+    manager.save(1, lambda tmp: files.write(tmp, TrainState(step=1), [files.rng_state()]))
+    td.init_process_group("gloo", store=td.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        sharded, sharded_opt = _trained(seed=3)
+        sharded_checkpoint.save(manager, Dist(), 2, sharded.module, sharded_opt)
+        model = support.llama_in_memory(seed=1)
+        wrapped = Wrapped(shard(model, None, torch.device("cpu"), 1), model, "fsdp", Layout("fsdp"))
+        opt = make_optimizer(model, 1e-2, 0.0)
+        x = support.counting_tokens(4, 16, seed=3)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        moments = [s["exp_avg"].full_tensor().clone() for s in opt.state.values()]
+        ckpt = sharded_checkpoint.checkpointer(manager, wrapped, opt, torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 1.0), Dist())
+        assert isinstance(ckpt, sharded_checkpoint.ShardedCheckpointer)
+
+        def held() -> dict[str, torch.Tensor]:
+            return {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+
+        for step, source in ((2, sharded), (1, whole)):
+            assert ckpt.load_weights(step) is None
+            expected = dict(source.model.named_parameters())
+            for name, value in held().items():
+                torch.testing.assert_close(value, expected[name], msg=f"step {step}: {name}")
+        for before, state in zip(moments, opt.state.values(), strict=True):
+            assert torch.equal(before, state["exp_avg"].full_tensor())
+
+        before = held()
+        shard_file = manager.path(2) / "__0_0.distcp"
+        shard_file.write_bytes(shard_file.read_bytes()[:100])  # cut short after it was verified
+        choice = Choice(2, "best", "best evalLoss 1 (min) of 2 evaluation(s), at step 2", {"evalLoss": 1.0},
+                        metric="evalLoss", mode="min", value=1.0)
+        fallback = load_chosen(choice, ckpt, 3, {"evalLoss": 1.5}, {})
+        assert (fallback.step, fallback.model, fallback.value) == (3, "last", 1.5)
+        assert fallback.reason.startswith(f"the best checkpoint (step 2) could not be read (cannot read the shards of "
+                                          f"{manager.path(2)}: EOFError)")
+        assert fallback.reason.endswith("the weights after the last optimizer step (3) were written")
+        for name, value in held().items():
+            assert torch.equal(value, before[name]), name
+    finally:
+        td.destroy_process_group()

@@ -6,8 +6,10 @@ FSDP2 follows DDP's loss step for step (gradient accumulation 2, clipping), full
 checkpointing), and each rank holds half the training state (measured by the trainer from its live tensors, reported
 in metrics.json); activation checkpointing keeps fewer activations (measured the same way); a group SIGKILLed mid-run
 resumes from its sharded checkpoint, is stopped by SIGTERM (a sharded checkpoint, exit 75), resumes again and ends
-at the uninterrupted run's loss, and one process resumes from the two processes' shards; the output is a normal
-save_pretrained folder (gathered weights, or the adapter and a merged model)."""
+at the uninterrupted run's loss, and one process resumes from the two processes' shards; with `selectBest` the best
+sharded checkpoint is kept beside `keepLast` and its weights, read back by every rank, become the output, and the
+metric history survives the sharded saves and resumes; the output is a normal save_pretrained folder (gathered
+weights, or the adapter and a merged model)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import pytest
 import torch
 
 from finetune_trainer.__main__ import main
+from finetune_trainer.history import read_lines
 from tests.trainer import support
 
 pytestmark = pytest.mark.slow
@@ -159,12 +162,21 @@ def test_sharded_output_is_a_normal_pretrained_folder(runs: dict[str, dict[str, 
     assert loss(adapted) != pytest.approx(loss(AutoModelForCausalLM.from_pretrained(models["llama"])), rel=1e-3)
 
 
+def _evaluations(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["evalLoss"]) for r in read_lines(out / "metrics.jsonl") if r["type"] == "eval"]
+
+
 def test_sigkill_sigterm_and_resume_from_sharded_checkpoints_on_two_or_one_process(
         runs: dict[str, dict[str, Any]], models: dict[str, Path], data: tuple[Path, Path], tmp_path: Path,
         isolated: Path) -> None:
+    """The uninterrupted run's evaluations fall (4, 8, 12): selectBest evalLoss *max* makes step 4 the best, so its
+    checkpoint is pinned (keepLast 1) and its weights become the output."""
     reference = runs["fsdp-full"]
+    evals = _evaluations(reference["out"])
+    assert [s for s, _ in evals] == [4, 8, 12] and max(evals, key=lambda e: e[1])[0] == 4, evals
     out = tmp_path / "killed"
     spec = _spec(models["llama"], data, out, "fsdp", every=2)
+    spec["checkpointing"].update(keepLast=1, selectBest={"metric": "evalLoss", "mode": "max"})
     ckpts = out / "checkpoints"
     proc = _launch(support.manifest(tmp_path / "killed.yaml", spec, name="killed"), tmp_path, "killed")
     try:
@@ -216,5 +228,22 @@ def test_sigkill_sigterm_and_resume_from_sharded_checkpoints_on_two_or_one_proce
     resumed = _train(spec, tmp_path, "killed")
     assert resumed["resumedFrom"] == stopped
     torch.testing.assert_close(_curve(resumed), _curve(reference), **TOL)
-    assert resumed["metrics"]["evalLoss"] == pytest.approx(reference["metrics"]["evalLoss"], rel=1e-4)
+    assert resumed["lastMetrics"]["evalLoss"] == pytest.approx(reference["metrics"]["evalLoss"], rel=1e-4)
     assert not list(ckpts.glob(".tmp-*"))
+    # Its history came through the sharded checkpoints: every step and evaluation once, the uninterrupted values.
+    history = read_lines(out / "metrics.jsonl")
+    assert [r["step"] for r in history if r["type"] == "train"] == list(range(1, 13))
+    assert [s for s, _ in _evaluations(out)] == [4, 8, 12]
+    assert [v for _, v in _evaluations(out)] == pytest.approx([v for _, v in evals], rel=1e-4)
+    # The best sharded checkpoint was kept beside the last one, and every rank read its shard of it back: the output
+    # is step 4's weights, those the one process above wrote from the same checkpoint.
+    assert support.complete_steps(ckpts) == [4, 12]
+    assert (resumed["output"]["step"], resumed["output"]["model"]) == (4, "best")
+    assert resumed["metrics"]["evalLoss"] == pytest.approx(at_4, rel=1e-6)
+    from safetensors.torch import load_file
+
+    best, from_one = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "one" / "model.safetensors"))
+    last = load_file(str(reference["out"] / "model.safetensors"))
+    assert set(best) == set(from_one) == set(last)
+    assert all(torch.equal(best[k], from_one[k]) for k in best)
+    assert not all(torch.equal(best[k], last[k]) for k in best)

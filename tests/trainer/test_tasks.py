@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from finetune_api.spec import REGRESSION_METRICS, TASK_METRICS
 from finetune_trainer.__main__ import main
 from tests.trainer import support
 
@@ -30,6 +31,11 @@ def _metrics(out: Path) -> dict[str, Any]:
     return json.loads((out / "metrics.json").read_text())
 
 
+def _reports_the_api_metrics(doc: dict[str, Any], task: str, regression: bool = False) -> None:
+    """The metrics an evaluation reports are those finetune_api lets checkpointing.selectBest choose from."""
+    assert set(doc["metrics"]) - {"trainLoss"} == set(REGRESSION_METRICS if regression else TASK_METRICS[task])
+
+
 def _loss_fell(doc: dict[str, Any]) -> None:
     curve = doc["lossCurve"]
     assert len(curve) >= 2, curve
@@ -46,6 +52,7 @@ def test_classification_minilm(isolated: Path, models: dict[str, Path], capsys: 
     assert main([str(support.manifest(isolated / "job.yaml", spec))]) == 0
     doc = _metrics(out)
     _loss_fell(doc)
+    _reports_the_api_metrics(doc, "sequence-classification")
     assert doc["step"] == 12
     assert doc["metrics"]["accuracy"] >= 0.9
     assert 0.0 <= doc["metrics"]["f1Macro"] <= 1.0
@@ -79,6 +86,7 @@ def test_regression_tiny_bert(isolated: Path, models: dict[str, Path]) -> None:
     assert main([str(support.manifest(isolated / "job.yaml", spec))]) == 0
     doc = _metrics(out)
     _loss_fell(doc)
+    _reports_the_api_metrics(doc, "sequence-classification", regression=True)
     assert doc["metrics"]["mse"] < 0.5  # predicting the mean would give 1.0
     from transformers import AutoModelForSequenceClassification
 
@@ -95,6 +103,7 @@ def test_causal_lm_prompt_response(isolated: Path, models: dict[str, Path]) -> N
     assert main([str(support.manifest(isolated / "job.yaml", spec))]) == 0
     doc = _metrics(out)
     _loss_fell(doc)
+    _reports_the_api_metrics(doc, "causal-lm")
     m = doc["metrics"]
     assert m["perplexity"] == pytest.approx(float(torch.tensor(m["evalLoss"]).exp()), rel=1e-4)
     assert m["perplexity"] < 50
@@ -143,6 +152,7 @@ def test_seq2seq_t5_chrf(isolated: Path, models: dict[str, Path]) -> None:
     assert main([str(support.manifest(isolated / "job.yaml", spec))]) == 0
     doc = _metrics(out)
     _loss_fell(doc)
+    _reports_the_api_metrics(doc, "seq2seq")
     assert 0.0 <= doc["metrics"]["chrf"] <= 100.0
     assert doc["metrics"]["evalLoss"] > 0
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer

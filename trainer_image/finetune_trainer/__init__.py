@@ -3,5 +3,6 @@
 It reads a FineTuneJob manifest and fine-tunes for real with transformers, datasets and torch; see `job.run`.
 """
 
+from finetune_api import __version__
+
 __all__ = ["__version__"]
-__version__ = "0.1.0"

@@ -7,7 +7,7 @@ Layout under the checkpoint storage:
         optimizer.pt scheduler.pt rng-<rank>.pt
         trainer_state.json        step, epoch, data position, metrics so far
         COMPLETE                  {"step": N, "files": {name: bytes}}: written last, checked on resume
-    .tmp-checkpoint-<step>-<pid>/ a save in progress (or left by a crash: reported and removed)
+    .tmp-checkpoint-<step>-<pid>/ a save in progress, or a deletion (one left by a crash: reported and removed)
     damaged-checkpoint-<step>-<t>/ a complete-looking checkpoint that failed to load, set aside
     progress.json                 the latest progress document
 
@@ -130,6 +130,9 @@ class TrainState:
     metrics: dict[str, float] = field(default_factory=dict)
     last_checkpoint: dict[str, Any] | None = None
     loss_curve: list[list[float]] = field(default_factory=list)  # [step, mean loss since previous point], ~100
+    train_seconds: float = 0.0  # in optimizer steps, over every session of the run
+    history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl's records so far (history.py)
+    selection: dict[str, Any] | None = None  # best evaluation and early-stopping count (selection.py)
 
     @classmethod
     def from_json(cls, text: str) -> TrainState:
@@ -166,6 +169,7 @@ class CheckpointManager:
         self.storage = storage
         self.root = storage.local
         self.keep_last = max(1, keep_last)
+        self.pinned: int | None = None  # a step kept whatever keep_last says (the best checkpoint)
 
     def path(self, step: int) -> Path:
         return self.root / folder_name(step)
@@ -214,7 +218,7 @@ class CheckpointManager:
         if not self.root.is_dir():
             return
         for p in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(".tmp-checkpoint-")):
-            log.warning("removing partial checkpoint %s left by an interrupted save", p)
+            log.warning("removing partial checkpoint %s left by an interrupted save or deletion", p)
             shutil.rmtree(p, ignore_errors=True)
 
     def ensure_local(self, step: int) -> None:
@@ -282,9 +286,11 @@ class CheckpointManager:
         return CheckpointInfo(step, final, now)
 
     def prune(self) -> None:
-        """Keep the newest `keep_last` complete checkpoints; never touch the newest complete one."""
+        """Keep the newest `keep_last` complete checkpoints and the pinned one; never touch the newest complete one."""
         done = self.complete() if not self.storage.remote else self._local_complete()
         for old in done[: max(0, len(done) - self.keep_last)]:
+            if old.step == self.pinned:
+                continue
             log.info("deleting old checkpoint %s", old.path)
             try:
                 self.storage.remove(old.path.name)
@@ -308,7 +314,7 @@ class Snapshot:
     """A checkpoint read back and checked against the model, not yet applied."""
 
     tensors: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
+    optimizer: dict[str, Any] | None  # None: the weights alone were read (`read_tensors(optimizer=False)`)
     scheduler: dict[str, Any]
     rng: dict[str, Any] | None  # this rank's; absent when the checkpoint had fewer ranks
     state: TrainState
@@ -364,8 +370,8 @@ class TrainingFiles:
         snap.state = TrainState.load(folder)
         return snap
 
-    def read_tensors(self, folder: Path) -> Snapshot:
-        """The parameters and optimizer state, checked against the model (the rest of the snapshot left empty)."""
+    def read_weights(self, folder: Path) -> dict[str, torch.Tensor]:
+        """The trainable parameters of a checkpoint, checked against the model (names and shapes)."""
         from safetensors.torch import load_file
 
         tensors = load_file(str(folder / MODEL_FILE))
@@ -377,6 +383,14 @@ class TrainingFiles:
         for n, t in tensors.items():
             if tuple(t.shape) != tuple(params[n].shape):
                 raise ValueError(f"parameter {n} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}")
+        return tensors
+
+    def read_tensors(self, folder: Path, optimizer: bool = True) -> Snapshot:
+        """The parameters and (unless `optimizer` is false: the weights alone) the optimizer state, checked against
+        the model (the rest of the snapshot left empty)."""
+        tensors = self.read_weights(folder)
+        if not optimizer:
+            return Snapshot(tensors, None, {}, None, TrainState())
         opt_state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         ours = [len(g["params"]) for g in self.optimizer.param_groups]
         theirs = [len(g["params"]) for g in opt_state["param_groups"]]
@@ -402,7 +416,8 @@ class TrainingFiles:
         with torch.no_grad():
             for n, t in snap.tensors.items():
                 params[n].copy_(t)
-        self.optimizer.load_state_dict(snap.optimizer)
+        if snap.optimizer is not None:
+            self.optimizer.load_state_dict(snap.optimizer)
 
 
 def _tuples(obj: Any) -> Any:
@@ -450,11 +465,7 @@ class Checkpointer:
         candidates = self.dist.gather([c.step for c in self.manager.complete()] if self.dist.main else None)[0]
         for step in reversed(candidates):
             path = self.manager.path(step)
-            if self.dist.local_rank == 0:  # one download per node for remote storage; the others then read it
-                self.manager.ensure_local(step)
-            self.dist.barrier()
-            if self.dist.local_rank != 0:
-                self.manager.ensure_local(step)
+            self._fetch(step)
             try:
                 snap: Snapshot | None = self.files.read(path)
                 error = None
@@ -476,3 +487,32 @@ class Checkpointer:
                                      "time": (state.last_checkpoint or {}).get("time"), "count": state.checkpoints}
             return step, state
         return None
+
+    def _fetch(self, step: int) -> None:
+        """Every rank: checkpoint `step` in local staging (remote storage), downloaded once per node."""
+        if self.dist.local_rank == 0:
+            self.manager.ensure_local(step)
+        self.dist.barrier()
+        if self.dist.local_rank != 0:
+            self.manager.ensure_local(step)
+
+    def load_weights(self, step: int) -> str | None:
+        """Copy checkpoint `step`'s trainable weights into the model where the output is written from: rank 0 (the
+        model is whole there). Every rank calls it. Returns None, or on every rank why the checkpoint could not be
+        read; the model is then unchanged."""
+        error: str | None = None
+        if self.dist.main:
+            self.manager.ensure_local(step)
+            try:
+                snap = self.files.read_tensors(self.manager.path(step), optimizer=False)
+            except Exception as exc:
+                error = describe_failure(exc)
+            else:
+                self.files.apply_tensors(snap)
+        return self.dist.gather(error)[0]
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -20,16 +20,18 @@ from typing import Any
 import torch
 
 from finetune_api.manifest import FineTuneJob, load_job
-from finetune_api.spec import FineTuneJobSpec, checkpoint_storage
+from finetune_api.spec import FineTuneJobSpec, checkpoint_storage, quantization_of, task_metrics
 from finetune_trainer import data as data_mod
 from finetune_trainer import memory, quantization, tasks
-from finetune_trainer.checkpoint import CheckpointManager
+from finetune_trainer.checkpoint import CheckpointManager, is_io_error
 from finetune_trainer.config import RunConfig
 from finetune_trainer.distributed import Dist, init_from_env
-from finetune_trainer.errors import ConfigError, DataError
+from finetune_trainer.errors import ConfigError, DataError, Interrupted
 from finetune_trainer.evaluation import Evaluator
+from finetune_trainer.history import RunLog
 from finetune_trainer.locations import DATA_SUFFIXES, Location, Storage, expand_files, fetch, resolve, storage
 from finetune_trainer.loop import LoopSettings, Trainer, TrainResult, seed_everything
+from finetune_trainer.model_card import CARD_FILE, write_model_card
 from finetune_trainer.modeling import (
     Precision,
     apply_lora,
@@ -42,12 +44,15 @@ from finetune_trainer.modeling import (
     trainable_in_fp32,
     trainable_summary,
 )
-from finetune_trainer.output import metrics_document, write_output
+from finetune_trainer.output import METRICS_FILE, metrics_document, write_output
+from finetune_trainer.plots import PLOT_FILE, chosen_metric, plot_history
 from finetune_trainer.progress import Progress
+from finetune_trainer.selection import Selection
 from finetune_trainer.sharded_checkpoint import full_state_dict
 from finetune_trainer.sharding import Layout, Wrapped
 from finetune_trainer.signals import StopSignal
 from finetune_trainer.tasks.base import Task
+from finetune_trainer.tracking import for_job
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,8 @@ class Outcome:
     output_uri: str
     output_path: Path
     seconds: float
+    files: list[str]  # what the output folder holds
+    trackers: list[str]  # where else the metrics went (one line each)
 
 
 @dataclass(frozen=True)
@@ -174,10 +181,6 @@ def prepare_data(spec: FineTuneJobSpec, cfg: RunConfig, task: Task, tok: Any, wh
     return train_enc, val_enc
 
 
-def quantization_of(spec: FineTuneJobSpec) -> str:
-    return spec.method.lora.quantization if spec.method.lora else "none"
-
-
 def plan_memory(spec: FineTuneJobSpec, task: Task, source: str, dist: Dist, precision: Precision) -> memory.Plan:
     """The sharding and per-device estimate for this job, from the model built on the meta device (no weights);
     ConfigError (exit 78) naming the field to change when it cannot fit."""
@@ -235,6 +238,8 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
     log.info("job %s: %s on %s, %d process(es), device %s, %d thread(s)", name, spec.task.type, spec.model.source,
              dist.world, dist.device, cfg.threads)
     dist.on_main(lambda: (where.checkpoints.ensure_writable(), where.output.ensure_writable()))
+    # metrics.jsonl and the trackers (rank 0); a tracker that is misconfigured stops the job here, before any work.
+    run_log = dist.on_main(lambda: RunLog(where.output.local, for_job(job, where.output.local))) or RunLog(None)
     task = tasks.for_spec(spec)
     source = model_source(spec, cfg, where.cache)
     precision = choose_precision(hp.precision, dist.device)
@@ -260,21 +265,55 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
         evaluator = Evaluator(task.evaluate, val_enc, tok, hp.batch_size * 2, dist.device,
                               lambda: precision.autocast(dist.device), dist.rank, dist.world, dist.gather,
                               lockstep=plan.sharding == "fsdp")
+    status: str | None = "FAILED"  # the trackers' end of the run
     try:
         trainer = Trainer(model=model, train=train_enc, pad_id=tok.pad_token_id, settings=LoopSettings.of(spec),
                           precision=precision, dist=dist, checkpoints=ckpt, evaluator=evaluator, progress=progress,
-                          stop=stop, progress_bar=cfg.progress_bar, log_interval=cfg.progress_interval, layout=layout)
+                          stop=stop, progress_bar=cfg.progress_bar, log_interval=cfg.progress_interval,
+                          run_log=run_log, selection=Selection.of(spec), layout=layout)
         result = trainer.run()
         saving = output_saving(spec, task, source, tok, trainer.optimizer_step.wrapped)  # collective under FSDP
         used = memory_report(plan, trainer.optimizer_step.measured)
         dist.on_main(lambda: write_output(where.output, spec, model, tok, lambda: metrics_document(
             name, spec, result, precision=precision.name, processes=dist.world, train_examples=len(train_enc),
-            validation_examples=len(val_enc) if val_enc else 0, memory=used), **saving))
-        progress.update(urgent=False, state="finished", metrics=result.metrics,
-                        output={"path": spec.output.storage, "metrics": result.metrics}, eta_seconds=0)
+            validation_examples=len(val_enc) if val_enc else 0, memory=used),
+            describe=lambda folder, doc: describe_output(folder, job, doc, result, run_log), **saving))
+        output: dict[str, Any] = {"path": spec.output.storage, "metrics": result.metrics}
+        if result.choice is not None:
+            output.update(step=result.choice.step, model=result.choice.model, reason=result.choice.reason[:1024])
+        progress.update(urgent=False, state="finished", metrics=result.metrics, output=output, eta_seconds=0)
+        status = "FINISHED"
+    except Interrupted:
+        status = None  # a restart continues the run
+        raise
     finally:
+        done = [where.output.local / f for f in (METRICS_FILE, PLOT_FILE, CARD_FILE)] if status == "FINISHED" else []
+        run_log.close(done, status)
         progress.close()
-    return Outcome(name, task, result, spec.output.storage, where.output.local, time.monotonic() - started)
+    files = sorted(p.name + ("/" if p.is_dir() else "") for p in where.output.local.iterdir()
+                   if not p.name.startswith(".")) if dist.main else []
+    return Outcome(name, task, result, spec.output.storage, where.output.local, time.monotonic() - started, files,
+                   run_log.describe())
+
+
+def describe_output(folder: Path, job: FineTuneJob, doc: dict[str, Any], result: TrainResult, run_log: RunLog) -> None:
+    """Beside the model, before metrics.json: metrics.jsonl as the state has it, loss.png and the model card. The
+    plot and the card are descriptions: one that cannot be made is reported, and the output is still written."""
+    state, spec = result.state, job.spec
+    run_log.seal(state)
+    select = spec.checkpointing.select_best
+    metric = chosen_metric(state.history, select.metric if select else None, task_metrics(spec.task))
+    model_step = result.choice.step if result.choice else state.step
+    for what, make in (
+            (PLOT_FILE, lambda: plot_history(state.history, folder / PLOT_FILE, f"{job.metadata.name}: "
+                                             f"{spec.task.type} on {spec.model.source}", metric, model_step)),
+            (CARD_FILE, lambda: write_model_card(folder, job, doc))):
+        try:
+            make()
+        except Exception as exc:
+            if is_io_error(exc):
+                raise
+            log.warning("cannot write %s: %s: %s", what, type(exc).__name__, exc)
 
 
 def output_saving(spec: FineTuneJobSpec, task: Task, source: str, tok: Any, wrapped: Wrapped) -> dict[str, Any]:
@@ -303,11 +342,16 @@ def memory_report(plan: memory.Plan, measured: list[dict[str, int]] | None) -> d
 
 
 def summary(outcome: Outcome) -> str:
-    """What a person running `finetune run` wants to see at the end."""
+    """What a person running `finetune run` wants to see at the end: how far and how fast, which step became the
+    model and why, its metrics, and where everything was written."""
     result = outcome.result
-    lines = [f"finished {outcome.job}: {result.state.step} steps in {outcome.seconds:.1f}s "
+    lines = [f"finished {outcome.job}: {result.state.step} of {result.total_steps} steps in {outcome.seconds:.1f}s "
              f"({result.samples_per_second:.1f} training samples/s)"
              + (f", resumed from step {result.resumed_from}" if result.resumed_from is not None else "")]
+    if result.choice is not None:
+        lines.append(f"model: step {result.choice.step}, {result.choice.reason}")
     lines += outcome.task.summary(result.metrics, result.extras)
-    lines.append(f"model and metrics.json written to {outcome.output_uri} ({outcome.output_path})")
+    where = outcome.output_uri + (f" ({outcome.output_path})" if str(outcome.output_path) != outcome.output_uri else "")
+    lines.append(f"written to {where}: {', '.join(outcome.files)}")
+    lines += outcome.trackers
     return "\n".join(lines)

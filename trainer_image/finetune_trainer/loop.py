@@ -6,8 +6,8 @@ Our own loop rather than transformers.Trainer: every batch comes pre-tokenised a
 the per-step overhead is a pad and a forward/backward; resume restores model, optimizer, scheduler, RNG and the
 exact data position (finetune_trainer.checkpoint); and preemption is a first-class path (checkpoint, then exit 75).
 
-One step is reported in one place (`Trainer._report_step`: progress and the console); evaluation results land in
-one place (`Trainer.evaluate`).
+One step is reported in one place (`Trainer._report_step`: progress, the metric history and the console);
+evaluation results land in one place (`Trainer.evaluate`: state, progress, the history and the best-model selection).
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from finetune_trainer.data import Encoded, collate, epoch_batches
 from finetune_trainer.distributed import Dist
 from finetune_trainer.errors import DataError, Interrupted
 from finetune_trainer.evaluation import Evaluation, EvaluationStopped, Evaluator
+from finetune_trainer.history import RunLog
 from finetune_trainer.modeling import Precision
 from finetune_trainer.progress import Display, Progress
+from finetune_trainer.selection import Choice, Selection, load_chosen
 from finetune_trainer.sharded_checkpoint import checkpointer
 from finetune_trainer.sharding import Layout, SavedTensorBytes, resident_bytes
 from finetune_trainer.signals import StopSignal
@@ -126,6 +128,8 @@ class TrainResult:
     train_cpu_seconds: float
     samples_per_second: float
     tokens_per_second: float
+    choice: Choice | None = None  # which step's weights the model is, and why
+    last_metrics: dict[str, float] | None = None  # the last evaluation's, when the model is another step's
 
 
 class StepMeter:
@@ -148,6 +152,7 @@ class StepMeter:
         st.tokens += tokens
         st.loss_sum += loss
         st.loss_steps += 1
+        st.train_seconds += seconds
         self.losses.append(loss)
         self._curve.append(loss)
         if st.step % max(1, total_steps // 100) == 0 or st.step in (1, total_steps):
@@ -250,6 +255,7 @@ class Trainer:
     def __init__(self, *, model: torch.nn.Module, train: Encoded, pad_id: int, settings: LoopSettings,
                  precision: Precision, dist: Dist, checkpoints: CheckpointManager, evaluator: Evaluator | None,
                  progress: Progress, stop: StopSignal, progress_bar: bool = False, log_interval: float = 5.0,
+                 run_log: RunLog | None = None, selection: Selection | None = None,
                  layout: Layout | None = None) -> None:
         self.raw_model = model
         self.train_data = train
@@ -261,6 +267,8 @@ class Trainer:
         self.stop = stop
         self.progress_bar = progress_bar
         self.log_interval = log_interval
+        self.run_log = run_log or RunLog(None)  # metrics.jsonl and the trackers (rank 0)
+        self.selection = selection or Selection()  # best checkpoint, early stopping, the output's weights
         self.device = dist.device
         self.cost = train.cost()
         self.batches_per_epoch = len(self._batches(0))
@@ -294,6 +302,7 @@ class Trainer:
     def save_checkpoint(self) -> CheckpointInfo | None:
         """All ranks call this; rank 0 writes. A storage failure on rank 0 stops every rank with exit 74."""
         t0 = time.monotonic()
+        self.checkpoints.manager.pinned = self.selection.pinned(self.state)
         info = self.checkpoints.save(self.state)
         if info is not None:
             log.info("checkpoint %s complete (%.1fs)", info.path, time.monotonic() - t0)
@@ -317,6 +326,9 @@ class Trainer:
             raise self._interrupt() from None
         self.extras.update(result.extras)
         self.state.metrics.update(result.metrics)
+        self.selection.observe(self.state, result.metrics, result.extras)
+        st = self.state
+        self.run_log.evaluation(st, result.metrics, st.epoch + st.batch_in_epoch / max(1, self.batches_per_epoch))
         shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.metrics.items()))
         log.info("evaluation at step %d: %s (%.1fs)", self.state.step, shown, time.monotonic() - t0)
         self.progress.update(urgent=True, metrics=result.metrics)
@@ -325,7 +337,9 @@ class Trainer:
     def _report_step(self, display: Display) -> None:
         """The one place a training step is reported: the progress report and the bar or log line."""
         lr = float(self.optimizer_step.scheduler.get_last_lr()[0])
-        self.progress.update(**self.meter.report(self.state, self.total_steps, self.batches_per_epoch, lr))
+        fields = self.meter.report(self.state, self.total_steps, self.batches_per_epoch, lr)
+        self.progress.update(**fields)
+        self.run_log.step(self.state, self.meter.losses[-1], fields)
         if self.dist.main:
             display.update(self.progress.snapshot())
 
@@ -343,23 +357,29 @@ class Trainer:
         """Train to the end (or raise Interrupted after a checkpoint on SIGTERM), then run the final evaluation."""
         resumed = self.resume()
         st = self.state
+        self.selection.restore(st)
+        self.run_log.start(st, self.total_steps, resumed is not None)
         self.progress.update(total_steps=self.total_steps, step=st.step, metrics=dict(st.metrics),
                              checkpoint=dict(st.last_checkpoint) if st.last_checkpoint else None)
         display = Display(self.total_steps, st.step, self.progress_bar and self.dist.main, self.log_interval)
         evaluated_at = -1
         try:
-            while st.step < self.total_steps:
+            while st.step < self.total_steps and not self.selection.stopped(st):
                 evaluated_at = self._epoch(display, evaluated_at)
         finally:
             display.close()
         if evaluated_at != st.step:
             self.evaluate()
-        metrics = dict(st.metrics)
+        choice = self.selection.choose(st, self.total_steps, dict(self.extras))
+        if choice.step != st.step:
+            choice = load_chosen(choice, self.checkpoints, st.step, dict(st.metrics), dict(self.extras))
+        metrics = dict(choice.metrics)
         if st.loss_steps:
             metrics["trainLoss"] = st.loss_sum / st.loss_steps
         m = self.meter
-        return TrainResult(st, self.total_steps, metrics, dict(self.extras), resumed, m.seconds, m.cpu_seconds,
-                           m.samples / m.seconds if m.seconds else 0.0, m.tokens / m.seconds if m.seconds else 0.0)
+        return TrainResult(st, self.total_steps, metrics, dict(choice.extras), resumed, m.seconds, m.cpu_seconds,
+                           m.samples / m.seconds if m.seconds else 0.0, m.tokens / m.seconds if m.seconds else 0.0,
+                           choice, dict(st.metrics) if choice.step != st.step else None)
 
     def _epoch(self, display: Display, evaluated_at: int) -> int:
         """Train the rest of the current epoch (or up to the last step); return the step last evaluated at."""
@@ -391,9 +411,12 @@ class Trainer:
             if self.s.eval_every and st.step % self.s.eval_every == 0 and not final:
                 self.evaluate()
                 evaluated_at = st.step
-            if final or (self.s.checkpoint_every and st.step % self.s.checkpoint_every == 0) or (
+            # A new best and an early stop are checkpointed at once (the best is then kept; a restart ends there).
+            stopped = self.selection.stopped(st)
+            if final or stopped or (evaluated_at == st.step and self.selection.improved_at(st)) or (
+                    self.s.checkpoint_every and st.step % self.s.checkpoint_every == 0) or (
                     epoch_end and self.s.checkpoint_every_epoch):
                 self.save_checkpoint()
-            if epoch_end:
+            if epoch_end or stopped:
                 break
         return evaluated_at

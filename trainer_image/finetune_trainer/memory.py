@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_api.progress import MemoryPlanReport
-from finetune_api.spec import FineTuneJobSpec
+from finetune_api.spec import FineTuneJobSpec, quantization_of
 from finetune_trainer.errors import ConfigError
 
 GB = 1e9
@@ -209,7 +209,7 @@ def for_job(spec: FineTuneJobSpec, shape: ModelShape, processes: int, precision:
     """The job's plan: its batch size, configured sequence length, method, quantization and activation
     checkpointing on `processes` devices of `device_bytes` each."""
     hp = spec.hyperparameters
-    quantization = spec.method.lora.quantization if spec.method.lora else "none"
+    quantization = quantization_of(spec)
     inp = MemoryInputs(shape=shape, sharding="none", processes=processes, batch_size=hp.batch_size,
                        seq_length=hp.max_seq_length, precision=precision, device=device, quantization=quantization,
                        activation_checkpointing=hp.activation_checkpointing)

@@ -1,5 +1,5 @@
-"""The job's output, written by rank 0 once training and the final evaluation are done: the fine-tuned model, then
-metrics.json.
+"""The job's output, written by rank 0 once training and the final evaluation are done: the fine-tuned model, the
+files that describe it (the model card, the loss plot, the metric history), then metrics.json.
 
 The model is `save_pretrained` with its tokenizer (for LoRA the adapter and, with `mergeAdapter`, the merged model in
 merged/). metrics.json comes last, locally and in remote storage, so its presence means the output is complete.
@@ -35,11 +35,16 @@ def metrics_document(job: str, spec: FineTuneJobSpec, result: TrainResult, *, pr
         "trainCpuSeconds": round(result.train_cpu_seconds, 3),
         "samplesPerSecond": round(result.samples_per_second, 3),
         "tokensPerSecond": round(result.tokens_per_second, 1),
+        "trainSecondsTotal": round(state.train_seconds, 3),
         "resumedFrom": result.resumed_from, "lossCurve": state.loss_curve,
         "trainExamples": train_examples,
         "validationExamples": validation_examples,
         "finishedAt": format_time(),
     }
+    if result.choice is not None:
+        doc["output"] = result.choice.wire()  # which step's weights the model is, and why
+    if result.last_metrics is not None:
+        doc["lastMetrics"] = result.last_metrics
     if memory:
         doc["memory"] = memory  # the memory plan and what each rank measured (finetune_trainer.job.memory_report)
     doc.update(result.extras)
@@ -61,12 +66,17 @@ def save_model(model: Any, tok: Any, spec: FineTuneJobSpec, folder: Path,
 
 
 def write_output(store: Storage, spec: FineTuneJobSpec, model: Any, tok: Any,
-                 metrics: Callable[[], dict[str, Any]], **saving: Any) -> None:
-    """The model, then metrics.json (`metrics()`, asked once the model is written); then upload everything to remote
-    storage, metrics.json last. StorageError when the storage cannot be written."""
+                 metrics: Callable[[], dict[str, Any]],
+                 describe: Callable[[Path, dict[str, Any]], None] | None = None, **saving: Any) -> None:
+    """The model (`saving`: `save_model`'s options), then `describe(folder, document)` (the model card, the plot),
+    then metrics.json (`metrics()`, asked once the model is written); then upload everything to remote storage,
+    metrics.json last. StorageError when the storage cannot be written."""
     try:
         save_model(model, tok, spec, store.local, **saving)
-        write_json_atomic(store.local / METRICS_FILE, metrics())
+        doc = metrics()
+        if describe is not None:
+            describe(store.local, doc)
+        write_json_atomic(store.local / METRICS_FILE, doc)
         for entry in sorted(store.local.iterdir(), key=lambda p: p.name == METRICS_FILE):
             store.publish(entry.name)
     except StorageError:

@@ -136,8 +136,9 @@ class Progress:
             return False
 
     # ------------------------------------------------------------------------------------------------ HTTP
-    def _metrics_text(self) -> bytes:
-        from prometheus_client import CollectorRegistry, Gauge, generate_latest
+    def _metrics_text(self, accept: str = "") -> tuple[bytes, str]:
+        from prometheus_client import CollectorRegistry, Gauge
+        from prometheus_client.exposition import choose_encoder
 
         report = self.snapshot()
         if self._registry is None:
@@ -149,7 +150,7 @@ class Progress:
                 "tokens_per_second": "Non-padding training tokens per second",
                 "eta_seconds": "Estimated seconds to the end of training",
                 "checkpoint_step": "Step of the latest complete checkpoint",
-                "checkpoints_total": "Complete checkpoints written", "finished": "1 once training has finished",
+                "checkpoints": "Complete checkpoints written", "finished": "1 once training has finished",
             }
             for name, doc_text in spec.items():
                 self._gauges[name] = Gauge(f"finetune_trainer_{name}", doc_text, registry=self._registry)
@@ -163,14 +164,15 @@ class Progress:
                  "samples_per_second": report.samples_per_second, "tokens_per_second": report.tokens_per_second,
                  "eta_seconds": report.eta_seconds,
                  "checkpoint_step": checkpoint.step if checkpoint else None,
-                 "checkpoints_total": checkpoint.count if checkpoint else None,
+                 "checkpoints": checkpoint.count if checkpoint else None,
                  "finished": 1.0 if report.state == "finished" else 0.0}
         for name, value in pairs.items():
             if value is not None:
                 g[name].set(float(value))
         for name, value in (report.metrics or {}).items():
             g["eval"].labels(name=name).set(float(value))
-        return generate_latest(self._registry)
+        encoder, content_type = choose_encoder(accept)  # text format, or OpenMetrics when the scraper asks
+        return encoder(self._registry), content_type
 
     def _serve(self, port: int, host: str) -> int:
         progress = self
@@ -179,7 +181,7 @@ class Progress:
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    body, ctype = progress._metrics_text(), "text/plain; version=0.0.4; charset=utf-8"
+                    body, ctype = progress._metrics_text(self.headers.get("Accept", ""))
                 elif path == "/progress":
                     body, ctype = json.dumps(progress.snapshot().wire()).encode(), "application/json"
                 elif path in ("/healthz", "/"):

@@ -39,6 +39,7 @@ from finetune_trainer.checkpoint import (
     Snapshot,
     TrainingFiles,
     TrainState,
+    describe_failure,
     io_reason,
     is_io_error,
 )
@@ -107,12 +108,12 @@ def save(manager: CheckpointManager, dist: Dist, step: int, module: nn.Module, o
             writer = dcp.FileSystemWriter(str(stage), sync_files=True, single_file_per_rank=True)
             with _single_process_quiet():
                 dcp.save(training_state(module, optimizer), storage_writer=writer, no_dist=not dist.enabled)
-        except Exception as exc:
-            if not is_io_error(exc) and not _is_checkpoint_io(exc):
+        except (Exception, dcp.CheckpointException) as exc:
+            cause = dcp_failure(exc)
+            if not is_io_error(cause):
                 raise
             failed = StorageError(f"cannot write checkpoint shards for step {step} to {manager.storage.uri} "
-                                  f"({manager.root}): {str(exc).strip().splitlines()[0]}; the last complete "
-                                  "checkpoint is kept")
+                                  f"({manager.root}): {io_reason(cause)}; the last complete checkpoint is kept")
         dist.barrier()  # every rank's shard is written and fsynced before rank 0 marks the checkpoint complete
         dist.agree(failed)
 
@@ -137,9 +138,13 @@ def _storage_error(step: int, manager: CheckpointManager, exc: BaseException) ->
             "the last complete checkpoint is kept")
 
 
-def _is_checkpoint_io(exc: BaseException) -> bool:
-    """DCP wraps every rank's failure in a CheckpointException whose text carries the original errors."""
-    return type(exc).__name__ == "CheckpointException" and is_io_error(Exception(str(exc)))
+def dcp_failure(exc: BaseException) -> BaseException:
+    """What went wrong in a DCP save or load: DCP raises a CheckpointException (a BaseException, on every rank) that
+    carries each failed rank's exception; the first of those, else `exc` itself."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return next(iter(failures.values()))[0]  # type: ignore[no-any-return]
+    return exc
 
 
 # ------------------------------------------------------------------------------------------------------ loading
@@ -158,31 +163,57 @@ def check(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> No
             raise ValueError(f"parameter {k} has shape {saved}, the model {tuple(t.shape)}")
 
 
-def read(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """A sharded checkpoint read into copies laid out as this run holds its state, whatever world size wrote it
-    (collective under a process group, plain in a single process); the model and optimizer are not touched."""
+def read(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, collective: bool = False,
+         parts: tuple[str, ...] = ("model", "optim")) -> dict[str, Any]:
+    """A sharded checkpoint read into copies laid out as this run holds its state (`parts`: the trainable weights,
+    the optimizer state), whatever world size wrote it; the model and optimizer are not touched. `collective`: every
+    rank of the group reads its own shards together (a sharded model); otherwise this process reads whole tensors
+    on its own (a plain model, or one process)."""
     import torch.distributed.checkpoint as dcp
 
-    check(path, module, optimizer)
+    no_dist = not (collective and torch.distributed.is_initialized())
+    if no_dist:
+        check(path, module, optimizer)
+    else:  # every rank enters DCP's collective load only if every rank found the checkpoint fit
+        try:
+            check(path, module, optimizer)
+            problem = None
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {describe_failure(exc)}"
+        problems: list[str | None] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(problems, problem)
+        if any(problems):
+            raise ValueError(next(p for p in problems if p))
     state = training_state(module, optimizer)
-    copies = {"model": _clone(state["model"]), "optim": _clone(state["optim"])}
-    with _single_process_quiet():
-        dcp.load(copies, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not torch.distributed.is_initialized())
+    copies = {part: _clone(state[part]) for part in parts}
+    try:
+        with _single_process_quiet():
+            dcp.load(copies, storage_reader=dcp.FileSystemReader(str(path)), no_dist=no_dist)
+    except dcp.CheckpointException as exc:  # a shard that cannot be read: a damaged checkpoint, as any other
+        cause = dcp_failure(exc)
+        said = describe_failure(cause)
+        what = type(cause).__name__ if said == type(cause).__name__ else f"{type(cause).__name__}: {said}"
+        raise ValueError(f"cannot read the shards of {path}: {what}") from cause
     return copies
 
 
 def load(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """`read`, then apply: the whole sharded load in one call."""
+    """`read`, then apply: the whole sharded load in one call (one process)."""
     copies = read(path, module, optimizer)
     _apply(module, optimizer, copies["model"], copies["optim"])
 
 
-def _apply(module: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict[str, Any], optim_sd: dict[str, Any],
-           full: bool = False) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+def _apply(module: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict[str, Any],
+           optim_sd: dict[str, Any] | None, full: bool = False) -> None:
+    """Copy the weights (and the optimizer state unless None) into the model's layout; `full`: they are whole
+    tensors, each rank keeps its shard of them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
-    set_state_dict(module, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False, full_state_dict=full))
+    options = StateDictOptions(ignore_frozen_params=True, strict=False, full_state_dict=full)
+    if optim_sd is None:
+        set_model_state_dict(module, model_sd, options=options)
+    else:
+        set_state_dict(module, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
 
 
 def _clone(obj: Any) -> Any:
@@ -215,24 +246,28 @@ class ShardedFiles(TrainingFiles):
         super().__init__(wrapped.model, optimizer, scheduler, device, rank)
         self.sharded = wrapped.sharded
 
-    def read_tensors(self, folder: Path) -> Snapshot:
+    def read_tensors(self, folder: Path, optimizer: bool = True) -> Snapshot:
+        """Collective when this run is sharded and the checkpoint too (every rank reads its shards)."""
         if is_sharded(folder):
-            copies = read(folder, self.model, self.optimizer)
-            return Snapshot(copies["model"], copies["optim"], {}, None, TrainState(), sharded=True)
-        return super().read_tensors(folder)  # whole tensors: checked against the global shapes
+            parts = ("model", "optim") if optimizer else ("model",)
+            copies = read(folder, self.model, self.optimizer, collective=self.sharded, parts=parts)
+            return Snapshot(copies["model"], copies.get("optim"), {}, None, TrainState(), sharded=True)
+        return super().read_tensors(folder, optimizer)  # whole tensors: checked against the global shapes
 
     def apply_tensors(self, snap: Snapshot) -> None:
         if snap.sharded:
             _apply(self.model, self.optimizer, snap.tensors, snap.optimizer)
         elif self.sharded:  # an unsharded checkpoint spread over this run's shards
-            _apply(self.model, self.optimizer, snap.tensors,
-                   named_optimizer_state(self.model, self.optimizer, snap.optimizer), full=True)
+            optim = None if snap.optimizer is None else named_optimizer_state(self.model, self.optimizer,
+                                                                              snap.optimizer)
+            _apply(self.model, self.optimizer, snap.tensors, optim, full=True)
         else:
             super().apply_tensors(snap)
 
 
 class ShardedCheckpointer(Checkpointer):
-    """Saving with every rank writing its shard (the model is sharded); resuming as any Checkpointer."""
+    """Saving with every rank writing its shard (the model is sharded); resuming as any Checkpointer; loading a
+    checkpoint's weights on every rank, since each holds a shard of the model."""
 
     files: ShardedFiles
 
@@ -241,6 +276,24 @@ class ShardedCheckpointer(Checkpointer):
         return self._recorded(state, lambda: save(self.manager, self.dist, state.step, self.files.model,
                                                   self.files.optimizer,
                                                   lambda tmp: self.files.write_small(tmp, state, rngs)))
+
+    def load_weights(self, step: int) -> str | None:
+        """Every rank reads its shard of checkpoint `step`'s weights (DCP, collective; a checkpoint written without
+        sharding: the whole tensors, of which each rank keeps its shard) and, once every rank has read them, copies
+        them in. Returns None, or on every rank why some rank could not read them; the model is then unchanged."""
+        self._fetch(step)
+        snap: Snapshot | None = None
+        try:
+            snap = self.files.read_tensors(self.manager.path(step), optimizer=False)
+            error = None
+        except Exception as exc:
+            error = describe_failure(exc)
+        problems = [e for e in self.dist.gather(error) if e]
+        if problems:
+            return problems[0]
+        assert snap is not None
+        self.files.apply_tensors(snap)
+        return None
 
 
 def checkpointer(manager: CheckpointManager, wrapped: Wrapped, optimizer: torch.optim.Optimizer, scheduler: Any,

@@ -1,6 +1,7 @@
 """sequence-classification: text (or text pairs) to one of `labels`, or to a number (`numLabels: 1`, regression).
 
-A new head sized to the label set; cross-entropy (MSE for regression); accuracy, macro-F1 and the confusion matrix.
+A new head sized to the label set; cross-entropy (MSE for regression); accuracy, macro-F1, the validation loss and the
+confusion matrix.
 """
 
 from __future__ import annotations
@@ -119,15 +120,16 @@ class SequenceClassification(Task):
         return kwargs
 
     def evaluate(self, ev: Evaluator, model: Any) -> Evaluation:
-        local_idx, local_pred = [], []
+        local_idx, local_pred, loss_sum = [], [], 0.0
         for idx in ev.batches():
             out, _ = ev.forward(model, idx)
             logits = out.logits.float()
             local_pred.append(logits.squeeze(-1).cpu().numpy() if self.regression
                               else logits.argmax(-1).cpu().numpy())
             local_idx.append(idx)
+            loss_sum += float(out.loss) * len(idx)  # the model's mean over the batch
         parts = ev.gather((np.concatenate(local_idx) if local_idx else np.zeros(0, np.int64),
-                           np.concatenate(local_pred) if local_pred else np.zeros(0)))
+                           np.concatenate(local_pred) if local_pred else np.zeros(0), loss_sum))
         idx = np.concatenate([p[0] for p in parts])
         pred = np.concatenate([p[1] for p in parts])
         gold = ev.enc.scalars["labels"][idx]
@@ -136,8 +138,10 @@ class SequenceClassification(Task):
             return Evaluation({"mse": mse, "evalLoss": mse})
         cm = confusion_matrix(pred, gold, self.n_classes)
         names = self.info.labels or [str(i) for i in range(self.n_classes)]
-        return Evaluation(classification_metrics(pred, gold, self.n_classes),
-                          {"confusionMatrix": {"labels": names, "matrix": cm.tolist()}})
+        # Cross-entropy per example: the validation loss beside the training loss.
+        metrics = {**classification_metrics(pred, gold, self.n_classes),
+                   "evalLoss": sum(p[2] for p in parts) / max(1, len(idx))}
+        return Evaluation(metrics, {"confusionMatrix": {"labels": names, "matrix": cm.tolist()}})
 
     def summary(self, metrics: dict[str, float], extras: dict[str, Any]) -> list[str]:
         lines = super().summary(metrics, extras)

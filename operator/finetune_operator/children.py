@@ -1,0 +1,247 @@
+"""A FineTuneJob's children on the API: create them, keep them as the builders say, stop a broken group, clean up.
+
+Every child create goes through `Children.create_one`, where a 409 means "already done" (a restarted operator, an
+earlier pass that failed half-way, a watch that is behind) unless the object there belongs to someone else: that is
+a refusal (`NameConflict`), and a foreign object is never adopted or changed. Repairs compare against the watch
+caches, so a steady job costs no request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+
+from finetune_api import names
+from finetune_api.spec import FineTuneJobSpec
+from finetune_operator import builders, gang
+from finetune_operator.caches import Caches
+from finetune_operator.k8s import ApiError, Kube
+from finetune_operator.observe import JobView, PodView, data_digest, service_shape, summarize_job
+from finetune_operator.progress import job_token
+from finetune_operator.record import JobRecord, Key
+
+log = logging.getLogger(__name__)
+
+SECRET_RETRIES = 3  # passes that try the progress Secret again after its ConfigMap was recreated (GC race)
+
+
+@dataclass(frozen=True)
+class Created:
+    """The outcome of one create: the object (new, or already there and ours), or why it cannot be ours."""
+
+    obj: dict[str, Any] | None = None
+    existed: bool = False  # answered 409, and the object there is ours
+    conflict: str | None = None  # another owner's object holds the name: left alone
+    stale: bool = False  # owned by an earlier FineTuneJob of the same name, which garbage collection is removing
+
+    @property
+    def refused(self) -> bool:
+        return self.obj is None
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    """The outcome of creating all children: the Job, or the refusal that stopped the creation."""
+
+    job: JobView | None = None
+    refusal: Created | None = None
+
+
+def owned(obj: dict[str, Any], owner: builders.Owner) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("uid") == owner.uid and r.get("controller") for r in refs)
+
+
+def stale_owner(obj: dict[str, Any], owner: builders.Owner) -> bool:
+    """Owned by an earlier FineTuneJob of the same name (deleted; garbage collection is on its way)."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("kind") == names.KIND and r.get("name") == owner.name and r.get("uid") != owner.uid
+               for r in refs)
+
+
+class Children:
+    """Child objects of FineTuneJobs through the API; the caches say what exists."""
+
+    def __init__(self, kube: Kube, caches: Caches, ctx: builders.BuildContext, progress_key: bytes) -> None:
+        self.kube = kube
+        self.caches = caches
+        self.ctx = ctx
+        self.progress_key = progress_key
+
+    # ------------------------------------------------------------------------------------------------ create
+
+    async def create(self, owner: builders.Owner, spec: FineTuneJobSpec) -> CreateResult:
+        """ConfigMap (and, for multi-pod jobs, the Service) together, then the Secret (owned by the ConfigMap), then
+        the Job that uses them. Stops at the first refusal."""
+        children = [builders.build_configmap(owner, spec)]
+        if builders.needs_service(spec):
+            children.append(builders.build_service(owner))
+        first = await asyncio.gather(*(self.create_one(owner, c) for c in children), return_exceptions=True)
+        for result in first:
+            if isinstance(result, BaseException):
+                raise result
+        for result in first:
+            assert isinstance(result, Created)
+            if result.refused:
+                return CreateResult(refusal=result)
+        configmap = first[0]
+        assert isinstance(configmap, Created) and configmap.obj is not None
+        await self.create_one(owner, self._secret(owner, configmap.obj["metadata"]["uid"]))
+        job = await self.create_one(owner, builders.build_job(owner, spec, self.ctx))
+        if job.obj is None:
+            return CreateResult(refusal=job)
+        return CreateResult(job=summarize_job(job.obj))
+
+    async def create_one(self, owner: builders.Owner, child: dict[str, Any]) -> Created:
+        """Create one child; a 409 is "already done" when the object there is ours."""
+        kind, child_name = child["kind"], child["metadata"]["name"]
+        try:
+            created = await self.kube.create(child)
+        except ApiError as exc:
+            if not exc.conflict:
+                raise
+            if kind == "Secret":
+                return Created(obj=child, existed=True)  # Secrets are never read: the deterministic name is trusted
+            return await self._existing(owner, child, exc)
+        if kind == "Job":
+            log.info("%s/%s: created Job %s", owner.namespace, owner.name, child_name)
+        return Created(obj=created)
+
+    async def _existing(self, owner: builders.Owner, child: dict[str, Any], exc: ApiError) -> Created:
+        """After a 409: the existing object if it is ours, else why it is not (NameConflict, or a stale owner)."""
+        kind, child_name = child["kind"], child["metadata"]["name"]
+        existing = await self.kube.get(child["apiVersion"], kind, owner.namespace, child_name)
+        if existing is None:
+            raise kopf.TemporaryError(f"{kind} {child_name} vanished during create", delay=1.0) from exc
+        if owned(existing, owner):
+            return Created(obj=existing, existed=True)
+        if stale_owner(existing, owner):
+            return Created(stale=True)
+        return Created(conflict=f"{kind} {child_name} already exists and is not owned by this FineTuneJob; "
+                                f"it is left alone (rename the FineTuneJob or delete the {kind})")
+
+    def _secret(self, owner: builders.Owner, configmap_uid: str) -> dict[str, Any]:
+        token = job_token(self.progress_key, owner.namespace, owner.name, owner.uid)
+        return builders.build_secret(owner, token, configmap_uid)
+
+    # ------------------------------------------------------------------------------------------- the live Job
+
+    async def sync_job(self, key: Key, spec: FineTuneJobSpec, job: JobView, hold: bool = False) -> JobView:
+        """Carry allowed spec edits (suspend, backoffLimit, activeDeadlineSeconds) to the live Job, and keep it
+        suspended while `hold` (a broken torchrun group is being stopped). Returns the Job as patched."""
+        if job.finished:
+            return job
+        patch = builders.job_spec_patch(spec, job.live_spec, kueue_managed=job.queue_name is not None, hold=hold)
+        if not patch:
+            return job
+        await self.kube.patch("batch/v1", "Job", key[0], job.name, patch)
+        log.info("%s/%s: updated Job %s: %s", *key, job.name, patch["spec"])
+        if "suspend" in patch["spec"]:
+            return dataclasses.replace(job, suspend=patch["spec"]["suspend"])
+        return job
+
+    async def evict_group(self, key: Key, pods: list[PodView], doomed: set[str], broken: PodView) -> None:
+        """Kueue owns `suspend` of its Jobs, so their broken groups are stopped by evicting the survivors instead
+        (ignored by the pod failure policy like any disruption); the Job controller replaces them, and a replacement
+        that meets a dying member exits 76 (peer lost), also ignored, until the whole group is new."""
+        for pod in gang.survivors(pods, doomed, broken):
+            if pod.deleting:
+                continue  # already on its way out (evicted in an earlier pass)
+            if await self.kube.evict(key[0], pod.name, pod.uid):
+                log.info("%s/%s: evicted pod %s: worker %d failed and its group must restart", *key, pod.name,
+                         broken.index)
+
+    # ------------------------------------------------------------------------------------------------ repair
+
+    async def repair(self, record: JobRecord, key: Key, owner: builders.Owner, spec: FineTuneJobSpec) -> bool:
+        """Put the ConfigMap and the Service (multi-pod jobs) back as the builders say: recreate a missing one, patch
+        (ConfigMap data) or recreate (Service) a drifted one. A spec edit refreshes the ConfigMap the same way
+        (restarted pods read the new configuration). True: look again soon (an old object is still being removed)."""
+        if not self.caches.drift_repair:
+            return False  # no caches to compare against (drift repair needs the ConfigMap and Service watches)
+        again = await self._repair_configmap(record, key, owner, spec)
+        if builders.needs_service(spec):
+            again = await self._repair_service(key, owner) or again
+        return again
+
+    async def _repair_configmap(self, record: JobRecord, key: Key, owner: builders.Owner,
+                                spec: FineTuneJobSpec) -> bool:
+        desired = builders.build_configmap(owner, spec)
+        name = desired["metadata"]["name"]
+        cm = self.caches.configmap(key, owner.uid, name)
+        if cm is not None:
+            if not cm.deleting and cm.data_digest != data_digest(desired["data"]):
+                await self.kube.patch("v1", "ConfigMap", owner.namespace, cm.name, {"data": desired["data"]})
+                log.info("%s/%s: ConfigMap %s put back to the spec", *key, cm.name)
+            return await self._recreate_secret(record, owner, cm.uid)
+        created = await self.create_one(owner, desired)
+        if created.obj is None:
+            return _refused(key, created)
+        if created.existed:  # the watch is behind
+            if created.obj.get("data") != desired["data"]:
+                await self.kube.patch("v1", "ConfigMap", owner.namespace, name, {"data": desired["data"]})
+            return False
+        log.info("%s/%s: ConfigMap %s recreated", *key, name)
+        record.secret_retries = SECRET_RETRIES
+        return await self._recreate_secret(record, owner, created.obj["metadata"]["uid"])
+
+    async def _recreate_secret(self, record: JobRecord, owner: builders.Owner, configmap_uid: str) -> bool:
+        """The progress Secret is owned by the ConfigMap: a recreated ConfigMap needs a new one. The old one may still
+        be on its way out (garbage collection), answering 409; a few later passes try again (Secrets are not read)."""
+        if record.secret_retries <= 0:
+            return False
+        created = await self.create_one(owner, self._secret(owner, configmap_uid))
+        if not created.existed:
+            record.secret_retries = 0
+            return False
+        record.secret_retries -= 1
+        return record.secret_retries > 0
+
+    async def _repair_service(self, key: Key, owner: builders.Owner) -> bool:
+        desired = builders.build_service(owner)
+        svc = self.caches.service(key, owner.uid, desired["metadata"]["name"])
+        if svc is not None and not svc.deleting and svc.shape != service_shape(desired["spec"]):
+            await self.kube.delete("v1", "Service", owner.namespace, svc.name)
+            log.info("%s/%s: Service %s differed from the spec; recreating it", *key, svc.name)
+            svc = None
+        if svc is not None:
+            return False
+        created = await self.create_one(owner, desired)
+        if created.obj is None:
+            return _refused(key, created)
+        log.info("%s/%s: Service %s recreated", *key, desired["metadata"]["name"])
+        return False
+
+    # ---------------------------------------------------------------------------------------------- clean up
+
+    async def clean_up(self, key: Key, owner: builders.Owner, why: str) -> None:
+        """Delete the Job (and with it the pods), the Service if there is one, then the ConfigMap, whose garbage
+        collection takes the Secret along. The ConfigMap goes last: its absence means "cleaned", so an interrupted
+        clean-up resumes."""
+        ns = owner.namespace
+        for job in self.caches.jobs_of(key, owner.uid):
+            await self.kube.delete("batch/v1", "Job", ns, job.name, propagation="Background")
+        cm = await self.kube.get("v1", "ConfigMap", ns, builders.configmap_name(owner))
+        if cm is None or not owned(cm, owner):
+            return
+        if self.caches.services is not None:  # the watch cache says whether there is one (single-pod jobs have none)
+            services = [s.name for s in self.caches.services_of(key, owner.uid)]
+        else:
+            svc = await self.kube.get("v1", "Service", ns, builders.service_name(owner))
+            services = [builders.service_name(owner)] if svc is not None and owned(svc, owner) else []
+        for service in services:
+            await self.kube.delete("v1", "Service", ns, service)
+        await self.kube.delete("v1", "ConfigMap", ns, builders.configmap_name(owner), propagation="Background")
+        log.info("%s/%s: children deleted: %s", *key, why)
+
+
+def _refused(key: Key, created: Created) -> bool:
+    """A repair that met an object it may not touch: log a conflict; a stale owner's object is waited out."""
+    if created.conflict is not None:
+        log.warning("%s/%s: %s", *key, created.conflict)
+    return created.stale
