@@ -6,13 +6,16 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# make cluster: the control plane plus the real node with both images loaded; CLUSTER_ARGS= gives kwok nodes only.
+CLUSTER_ARGS ?= --node --images
 
-.PHONY: help venv demo test test-fast lint crds check-crds cluster controlplane-bin bench clean version lock check-floors
+.PHONY: help venv demo test test-fast lint crds check-crds cluster controlplane-bin host-setup images bench clean version lock check-floors
 
 help:
 	@echo "make demo    - set up a virtualenv and fine-tune all-MiniLM-L6-v2 on the example sentiment data (CPU, <5 min)"
 	@echo "make test    - set up, build the test control plane (cached) and run the whole suite"
-	@echo "make cluster - start the test control plane by hand and print the KUBECONFIG to export"
+	@echo "make cluster - start the test control plane and its real node by hand and print the KUBECONFIG to export"
+	@echo "make images  - build the operator and trainer images from their Dockerfiles (cached) and print their tags"
 	@echo "make crds    - regenerate the CRD (and the chart's copy) from the pydantic models"
 	@echo "make lint    - ruff"
 	@echo "make bench   - run the benchmarks under benchmarks/"
@@ -36,16 +39,24 @@ demo: $(STAMP)
 	$(PY) examples/stage_demo.py
 	HF_HUB_OFFLINE=1 $(VENV)/bin/finetune run examples/sentiment.yaml
 
+# The control plane and the real node's programs, from Go modules (cached).
 controlplane-bin:
-	bash tests/controlplane/build.sh
+	bash tests/controlplane/build.sh --with-node
 
-test: $(STAMP) controlplane-bin
+# Debian packages of the real node and the image builds (apt-get as root when one is missing), a Docker daemon.
+host-setup:
+	bash tests/controlplane/host-setup.sh
+
+images: $(STAMP) host-setup
+	$(PY) -m tests.controlplane.images
+
+test: $(STAMP) controlplane-bin host-setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Everything that needs neither the control plane nor a trainer run.
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not cluster and not e2e and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not cluster and not e2e and not slow and not node" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -78,8 +89,8 @@ check-floors: $(STAMP)
 	.floors/venv/bin/python -m pytest tests/api tests/operator tests/cli/test_view.py -q -p no:cacheprovider \
 		-m "not cluster and not e2e and not slow"
 
-cluster: $(STAMP) controlplane-bin
-	$(PY) -m tests.controlplane
+cluster: $(STAMP) controlplane-bin host-setup
+	$(PY) -m tests.controlplane $(CLUSTER_ARGS)
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done

@@ -1,9 +1,15 @@
-"""Pytest plugin: one real Kubernetes control plane per session for tests marked ``cluster`` or ``e2e``.
+"""Pytest plugin: one real Kubernetes control plane per session for tests marked ``cluster`` or ``e2e``, and one real
+node in it for tests marked ``node``.
 
 Enable it with ``pytest_plugins = ["tests.conftest_cluster_plugin"]`` in ``tests/conftest.py``. The ``control_plane``
 fixture builds the binaries on first use (tests/controlplane/build.sh; minutes when cold, progress on stderr) and
 starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok once per session. If the binaries cannot
 be built, cluster tests ERROR loudly; they are skipped only when FINETUNE_SKIP_CLUSTER=1 is set explicitly.
+
+The ``real_node`` fixture adds the real node (tests/controlplane/node.py) to that control plane the first time a test
+asks for it, so runs without node tests never start it; ``node_images`` builds the operator and trainer images
+(tests/controlplane/images.py) and loads them into the node. Where the node cannot come up, its tests FAIL with the
+reason (component, log tail); they are skipped only when FINETUNE_SKIP_NODE=1 (or FINETUNE_SKIP_CLUSTER=1) is set.
 """
 
 from __future__ import annotations
@@ -23,14 +29,25 @@ if str(_REPO_ROOT) not in sys.path:  # "tests.controlplane" must import however 
     sys.path.insert(0, str(_REPO_ROOT))
 
 from tests.controlplane.cluster import BuildError, ControlPlane, ControlPlaneError, build_binaries  # noqa: E402
+from tests.controlplane.images import ImageError, ProductImages, Steps, build_product_images  # noqa: E402
+from tests.controlplane.node import RealNode  # noqa: E402
 
 SKIP_ENV = "FINETUNE_SKIP_CLUSTER"
+SKIP_NODE_ENV = "FINETUNE_SKIP_NODE"
 CLUSTER_MARKERS = ("cluster", "e2e")
+NODE_FIXTURES = ("real_node", "node_images")
+# The first test that asks for a node fixture pays for its set-up: a cold build of the node's programs and of both
+# images, and their import into containerd, take minutes, far beyond one test's deadline (pytest-timeout).
+NODE_SETUP_TIMEOUT = 3600
 _LOGS_KEY = pytest.StashKey[Path]()
 
 
 def _skip_requested() -> bool:
     return os.environ.get(SKIP_ENV) == "1"
+
+
+def _skip_node_requested() -> bool:
+    return _skip_requested() or os.environ.get(SKIP_NODE_ENV) == "1"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -39,18 +56,36 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "cluster: runs against the real test control plane (etcd, kube-apiserver, controllers, kwok)"
     )
     config.addinivalue_line("markers", "e2e: end-to-end test of the operator against the real test control plane")
+    config.addinivalue_line("markers", "node: runs pods on the real node (kubelet, containerd) with the built images")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Marks every test that uses the control plane as ``cluster`` (so ``-m 'not cluster'`` deselects it), and skips
-    them all, visibly, when FINETUNE_SKIP_CLUSTER=1."""
+    """Marks every test that uses the control plane as ``cluster`` and every test that uses the real node as ``node``
+    (so ``-m 'not cluster'`` / ``-m 'not node'`` deselect them), and skips them, visibly, when asked to."""
     skip = pytest.mark.skip(reason=f"{SKIP_ENV}=1: cluster tests disabled explicitly")
+    skip_node = pytest.mark.skip(reason=f"{SKIP_NODE_ENV}=1: real-node tests disabled explicitly")
+    paying = set(NODE_FIXTURES)
     for item in items:
-        uses_cluster = "control_plane" in getattr(item, "fixturenames", ())
+        fixtures = getattr(item, "fixturenames", ())
+        if first := paying.intersection(fixtures):
+            item.add_marker(pytest.mark.timeout(NODE_SETUP_TIMEOUT))
+            paying -= first
+        uses_cluster = "control_plane" in fixtures
+        uses_node = any(f in fixtures for f in NODE_FIXTURES) or item.get_closest_marker("node") is not None
         if uses_cluster and item.get_closest_marker("cluster") is None:
             item.add_marker(pytest.mark.cluster)
+        if uses_node and item.get_closest_marker("node") is None:
+            item.add_marker(pytest.mark.node)
         if _skip_requested() and (uses_cluster or any(item.get_closest_marker(m) for m in CLUSTER_MARKERS)):
             item.add_marker(skip)
+        elif uses_node and _skip_node_requested():
+            item.add_marker(skip_node)
+
+
+def _uncaptured(request: pytest.FixtureRequest) -> contextlib.AbstractContextManager[None]:
+    """Lets output reach the terminal: cold builds take minutes and must not look hung."""
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    return capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -70,15 +105,9 @@ def control_plane(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     """The session's control plane: admin kubeconfig, kubectl/helm helpers, finish_pod/evict_pod (see ControlPlane)."""
     if _skip_requested():
         pytest.skip(f"{SKIP_ENV}=1: cluster tests disabled explicitly")
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-
-    def uncaptured() -> contextlib.AbstractContextManager[None]:
-        """Lets output reach the terminal: a cold build takes minutes and must not look hung."""
-        return capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
-
     problem = None
     try:
-        with uncaptured():
+        with _uncaptured(request):
             binaries = build_binaries()
     except BuildError as exc:
         problem = (
@@ -95,12 +124,52 @@ def control_plane(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     if problem:
         pytest.fail(problem, pytrace=False)
     request.config.stash[_LOGS_KEY] = cp.logs_dir
-    with uncaptured():
+    with _uncaptured(request):
         sys.stderr.write(f"\n[control plane] up in {cp.startup_seconds:.1f}s; KUBECONFIG={cp.kubeconfig}\n")
     try:
         yield cp
     finally:
         cp.stop()
+
+
+@pytest.fixture(scope="session")
+def real_node(control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[RealNode]:
+    """The real node of the session's control plane, started on first use (about 20 s once its programs are built;
+    a cold build of kubelet, kube-proxy and CoreDNS adds minutes). Stopped at the end of the session."""
+    if _skip_node_requested():
+        pytest.skip(f"{SKIP_NODE_ENV}=1: real-node tests disabled explicitly")
+    problem = None
+    node = None
+    try:
+        with _uncaptured(request):
+            binaries = build_binaries(with_node=True)
+            node = RealNode(control_plane, binaries).start()
+    except (ControlPlaneError, ImageError) as exc:
+        problem = f"the real node did not come up: {exc}"
+    if problem or node is None:
+        pytest.fail(problem or "the real node did not come up", pytrace=False)
+    try:
+        yield node
+    finally:
+        with _uncaptured(request):
+            node.stop()
+
+
+@pytest.fixture(scope="session")
+def node_images(real_node: RealNode, request: pytest.FixtureRequest) -> ProductImages:
+    """The operator and trainer images of this tree (built from the repository's Dockerfiles, cached by content) in
+    the real node's containerd."""
+    problem = None
+    try:
+        with _uncaptured(request):
+            steps = Steps()
+            tags = build_product_images(steps)
+            real_node.load_images([tags.operator, tags.trainer])
+    except (ImageError, ControlPlaneError) as exc:
+        problem = f"the operator and trainer images could not be built or loaded into the node: {exc}"
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    return tags
 
 
 @pytest.fixture

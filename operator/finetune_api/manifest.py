@@ -1,4 +1,8 @@
-"""Reading FineTuneJob manifests and validating them client-side with the same models the CRD is generated from."""
+"""Reading FineTuneJob manifests and validating them client-side with the same models the CRD is generated from.
+
+Files are read as kubectl reads them (`kubeyaml`) and validated as strictly as the API server's schema: no string
+becomes a number or a boolean, no float an integer, and fields are known only by their camelCase names.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from finetune_api import names
+from finetune_api import kubeyaml, names
 from finetune_api.crd import MAX_NAME_LENGTH
 from finetune_api.errors import problems as validation_problems
 from finetune_api.rules import SpecModel
@@ -68,7 +72,7 @@ def validate_document(doc: Any, source: str = "<input>") -> tuple[FineTuneJob | 
         problems.append(Problem(source, "metadata.name", "must be a DNS-1035 label (lowercase letters, digits and "
                                 "'-', starting with a letter): it names the job's headless Service"))
     try:
-        job = FineTuneJob.model_validate(doc)
+        job = FineTuneJob.model_validate(doc, strict=True, by_alias=True, by_name=False)
     except ValidationError as exc:
         problems.extend(Problem(source, path, message) for path, message in validation_problems(exc))
         return None, problems
@@ -79,9 +83,10 @@ STDIN = "-"
 
 
 def load_documents(path: str | Path) -> list[Any]:
-    """The YAML documents of a file; `-` reads standard input."""
+    """The documents of a file, as kubectl would send them; `-` reads standard input (raises OSError, yaml.YAMLError
+    or ValueError)."""
     text = sys.stdin.read() if str(path) == STDIN else Path(path).read_text()
-    return [d for d in yaml.safe_load_all(text) if d is not None]
+    return kubeyaml.load_all(text)
 
 
 def load_job(path: str | Path) -> FineTuneJob:
@@ -101,7 +106,7 @@ def validate_files(paths: list[str]) -> list[Problem]:
         name = "<stdin>" if path == STDIN else path
         try:
             docs = load_documents(path)
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, yaml.YAMLError, ValueError) as exc:
             problems.append(Problem(name, "(file)", str(exc).replace("\n", " ")))
             continue
         if not docs:

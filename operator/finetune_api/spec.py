@@ -9,13 +9,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 
 from finetune_api.rules import Immutable, Rule, SpecModel, at_most_one, exactly_one
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 PVC_URI = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$"
+PVC_DOTDOT = r"^pvc://[^/]*/(.*/)?\.\.(/.*)?$"  # a '..' segment would lead out of the claim's mount
 # Storage/model/dataset locations: a pvc:// or s3:// URI, a hub id, or a path. No control characters, no shell needed.
 LOCATION = r"^[^\x00-\x1f\x7f]+$"
 # Kubernetes resource.Quantity, as controller-gen emits it.
@@ -25,21 +26,92 @@ QUANTITY = (
 
 TaskType = Literal["sequence-classification", "causal-lm", "seq2seq"]
 Location = Annotated[str, Field(min_length=1, max_length=1024, pattern=LOCATION)]
+
+
+def _int_or_string(value: object) -> object:
+    """One clear error for anything else (the union would report one per member)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"must be an integer or a string such as 8, 500m or 64Gi, got {type(value).__name__}")
+    return value
+
+
 Quantity = Annotated[
     int | str,
+    BeforeValidator(_int_or_string),
     Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY}),
 ]
+# Kubernetes label syntax (IsQualifiedName, IsValidLabelValue): nodeSelector keys and values, toleration keys.
+LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY = rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{LABEL_NAME}$"
+LABEL_VALUE = rf"^({LABEL_NAME})?$"
+MAX_LABEL_PREFIX = 253  # the DNS subdomain before '/' in a label key
 
 
 def _pvc_ok(value: str | None) -> bool:
-    return value is None or not value.startswith("pvc://") or re.match(PVC_URI, value) is not None
+    return (value is None or not value.startswith("pvc://")
+            or (re.match(PVC_URI, value) is not None and re.match(PVC_DOTDOT, value) is None))
 
 
 def _pvc_cel(field: str) -> str:
-    return f"!has(self.{field}) || !self.{field}.startsWith('pvc://') || self.{field}.matches('{PVC_URI}')"
+    return (f"!has(self.{field}) || !self.{field}.startsWith('pvc://') || "
+            f"(self.{field}.matches(r'{PVC_URI}') && !self.{field}.matches(r'{PVC_DOTDOT}'))")
 
 
-PVC_MESSAGE = "must look like pvc://<claim-name>/<path>, with a claim in the job's own namespace"
+PVC_MESSAGE = ("must look like pvc://<claim-name>/<path>, with a claim in the job's own namespace and no '..' in the "
+               "path (it would lead out of the claim)")
+
+
+def label_key_ok(key: str | None) -> bool:
+    """A Kubernetes label key: [prefix/]name, the prefix a DNS subdomain of at most 253 characters."""
+    return key is None or (re.match(LABEL_KEY, key) is not None and key.find("/") <= MAX_LABEL_PREFIX)
+
+
+def label_key_cel(expr: str) -> str:
+    return f"{expr}.matches(r'{LABEL_KEY}') && {expr}.indexOf('/') <= {MAX_LABEL_PREFIX}"
+
+
+_QUANTITY_SUFFIXES = {"", "n", "u", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"}
+
+
+def quantity_sign(value: int | str) -> int | None:
+    """-1, 0 or 1 for a quantity Kubernetes accepts (`isQuantity` in CEL, resource.ParseQuantity in Go, whose
+    parser this follows), None for one it refuses. The CRD pattern is checked on its own."""
+    if isinstance(value, int):
+        return (value > 0) - (value < 0)
+    digits = "0123456789"
+    s, pos, end = value, 0, len(value)
+    if not s:
+        return None
+    negative = s[0] == "-"
+    pos += s[0] in "+-"
+    start = pos
+    while pos < end and s[pos] in digits:
+        pos += 1
+    number = s[start:pos]
+    if pos < end and s[pos] == ".":
+        pos += 1
+        start = pos
+        while pos < end and s[pos] in digits:
+            pos += 1
+        number += s[start:pos]
+    suffix = s[pos:]
+    if suffix not in _QUANTITY_SUFFIXES:
+        exponent = suffix[1:]
+        if suffix[:1] not in ("e", "E") or not re.fullmatch(r"[+-]?[0-9]+", exponent) \
+                or not -(2**63) <= int(exponent) < 2**63:
+            return None
+    if number.strip("0") == "":
+        return 0
+    return -1 if negative else 1
+
+
+def _positive_quantity(value: int | str | None) -> bool:
+    return value is None or quantity_sign(value) == 1
+
+
+def _quantity_cel(field: str) -> str:
+    return (f"!has(self.{field}) || (type(self.{field}) == int ? self.{field} > 0 : "
+            f"isQuantity(self.{field}) && quantity(self.{field}).isGreaterThan(quantity('0')))")
 
 
 class SecretKeyRef(SpecModel):
@@ -49,6 +121,12 @@ class SecretKeyRef(SpecModel):
                       pattern=DNS_SUBDOMAIN)
     key: str = Field(description="Key inside the Secret whose value is used.", min_length=1, max_length=253,
                      pattern=r"^[-._a-zA-Z0-9]+$")
+
+    rules = (
+        Rule(cel="self.key != '.' && !self.key.startsWith('..')",
+             message="a Secret key may not be '.' or start with '..'",
+             check=lambda r: r.key != "." and not r.key.startswith("..")),
+    )
 
 
 class TaskSpec(SpecModel):
@@ -186,7 +264,7 @@ class LoraSpec(SpecModel):
     dropout: float = Field(default=0.05, description="Dropout on the adapter input.", ge=0, lt=1)
     target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
         default=None, description="Module names to adapt; unset picks the attention projections of the architecture.",
-        max_length=64,
+        min_length=1, max_length=64,
     )
     quantization: Literal["none", "4bit", "8bit"] = Field(
         default="none",
@@ -347,12 +425,31 @@ class OutputSpec(SpecModel):
 class Toleration(SpecModel):
     """A Kubernetes toleration copied onto the trainer pods."""
 
-    key: str | None = Field(default=None, description="Taint key.", max_length=316)
-    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal.")
-    value: str | None = Field(default=None, description="Taint value for Equal.", max_length=63)
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(default=None,
-                                                                                  description="Taint effect.")
-    toleration_seconds: int | None = Field(default=None, description="How long a NoExecute taint is tolerated.")
+    key: str | None = Field(default=None, description="Taint key (a label key); empty with operator Exists "
+                            "tolerates every taint.", max_length=317, pattern=f"^$|{LABEL_KEY}")
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal (the default).")
+    value: str | None = Field(default=None, description="Taint value for Equal (a label value); empty for Exists.",
+                              max_length=63, pattern=LABEL_VALUE)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect; empty tolerates every effect.")
+    toleration_seconds: int | None = Field(default=None, description="How long a NoExecute taint is tolerated "
+                                           "(only with effect NoExecute).")
+
+    # The rules of Kubernetes' own toleration validation, so that the Job is never refused for them.
+    rules = (
+        Rule(cel=f"!has(self.key) || self.key == '' || self.key.indexOf('/') <= {MAX_LABEL_PREFIX}",
+             message=f"resources.tolerations: the prefix of a key (before '/') is at most {MAX_LABEL_PREFIX} "
+             "characters", check=lambda t: not t.key or label_key_ok(t.key)),
+        Rule(cel="(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+             message="resources.tolerations: a toleration without a key must use operator Exists (it tolerates "
+             "every taint)", check=lambda t: bool(t.key) or t.operator == "Exists"),
+        Rule(cel="!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+             message="resources.tolerations: value must be empty with operator Exists",
+             check=lambda t: t.operator != "Exists" or not t.value),
+        Rule(cel="!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+             message="resources.tolerations: tolerationSeconds applies only to effect NoExecute",
+             check=lambda t: t.toleration_seconds is None or t.effect == "NoExecute"),
+    )
 
 
 class ResourcesSpec(SpecModel):
@@ -362,8 +459,8 @@ class ResourcesSpec(SpecModel):
     gpus_per_worker: int = Field(default=1, description="nvidia.com/gpu per pod; 0 trains on CPU.", ge=0, le=16)
     cpu: Quantity | None = Field(default=None, description="CPU request and limit per pod, e.g. 8 or 7500m.")
     memory: Quantity | None = Field(default=None, description="Memory request and limit per pod, e.g. 64Gi.")
-    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
-        default=None, description="Node labels the pods must match.", max_length=64
+    node_selector: dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]] | None = Field(
+        default=None, description="Node labels the pods must match (label keys and values).", max_length=64
     )
     tolerations: list[Toleration] | None = Field(default=None, description="Tolerations for GPU node taints.",
                                                  max_length=64)
@@ -390,6 +487,16 @@ class ResourcesSpec(SpecModel):
             "resources.gpusPerWorker above 1, or sharding to none or auto",
             check=lambda r: r.sharding != "fsdp" or r.workers > 1 or r.gpus_per_worker > 1,
         ),
+        Rule(cel=_quantity_cel("cpu"), message="resources.cpu must be a positive Kubernetes quantity, e.g. 8 or 7500m",
+             check=lambda r: _positive_quantity(r.cpu)),
+        Rule(cel=_quantity_cel("memory"),
+             message="resources.memory must be a positive Kubernetes quantity, e.g. 64Gi or 500M",
+             check=lambda r: _positive_quantity(r.memory)),
+        Rule(cel=f"!has(self.nodeSelector) || self.nodeSelector.all(k, {label_key_cel('k')})",
+             message="resources.nodeSelector keys must be label keys: an optional DNS-subdomain prefix of at most "
+             f"{MAX_LABEL_PREFIX} characters and '/', then a name of at most 63 letters, digits, '-', '_' or '.', "
+             "starting and ending with a letter or digit",
+             check=lambda r: all(label_key_ok(k) for k in r.node_selector or {})),
     )
 
     @field_validator("cpu", "memory", mode="after")

@@ -16,8 +16,9 @@ TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 class Condition(SpecModel):
     """A Kubernetes-convention condition (metav1.Condition)."""
 
-    type: str = Field(description="Condition type in CamelCase: Created, Queued, Running, Succeeded, Failed, "
-                      "Suspended.", max_length=316, pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*"
+    type: str = Field(description="Condition type in CamelCase: Ready (kstatus: True while running, suspended or "
+                      "succeeded), Created, Queued, Running, Suspended, Succeeded, Failed, Reconciling, Stalled.",
+                      max_length=316, pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*"
                       r"[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="One CamelCase word for machines, e.g. Unschedulable, BackoffLimitExceeded.",

@@ -75,6 +75,13 @@ def _run_policy(obj: dict[str, Any]) -> dict[str, Any]:
     return dict((obj.get("spec") or {}).get("runPolicy") or {})
 
 
+def _set_run_policy(cluster: Cluster, name: str, field: str, value: bool, out: TextIO, done: str) -> int:
+    """Patch one runPolicy switch and say what happens next."""
+    cluster.patch_job(name, {"spec": {"runPolicy": {field: value}}})
+    out.write(f"{RESOURCE}/{name} {done}\n")
+    return 0
+
+
 def cmd_suspend(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     cluster = connect(args)
     obj = cluster.get_job(args.name)
@@ -83,10 +90,9 @@ def cmd_suspend(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if _run_policy(obj).get("suspend"):
         out.write(f"{RESOURCE}/{args.name} is already suspended (phase {view.phase(obj)})\n")
         return 0
-    cluster.patch_job(args.name, {"spec": {"runPolicy": {"suspend": True}}})
-    out.write(f"{RESOURCE}/{args.name} suspended: the trainer saves a checkpoint and its pods stop; "
-              f"`finetune resume {args.name}` continues from that checkpoint\n")
-    return 0
+    return _set_run_policy(cluster, args.name, "suspend", True, out,
+                           "suspended: the trainer saves a checkpoint and its pods stop; "
+                           f"`finetune resume {args.name}` continues from that checkpoint")
 
 
 def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -98,9 +104,8 @@ def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if not _run_policy(obj).get("suspend"):
         out.write(f"{RESOURCE}/{args.name} is not suspended (phase {view.phase(obj)})\n")
         return 0
-    cluster.patch_job(args.name, {"spec": {"runPolicy": {"suspend": False}}})
-    out.write(f"{RESOURCE}/{args.name} resumed: new pods continue from the latest checkpoint\n")
-    return 0
+    return _set_run_policy(cluster, args.name, "suspend", False, out,
+                           "resumed: new pods continue from the latest checkpoint")
 
 
 def cmd_cancel(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -111,10 +116,9 @@ def cmd_cancel(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return 0
     if view.finished(obj):
         raise CliError(f"{RESOURCE}/{args.name} has already {view.phase(obj).lower()}: there is nothing to cancel")
-    cluster.patch_job(args.name, {"spec": {"runPolicy": {"cancel": True}}})
-    out.write(f"{RESOURCE}/{args.name} cancelled: its pods stop (the trainer saves a checkpoint first) and it ends "
-              f"Failed with reason Cancelled; the FineTuneJob, its status and its checkpoints stay\n")
-    return 0
+    return _set_run_policy(cluster, args.name, "cancel", True, out,
+                           "cancelled: its pods stop (the trainer saves a checkpoint first) and it ends Failed with "
+                           "reason Cancelled; the FineTuneJob, its status and its checkpoints stay")
 
 
 # ------------------------------------------------------------------------------------------------------- following

@@ -11,13 +11,21 @@ import base64
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
+from pydantic import BaseModel
 
-from finetune_api import exitcodes, names
+from finetune_api import exitcodes, kubeyaml, names
 from finetune_api import trainer_env as env_names
 from finetune_api.progress import progress_path
-from finetune_api.spec import FineTuneJobSpec, checkpoint_storage
-from finetune_operator.labels import KUEUE_QUEUE, child_labels, selector
+from finetune_api.spec import FineTuneJobSpec, SecretKeyRef, checkpoint_storage
+from finetune_operator.labels import (
+    CONFIG,
+    KUEUE_QUEUE,
+    PROGRESS_TOKEN,
+    RENDEZVOUS,
+    TRAINER,
+    child_labels,
+    selector,
+)
 
 CONTAINER = "trainer"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -68,8 +76,8 @@ def progress_url(ctx: BuildContext, owner: Owner) -> str:
     return ctx.progress_url.rstrip("/") + progress_path(owner.namespace, owner.name)
 
 
-def labels(owner: Owner) -> dict[str, str]:
-    return child_labels(owner.name)
+def labels(owner: Owner, component: str = TRAINER) -> dict[str, str]:
+    return child_labels(owner.name, component)
 
 
 def owner_reference(owner: Owner) -> dict[str, Any]:
@@ -84,11 +92,11 @@ def owner_reference(owner: Owner) -> dict[str, Any]:
     }
 
 
-def _metadata(owner: Owner, name: str, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+def _metadata(owner: Owner, name: str, component: str, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "name": name,
         "namespace": owner.namespace,
-        "labels": {**labels(owner), **(extra_labels or {})},
+        "labels": {**labels(owner, component), **(extra_labels or {})},
         "ownerReferences": [owner_reference(owner)],
     }
 
@@ -104,11 +112,11 @@ def trainer_manifest(owner: Owner, spec: FineTuneJobSpec) -> dict[str, Any]:
 
 
 def build_configmap(owner: Owner, spec: FineTuneJobSpec) -> dict[str, Any]:
-    text = yaml.safe_dump(trainer_manifest(owner, spec), sort_keys=False, width=120)
+    text = kubeyaml.dump(trainer_manifest(owner, spec))  # read back with kubeyaml.load_all by the trainer
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(owner, configmap_name(owner)),
+        "metadata": _metadata(owner, configmap_name(owner), CONFIG),
         "data": {CONFIG_KEY: text},
     }
 
@@ -119,7 +127,7 @@ def build_secret(owner: Owner, token: str, configmap_uid: str) -> dict[str, Any]
     Owned by the job's ConfigMap, not by the FineTuneJob: garbage collection then removes it with the ConfigMap
     (at the TTL clean-up or with the FineTuneJob), so the operator needs only `create` on Secrets, never `delete`.
     """
-    meta = _metadata(owner, secret_name(owner))
+    meta = _metadata(owner, secret_name(owner), PROGRESS_TOKEN)
     meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "ConfigMap", "name": configmap_name(owner),
                                 "uid": configmap_uid, "controller": True, "blockOwnerDeletion": False}]
     return {
@@ -144,7 +152,7 @@ def build_service(owner: Owner) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(owner, service_name(owner)),
+        "metadata": _metadata(owner, service_name(owner), RENDEZVOUS),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
@@ -168,6 +176,26 @@ def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
             claim = location.removeprefix("pvc://").split("/", 1)[0]
             claims[claim] = claims.get(claim, True) and read_only
     return dict(sorted(claims.items()))
+
+
+def secret_references(owner: Owner, spec: FineTuneJobSpec) -> tuple[tuple[str, str, str], ...]:
+    """(what uses it, Secret, key) for every Secret the trainer pods read: each SecretKeyRef anywhere in the spec
+    (by its field path), and the job's progress token. The operator cannot read Secrets; when a pod cannot start
+    for want of one, this names it and the field that asked for it."""
+    found: list[tuple[str, str, str]] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, SecretKeyRef):
+            found.append((path, node.name, node.key))
+        elif isinstance(node, BaseModel):
+            for name, field in type(node).model_fields.items():
+                walk(getattr(node, name), f"{path}.{field.alias or name}")
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{path}[{i}]")
+
+    walk(spec, "spec")
+    return (*found, ("the operator's progress token", secret_name(owner), TOKEN_KEY))
 
 
 def _secret_env(name: str, ref: Any) -> dict[str, Any]:
@@ -362,7 +390,7 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[st
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(owner, job_name(owner), job_labels),
+        "metadata": _metadata(owner, job_name(owner), TRAINER, job_labels),
         "spec": job_spec,
     }
 

@@ -2,8 +2,10 @@
 
 Every child create goes through `Children.create_one`, where a 409 means "already done" (a restarted operator, an
 earlier pass that failed half-way, a watch that is behind) unless the object there belongs to someone else: that is
-a refusal (`NameConflict`), and a foreign object is never adopted or changed. Repairs compare against the watch
-caches, so a steady job costs no request.
+a refusal (`NameConflict`), and a foreign object is never adopted or changed. A 422 (the API server, or an admission
+policy, finds the object invalid) is a refusal too, and a permanent one: the children already made for the job are
+deleted again, so a job that can never run leaves nothing behind. Repairs compare against the watch caches, so a
+steady job costs no request.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Created:
     existed: bool = False  # answered 409, and the object there is ours
     conflict: str | None = None  # another owner's object holds the name: left alone
     stale: bool = False  # owned by an earlier FineTuneJob of the same name, which garbage collection is removing
+    invalid: str | None = None  # the API server refused the object (422): permanent, nothing will change that
 
     @property
     def refused(self) -> bool:
@@ -77,7 +80,7 @@ class Children:
 
     async def create(self, owner: builders.Owner, spec: FineTuneJobSpec) -> CreateResult:
         """ConfigMap (and, for multi-pod jobs, the Service) together, then the Secret (owned by the ConfigMap), then
-        the Job that uses them. Stops at the first refusal."""
+        the Job that uses them. Stops at the first refusal; an invalid child (422) undoes the others first."""
         children = [builders.build_configmap(owner, spec)]
         if builders.needs_service(spec):
             children.append(builders.build_service(owner))
@@ -85,17 +88,33 @@ class Children:
         for result in first:
             if isinstance(result, BaseException):
                 raise result
+        made = [r.obj for r in first if isinstance(r, Created) and r.obj is not None]
         for result in first:
             assert isinstance(result, Created)
             if result.refused:
-                return CreateResult(refusal=result)
+                return await self._refusal(owner, result, made)
         configmap = first[0]
         assert isinstance(configmap, Created) and configmap.obj is not None
-        await self.create_one(owner, self._secret(owner, configmap.obj["metadata"]["uid"]))
+        secret = await self.create_one(owner, self._secret(owner, configmap.obj["metadata"]["uid"]))
+        if secret.invalid is not None:
+            return await self._refusal(owner, secret, made)
         job = await self.create_one(owner, builders.build_job(owner, spec, self.ctx))
         if job.obj is None:
-            return CreateResult(refusal=job)
+            return await self._refusal(owner, job, made)
         return CreateResult(job=summarize_job(job.obj))
+
+    async def _refusal(self, owner: builders.Owner, refusal: Created, made: list[dict[str, Any]]) -> CreateResult:
+        """A refused child stops the creation. If it is invalid, the job can never run: the children made for it
+        (in this pass or an earlier one) are deleted, the ConfigMap taking its Secret along (garbage collection),
+        so nothing lingers. A conflict keeps them: the job proceeds once the name is freed."""
+        if refusal.invalid is not None:
+            for obj in reversed(made):
+                meta = obj["metadata"]
+                await self.kube.delete(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"],
+                                       propagation="Background")
+                log.info("%s/%s: deleted %s %s: the job cannot run", owner.namespace, owner.name, obj["kind"],
+                         meta["name"])
+        return CreateResult(refusal=refusal)
 
     async def create_one(self, owner: builders.Owner, child: dict[str, Any]) -> Created:
         """Create one child; a 409 is "already done" when the object there is ours."""
@@ -103,6 +122,10 @@ class Children:
         try:
             created = await self.kube.create(child)
         except ApiError as exc:
+            if exc.invalid:
+                log.warning("%s/%s: the API server refused %s %s: %s", owner.namespace, owner.name, kind, child_name,
+                            exc.message)
+                return Created(invalid=f"the API server refused the {kind} built from this spec: {exc.message}")
             if not exc.conflict:
                 raise
             if kind == "Secret":
@@ -144,6 +167,11 @@ class Children:
         if "suspend" in patch["spec"]:
             return dataclasses.replace(job, suspend=patch["spec"]["suspend"])
         return job
+
+    async def delete_job(self, key: Key, job: JobView, why: str) -> None:
+        """Delete a Job the operator failed (its pods go too: background propagation)."""
+        if await self.kube.delete("batch/v1", "Job", key[0], job.name, propagation="Background"):
+            log.info("%s/%s: deleted Job %s: %s", *key, job.name, why)
 
     async def evict_group(self, key: Key, pods: list[PodView], doomed: set[str], broken: PodView) -> None:
         """Kueue owns `suspend` of its Jobs, so their broken groups are stopped by evicting the survivors instead
@@ -241,7 +269,8 @@ class Children:
 
 
 def _refused(key: Key, created: Created) -> bool:
-    """A repair that met an object it may not touch: log a conflict; a stale owner's object is waited out."""
-    if created.conflict is not None:
-        log.warning("%s/%s: %s", *key, created.conflict)
+    """A repair that met an object it may not touch (or may not create): log it; a stale owner's object is waited
+    out."""
+    if created.conflict is not None or created.invalid is not None:
+        log.warning("%s/%s: %s", *key, created.conflict or created.invalid)
     return created.stale

@@ -10,7 +10,7 @@ from finetune_api.status import Condition
 
 MAX_MESSAGE = 32768
 # Order in which condition types are listed, so the list is stable whatever order the setters ran in.
-ORDER = ("Created", "Queued", "Running", "Suspended", "Succeeded", "Failed")
+ORDER = ("Ready", "Created", "Queued", "Running", "Suspended", "Succeeded", "Failed", "Reconciling", "Stalled")
 
 
 def truncate(message: str, limit: int = MAX_MESSAGE) -> str:

@@ -62,6 +62,12 @@ class ApiError(Exception):
         return self.status == 409
 
     @property
+    def invalid(self) -> bool:
+        """422: the object itself is refused (validation, or an admission policy answering Invalid); sending it
+        again changes nothing."""
+        return self.status == 422
+
+    @property
     def namespace_terminating(self) -> bool:
         """The namespace is being deleted: nothing new can be created there, and nothing needs to be."""
         return self.status == 403 and "being terminated" in self.message

@@ -12,6 +12,13 @@ from finetune_api import names
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "finetune-operator"
+# Kubernetes' recommended labels (https://kubernetes.io/docs/concepts/overview/working-with-objects/common-labels/)
+APP_NAME = "app.kubernetes.io/name"
+APP_INSTANCE = "app.kubernetes.io/instance"
+APP_COMPONENT = "app.kubernetes.io/component"
+APP_PART_OF = "app.kubernetes.io/part-of"
+APP = "finetune-job"  # what every child is part of running: one FineTuneJob (the instance)
+TRAINER, CONFIG, PROGRESS_TOKEN, RENDEZVOUS = "trainer", "config", "progress-token", "rendezvous"  # components
 JOB_NAME = f"{names.GROUP}/job-name"  # the FineTuneJob a child belongs to: the key of every watch cache
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"  # on the Job: Kueue admits it (and owns its `suspend`)
 JOB_CONTROLLER_UID = "batch.kubernetes.io/controller-uid"  # set by the Job controller on the Job's pods
@@ -28,6 +35,8 @@ def selector(job_name: str) -> dict[str, str]:
     return {MANAGED_BY: MANAGER, JOB_NAME: job_name}
 
 
-def child_labels(job_name: str) -> dict[str, str]:
-    """Labels of every child object and of the trainer pods (a superset of `selector`)."""
-    return selector(job_name)
+def child_labels(job_name: str, component: str) -> dict[str, str]:
+    """Labels of every child object and of the trainer pods: `selector` plus the recommended app.kubernetes.io set
+    (name, instance = the FineTuneJob, component = what the child is for, part-of, managed-by)."""
+    return {**selector(job_name), APP_NAME: APP, APP_INSTANCE: job_name, APP_COMPONENT: component,
+            APP_PART_OF: MANAGER}

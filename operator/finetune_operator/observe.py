@@ -105,6 +105,8 @@ class PodView:
     started_at: str | None = None
     finished_at: str | None = None
     created: str | None = None
+    image: str | None = None  # the trainer container's image, as the pod spec names it
+    accepted_at: str | None = None  # status.startTime: when the kubelet took the pod on and began to start it
 
 
 def summarize_job(body: dict[str, Any]) -> JobView:
@@ -198,6 +200,8 @@ def summarize_pod(body: dict[str, Any]) -> PodView:
         started_at=started_at if (started_at or status.get("phase") != "Running") else status.get("startTime"),
         finished_at=finished_at,
         created=meta.get("creationTimestamp"),
+        image=next((c.get("image") for c in spec.get("containers") or []), None),
+        accepted_at=status.get("startTime"),
     )
 
 

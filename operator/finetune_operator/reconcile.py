@@ -22,8 +22,10 @@ from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import TERMINAL_PHASES, FineTuneJobStatus
 from finetune_api.times import format_time, parse_time
 from finetune_operator import builders, gang, image_policy, state
+from finetune_operator import conditions as cond
 from finetune_operator.caches import Caches
 from finetune_operator.children import Children
+from finetune_operator.create_failures import create_failure
 from finetune_operator.k8s import ApiError, Kube
 from finetune_operator.ledger import update as update_ledger
 from finetune_operator.metrics import Metrics
@@ -34,9 +36,7 @@ from finetune_operator.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
-QUOTA_RECHECK = 10.0  # seconds between looks at a pod-less Job's FailedCreate events
 STALE_OWNER_RETRY = 2.0  # a same-named child of a deleted FineTuneJob is being garbage-collected
-CREATE_GRACE = 2.0  # seconds a new Job may have no pods before its FailedCreate events are read
 
 
 def parse_status(raw: dict[str, Any] | None) -> FineTuneJobStatus:
@@ -110,6 +110,7 @@ class Reconciler:
         if spec is not None and new.phase in TERMINAL_PHASES:
             if obs is not None and record.report is obs.report:
                 record.report = None  # the status holds it now (one that came in meanwhile waits for the next pass)
+            await self._stop(p, new)
             await self._expire(p, spec, new)
 
     # ------------------------------------------------------------------------------------------- observe
@@ -135,6 +136,8 @@ class Reconciler:
             if result.refusal.stale:
                 raise kopf.TemporaryError("a child of a deleted FineTuneJob with this name is still being removed",
                                           delay=STALE_OWNER_RETRY)
+            if result.refusal.invalid is not None:  # permanent: Failed/InvalidSpec, nothing left behind
+                return p.seen(invalid=result.refusal.invalid)
             return p.seen(conflict=result.refusal.conflict)
         assert result.job is not None
         if p.record.created_at is None:
@@ -150,6 +153,8 @@ class Reconciler:
         if tend:
             job, broken = await self._tend(p, spec, job, pods)
         self.metrics.add_delta(self.metrics.gpu_seconds, *p.key, ledger.gpu_seconds)
+        if (deadline := state.start_deadline(tuple(pods), self.settings.start_timeout_seconds)) is not None:
+            self.queue.add(p.key, max(0.0, deadline - p.now))  # a pod that cannot start: fail it on time
         return p.seen(
             workers=spec.resources.workers,
             output_storage=spec.output.storage,
@@ -159,9 +164,12 @@ class Reconciler:
             pods=tuple(pods),
             restarts=ledger.restarts,
             gpu_seconds=ledger.gpu_seconds,
-            create_failure=await self._create_failure(p, job, pods),
+            create_failure=await create_failure(self.kube, self.queue, p.key, p.record, p.now, job, pods),
             report=p.record.report,
             restarting=gang.restart_message(broken, spec.resources.workers) if broken is not None else None,
+            secret_refs=builders.secret_references(p.owner, spec),
+            start_timeout=self.settings.start_timeout_seconds,
+            memory=None if spec.resources.memory is None else str(spec.resources.memory),
         )
 
     async def _tend(self, p: Pass, spec: FineTuneJobSpec, job: JobView,
@@ -180,31 +188,6 @@ class Reconciler:
         if not job.finished and await self.children.repair(p.record, p.key, p.owner, spec):
             self.queue.add(p.key, STALE_OWNER_RETRY)
         return job, broken
-
-    async def _create_failure(self, p: Pass, job: JobView, pods: list[PodView]) -> str | None:
-        """Why a running Job has no pods (quota, admission), from the Job controller's FailedCreate events."""
-        live = [p for p in pods if p.phase not in ("Succeeded", "Failed")]
-        if job.suspend or job.finished or live or job.active or job.succeeded >= job.completions:
-            # (every index succeeded: the Job is about to be Complete, not short of pods)
-            p.record.create_failure_checked, p.record.create_failure = 0.0, None
-            return None
-        if job.start_time is None:
-            # The Job controller has not synced this Job yet (a backlog after a burst): its first sync sets startTime
-            # even when every pod create fails, and that update comes through the Job watch. Until then no Event
-            # can exist, so none is listed.
-            return None
-        age = p.now - (parse_time(job.created) or p.now)
-        if age < CREATE_GRACE:  # the Job controller has not had its chance yet: look again then
-            self.queue.add(p.key, CREATE_GRACE - age)
-            return None
-        record = p.record
-        if p.now - record.create_failure_checked >= QUOTA_RECHECK:
-            events = await self.kube.job_events(p.key[0], job.uid, "FailedCreate")
-            events.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
-            record.create_failure_checked = p.now
-            record.create_failure = events[-1].get("message") if events else None
-        self.queue.add(p.key, QUOTA_RECHECK)
-        return record.create_failure
 
     # ------------------------------------------------------------------------------------- write, announce
 
@@ -235,7 +218,7 @@ class Reconciler:
         p.record.last_status_write = self.clock()
         self.metrics.status_writes.labels(namespace=ns).inc()
         if p.record.uid == updated["metadata"].get("uid"):
-            p.record.see(updated)  # our own write's result; its watch event queues the next pass anyway
+            p.record.wrote(updated)  # our own write's result; its watch event queues the next pass anyway
         self.metrics.add_delta(self.metrics.restarts, ns, name, new.restarts)
         self.metrics.add_delta(self.metrics.checkpoints, ns, name, new.checkpoints.count if new.checkpoints else 0)
         return True
@@ -247,6 +230,16 @@ class Reconciler:
             await self.kube.post_event(p.body, kind, reason, message)
 
     # ------------------------------------------------------------------------------------------ finished
+
+    async def _stop(self, p: Pass, new: FineTuneJobStatus) -> None:
+        """A job the operator failed itself (pods that cannot start, repeated OOM kills) still has a running Job, whose
+        pods hold their nodes: delete it, after the status said why (so a crash in between repeats only this)."""
+        failed = cond.find(new.conditions, "Failed")
+        if failed is None or failed.status != "True" or failed.reason not in state.STOPS_THE_JOB:
+            return
+        for job in self.caches.jobs_of(p.key, p.owner.uid):
+            if not job.finished:
+                await self.children.delete_job(p.key, job, failed.reason)
 
     async def _expire(self, p: Pass, spec: FineTuneJobSpec, new: FineTuneJobStatus) -> None:
         """After `ttlSecondsAfterFinished`, delete the children (once); until then, come back when it is due.

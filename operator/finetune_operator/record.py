@@ -21,11 +21,8 @@ def key_of(body: dict[str, Any]) -> Key:
     return meta.get("namespace", ""), meta.get("name", "")
 
 
-def _rv(body: dict[str, Any]) -> int | None:
-    try:
-        return int((body.get("metadata") or {}).get("resourceVersion"))
-    except (TypeError, ValueError):
-        return None
+def _meta(body: dict[str, Any]) -> dict[str, Any]:
+    return body.get("metadata") or {}
 
 
 def _without_managed_fields(body: dict[str, Any]) -> dict[str, Any]:
@@ -46,6 +43,7 @@ class JobRecord:
     create_failure: str | None = None  # ... and the message found then
     secret_retries: int = 0  # passes left to re-create the progress Secret of a re-created ConfigMap
     cleaned: bool = False  # the TTL clean-up is done
+    written: str | None = None  # resourceVersion of our last status write, until the watch delivers that version
 
     @classmethod
     def first_seen(cls, body: dict[str, Any]) -> JobRecord:
@@ -56,7 +54,22 @@ class JobRecord:
         return (self.body.get("metadata") or {}).get("uid")
 
     def see(self, body: dict[str, Any]) -> None:
-        """Keep `body` unless what is held is newer (watch events and our own writes may arrive out of order)."""
-        new_rv, old_rv = _rv(body), _rv(self.body)
-        if new_rv is None or old_rv is None or new_rv >= old_rv:
-            self.body = _without_managed_fields(body)
+        """A watch event. The watch delivers versions in order, but the answer to our own status write can overtake
+        events still on their way, so until the watch brings the written version back, an event's spec and metadata
+        are taken and the written status is kept (only this operator writes status). resourceVersion is opaque:
+        compared for equality only, never as a number; `generation` is an integer by contract, so an event of a
+        newer generation is newer than the write, and one of an older generation is stale."""
+        if self.written is not None and _meta(body).get("resourceVersion") != self.written:
+            generation, held = _meta(body).get("generation") or 0, _meta(self.body).get("generation") or 0
+            if generation < held:
+                return
+            if generation == held:
+                self.body = {**_without_managed_fields(body), "status": self.body.get("status")}
+                return
+        self.written = None
+        self.body = _without_managed_fields(body)
+
+    def wrote(self, body: dict[str, Any]) -> None:
+        """The answer to our status write: the newest version there is, until the watch delivers it."""
+        self.body = _without_managed_fields(body)
+        self.written = _meta(body).get("resourceVersion")

@@ -52,6 +52,7 @@ class Settings:
     lease_seconds: float = 15.0
     grace_period_seconds: int = 120
     settle_seconds: float = 10.0
+    start_timeout_seconds: float = 300.0  # a pod that cannot start (missing Secret, unpullable image) fails the job
 
     @property
     def clusterwide(self) -> bool:
@@ -96,6 +97,7 @@ class Settings:
             lease_seconds=_float(env, "FINETUNE_LEASE_DURATION_SECONDS", 15.0, minimum=1.0),
             grace_period_seconds=_int(env, "FINETUNE_GRACE_PERIOD_SECONDS", 120, minimum=1, maximum=86400),
             settle_seconds=_float(env, "FINETUNE_STATUS_SETTLE_SECONDS", 10.0, minimum=0.0),
+            start_timeout_seconds=_float(env, "FINETUNE_START_TIMEOUT_SECONDS", 300.0, minimum=0.0),
         )
 
 

@@ -3,17 +3,24 @@
 `compute_status(previous, observation)` is all the policy there is; the controller only gathers the observation and
 writes the result when it differs. Succeeded and Failed are final: later observations (a TTL-deleted Job, a fixed
 image) never bring a finished job back to life.
+
+Failures a kubelet reports without ending the pod are surfaced here too: a missing Secret or key
+(CreateContainerConfigError) and an image that cannot be pulled (ErrImagePull, ImagePullBackOff) make the job
+Pending with that reason at once, naming the Secret and key or the image, and fail it once a pod has waited
+`start_timeout` seconds; an OOM kill is reported with the advice to raise `resources.memory`, retried once, and the
+second fails the job. The operator then deletes the Job (`STOPS_THE_JOB`), whose pods hold their nodes.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from finetune_api import exitcodes
 from finetune_api.progress import ProgressReport
 from finetune_api.status import TERMINAL_PHASES, FineTuneJobStatus, OutputStatus
-from finetune_api.times import parse_time
+from finetune_api.times import humanize_eta, parse_time
 from finetune_operator import conditions as cond
 from finetune_operator.observe import JobCondition, JobView, PodView
 from finetune_operator.progress import apply_report
@@ -39,13 +46,22 @@ DEADLINE = "DeadlineExceeded"
 POD_FAILURE_POLICY = "PodFailurePolicy"
 RESTARTING_WORKERS = "RestartingWorkers"
 CANCELLED = "Cancelled"
+OOM_KILLED = "OOMKilled"
+OOM_KILLS_TO_FAIL = 2  # the first OOM kill is retried (a leak or one long batch may not recur), the second fails
 EXIT_REASONS = {
     exitcodes.DATA_ERROR: "DataError",
     exitcodes.CONFIG_ERROR: "ConfigError",
     exitcodes.STORAGE_ERROR: "StorageError",
 }
-IMAGE_WAIT_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull")
+IMAGE_WAIT_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull",
+                      "RegistryUnavailable", "SignatureValidationFailed")
+STOPS_THE_JOB = frozenset({IMAGE_PULL, CONTAINER_CONFIG, OOM_KILLED})  # Failed reasons after which the Job is deleted
 MAX_TRAINER_MESSAGE = 4096
+# The kubelet's words for a missing Secret or key (pkg/kubelet/kubelet_pods.go, the secret manager's NotFound).
+_SECRET_MISSING = re.compile(r'secrets? "([^"]+)" not found')
+_KEY_MISSING = re.compile(r"couldn't find key (\S+) in Secret [^/\s]+/(\S+)")
+_PULL_PREFIX = re.compile(r'^(Back-off pulling image "[^"]*"(: )?)?((ErrImagePull|RegistryUnavailable|'
+                          r'SignatureValidationFailed): )?')
 
 
 @dataclass(frozen=True)
@@ -68,23 +84,106 @@ class Observation:
     invalid: str | None = None
     report: ProgressReport | None = None
     restarting: str | None = None  # why a broken torchrun group is being stopped and restarted (gang.py)
+    secret_refs: tuple[tuple[str, str, str], ...] = ()  # (what uses it, Secret, key): builders.secret_references
+    start_timeout: float = 0.0  # seconds a pod may fail to start before the job fails; 0: it waits for ever
+    memory: str | None = None  # spec.resources.memory, for the advice after an OOM kill
 
 
-def pending_problem(pods: tuple[PodView, ...], create_failure: str | None) -> tuple[str, str] | None:
+def _live(pods: tuple[PodView, ...]) -> list[PodView]:
+    return [p for p in pods if p.phase not in ("Succeeded", "Failed") and not p.deleting]
+
+
+def _secret_problem(pod: PodView, refs: tuple[tuple[str, str, str], ...]) -> str:
+    """Which Secret and key the pod lacks, and what in the spec asked for it (the operator cannot read Secrets: the
+    kubelet's message and the job's own references tell)."""
+    said = pod.waiting_message or ""
+    if (m := _KEY_MISSING.search(said)) is not None:
+        key, secret = m.groups()
+        users = [use for use, s, k in refs if (s, k) == (secret, key)]
+        what = f'Secret "{secret}" has no key "{key}"'
+    elif (m := _SECRET_MISSING.search(said)) is not None:
+        secret = m[1]
+        users = [f'{use} needs its key "{k}"' for use, s, k in refs if s == secret]
+        what = f'Secret "{secret}" does not exist'
+    else:
+        users = [f'{use}: Secret "{s}" key "{k}"' for use, s, k in refs]
+        what = said or "a Secret or key it reads is missing"
+    return f"pod {pod.name} cannot start: {what}" + (f" ({', '.join(users)})" if users else "")
+
+
+def _start_problem(pod: PodView, refs: tuple[tuple[str, str, str], ...]) -> tuple[str, str] | None:
+    """A container the kubelet cannot start: its image cannot be pulled, or a Secret it reads is missing."""
+    if pod.waiting_reason in IMAGE_WAIT_REASONS:
+        detail = _PULL_PREFIX.sub("", pod.waiting_message or "") or pod.waiting_reason or ""
+        return IMAGE_PULL, f'pod {pod.name} cannot pull image "{pod.image}": {detail}'
+    if pod.waiting_reason == CONTAINER_CONFIG:
+        return CONTAINER_CONFIG, _secret_problem(pod, refs)
+    return None
+
+
+def _wait_note(timeout: float) -> str:
+    if timeout <= 0:
+        return "; the pods keep waiting for it (FINETUNE_START_TIMEOUT_SECONDS is 0)"
+    return f"; the job fails if a pod cannot start for {humanize_eta(timeout)}"
+
+
+def pending_problem(pods: tuple[PodView, ...], create_failure: str | None,
+                    refs: tuple[tuple[str, str, str], ...] = (), timeout: float = 0.0) -> tuple[str, str] | None:
     """Why workers are not running, in the order a user should fix things; None when nothing is wrong yet."""
-    live = [p for p in pods if p.phase not in ("Succeeded", "Failed") and not p.deleting]
+    live = _live(pods)
     if create_failure and not live:
         return (QUOTA_EXCEEDED if "exceeded quota" in create_failure else FAILED_CREATE), create_failure
     for p in live:
         if p.unschedulable:
             return UNSCHEDULABLE, f"pod {p.name}: {p.unschedulable}"
-    for p in live:
-        if p.waiting_reason in IMAGE_WAIT_REASONS:
-            return IMAGE_PULL, f"pod {p.name}: {p.waiting_reason}: {p.waiting_message or 'cannot pull the image'}"
-    for p in live:
-        if p.waiting_reason == CONTAINER_CONFIG:
-            return CONTAINER_CONFIG, f"pod {p.name}: {p.waiting_message or 'a referenced Secret or key is missing'}"
+    problems = [problem for p in live if (problem := _start_problem(p, refs)) is not None]
+    problems.sort(key=lambda rm: rm[0] != IMAGE_PULL)  # an image first: without it no Secret is ever read
+    if problems:
+        reason, message = problems[0]
+        return reason, message + _wait_note(timeout)
     return None
+
+
+def start_deadline(pods: tuple[PodView, ...], timeout: float) -> float | None:
+    """When the earliest pod that cannot start (see `pending_problem`) has waited `timeout` (epoch seconds), or None."""
+    if timeout <= 0:
+        return None
+    since = [parse_time(p.accepted_at or p.created) for p in _live(pods) if _start_problem(p, ()) is not None]
+    known = [t for t in since if t is not None]
+    return min(known) + timeout if known else None
+
+
+def _gave_up(obs: Observation) -> tuple[str, str] | None:
+    """A failure the operator decides (the Job would wait or retry for ever): repeated OOM kills, or a pod that could
+    not start within `start_timeout`."""
+    oom = sorted((p for p in obs.pods if p.phase == "Failed" and p.terminated_reason == OOM_KILLED),
+                 key=lambda p: (parse_time(p.finished_at) or 0.0, p.name))
+    if len(oom) >= OOM_KILLS_TO_FAIL:
+        return OOM_KILLED, (f"the trainer was killed for exceeding its memory limit (OOMKilled) {len(oom)} times, "
+                            f"last in pod {oom[-1].name}; not retried again: {memory_advice(obs.memory)}")
+    deadline = start_deadline(obs.pods, obs.start_timeout)
+    now = parse_time(obs.now)
+    if deadline is None or now is None or now < deadline:
+        return None
+    live = sorted(_live(obs.pods), key=lambda p: (parse_time(p.accepted_at or p.created) or 0.0, p.name))
+    reason, message = next(problem for p in live if (problem := _start_problem(p, obs.secret_refs)) is not None)
+    return reason, (f"{message}; gave up after {humanize_eta(obs.start_timeout)} "
+                    "(FINETUNE_START_TIMEOUT_SECONDS): the Job and its pods were deleted")
+
+
+def memory_advice(memory: str | None) -> str:
+    limit = f"larger spec.resources.memory (now {memory})" if memory else "spec.resources.memory set (none is now)"
+    return (f"re-create the FineTuneJob with a {limit}, or a smaller hyperparameters.batchSize or maxSeqLength "
+            "(resources are immutable)")
+
+
+def _oom_notice(obs: Observation) -> tuple[str, str] | None:
+    """The latest pod failure was an OOM kill and the job is restarting: say so while the replacement starts."""
+    pod = _latest_failed(obs.pods)
+    if pod is None or pod.terminated_reason != OOM_KILLED:
+        return None
+    return OOM_KILLED, (f"pod {pod.name} was killed for exceeding its memory limit (OOMKilled); restarting from the "
+                        f"latest checkpoint, and a second OOM kill fails the job: {memory_advice(obs.memory)}")
 
 
 def _latest_failed(pods: tuple[PodView, ...], codes: tuple[int, ...] | None = None) -> PodView | None:
@@ -94,8 +193,9 @@ def _latest_failed(pods: tuple[PodView, ...], codes: tuple[int, ...] | None = No
     return failed[-1] if failed else None
 
 
-def failure(job_cond: JobCondition, pods: tuple[PodView, ...]) -> tuple[str, str]:
-    """(reason, message) for a failed Job, with the trainer's own words when a permanent exit code ended it."""
+def failure(job_cond: JobCondition, pods: tuple[PodView, ...], memory: str | None = None) -> tuple[str, str]:
+    """(reason, message) for a failed Job, with the trainer's own words when a permanent exit code ended it, and the
+    advice on memory when the last failure was an OOM kill."""
     if job_cond.reason == POD_FAILURE_POLICY:
         pod = _latest_failed(pods, exitcodes.PERMANENT)
         if pod is not None and pod.exit_code is not None:
@@ -110,6 +210,9 @@ def failure(job_cond: JobCondition, pods: tuple[PodView, ...]) -> tuple[str, str
         if pod is not None:
             why = f" ({pod.terminated_reason})" if pod.terminated_reason else ""
             detail = f"; last failure: pod {pod.name} exited with code {pod.exit_code}{why}"
+            if pod.terminated_reason == OOM_KILLED:
+                return OOM_KILLED, (f"{job_cond.message or 'Job has reached the specified backoff limit'}{detail}: "
+                                    f"the trainer exceeded its memory limit; {memory_advice(memory)}")
         return BACKOFF_LIMIT, (job_cond.message or "Job has reached the specified backoff limit") + detail
     if job_cond.reason == DEADLINE:
         return DEADLINE, job_cond.message or "Job was active longer than runPolicy.activeDeadlineSeconds"
@@ -133,6 +236,12 @@ def _first_start(pods: tuple[PodView, ...], job: JobView | None) -> str | None:
 
 def compute_status(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStatus:
     """The status this observation calls for. Never mutates `prev`."""
+    st = _compute(prev, obs)
+    _kstatus(st, obs)
+    return st
+
+
+def _compute(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStatus:
     st = prev.model_copy(deep=True)
     st.observed_generation = obs.generation
     if prev.phase in TERMINAL_PHASES:
@@ -166,9 +275,25 @@ def compute_status(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStat
     st.gpu_seconds = round(obs.gpu_seconds, 1)
     if obs.report is not None:
         st = apply_report(st, obs.report)
-    if not (_ended(st, job, obs) or _held(st, job, obs)):
+    if not (_ended(st, job, obs) or _given_up(st, job, obs) or _held(st, job, obs)):
         _progressing(st, job, obs)
     return st
+
+
+def _fail(st: FineTuneJobStatus, job: JobView, obs: Observation, reason: str, message: str) -> None:
+    st.phase = "Failed"
+    _set(st, "Failed", "True", reason, message, obs)
+    _clear(st, "Running", reason, message, obs)
+    st.start_time = st.start_time or _first_start(obs.pods, job)
+    st.completion_time = st.completion_time or obs.now
+
+
+def _given_up(st: FineTuneJobStatus, job: JobView, obs: Observation) -> bool:
+    """Failed by the operator's own decision (`_gave_up`); the reconcile pass then deletes the Job."""
+    if (decided := _gave_up(obs)) is None:
+        return False
+    _fail(st, job, obs, *decided)
+    return True
 
 
 def _ended(st: FineTuneJobStatus, job: JobView, obs: Observation) -> bool:
@@ -183,12 +308,7 @@ def _ended(st: FineTuneJobStatus, job: JobView, obs: Observation) -> bool:
             st.output = OutputStatus(path=obs.output_storage)
         return True
     if (failed := job.failure) is not None:
-        reason, message = failure(failed, obs.pods)
-        st.phase = "Failed"
-        _set(st, "Failed", "True", reason, message, obs)
-        _clear(st, "Running", reason, message, obs)
-        st.start_time = st.start_time or _first_start(obs.pods, job)
-        st.completion_time = st.completion_time or obs.now
+        _fail(st, job, obs, *failure(failed, obs.pods, obs.memory))
         return True
     return False
 
@@ -222,7 +342,7 @@ def _progressing(st: FineTuneJobStatus, job: JobView, obs: Observation) -> None:
         _set(st, "Suspended", "False", RESUMED, "resumed from the latest checkpoint", obs)
 
     running = [p for p in obs.pods if p.phase == "Running" and not p.deleting]
-    problem = pending_problem(obs.pods, obs.create_failure)
+    problem = pending_problem(obs.pods, obs.create_failure, obs.secret_refs, obs.start_timeout)
     # Running means training can progress: every torchrun worker is up. Messages carry no counts, so pods
     # starting one by one do not each cost a status write.
     # Workers that already finished count as up: between the last pod's exit and the Job's Complete condition the
@@ -234,14 +354,34 @@ def _progressing(st: FineTuneJobStatus, job: JobView, obs: Observation) -> None:
         st.start_time = st.start_time or _first_start(tuple(running), job) or obs.now
         return
     st.phase = "Pending"
-    reason, message = problem or (PODS_PENDING, f"waiting for {obs.workers} worker pod(s) to start")
+    reason, message = problem or _oom_notice(obs) or (PODS_PENDING, f"waiting for {obs.workers} worker pod(s) to start")
     _set(st, "Running", "False", reason, message, obs)
+
+
+def _kstatus(st: FineTuneJobStatus, obs: Observation) -> None:
+    """Ready, Reconciling and Stalled, the conditions kstatus reads (Flux's health checks, `kubectl wait
+    --for=condition=Ready`, cli-utils), with the rules kstatus applies to a batch/v1 Job: healthy (Ready) once it
+    runs, while suspended and after success; in progress (Reconciling, Ready=False) until its pods run; failed
+    (Stalled) when it failed. Completion is `Succeeded`. Each carries the reason and message of the headline."""
+    head = headline(st)
+    if head is None:
+        return
+    phase, reason, message = head
+    _set(st, "Ready", "True" if phase in ("Running", "Succeeded", "Suspended") else "False", reason, message, obs)
+    if phase in ("Pending", "Queued"):
+        _set(st, "Reconciling", "True", reason, message, obs)
+    else:
+        _clear(st, "Reconciling", reason, message, obs)
+    if phase == "Failed":
+        _set(st, "Stalled", "True", reason, message, obs)
+    else:
+        _clear(st, "Stalled", reason, message, obs)
 
 
 _HEADLINE = {"Pending": "Running", "Queued": "Queued", "Running": "Running", "Succeeded": "Succeeded",
              "Failed": "Failed", "Suspended": "Suspended"}
 WARNING_REASONS = frozenset({NAME_CONFLICT, QUOTA_EXCEEDED, FAILED_CREATE, UNSCHEDULABLE, IMAGE_PULL, CONTAINER_CONFIG,
-                             RESTARTING_WORKERS})
+                             RESTARTING_WORKERS, OOM_KILLED})
 
 
 def headline(st: FineTuneJobStatus) -> tuple[str, str, str] | None:

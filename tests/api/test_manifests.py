@@ -184,6 +184,42 @@ MALFORMED = [
      "spec.tracking.mlflow", "username and tracking.mlflow.password go together"),
     ("tensorboard not a boolean", mutate("spec.tracking", {"tensorboard": "sometimes"}), "spec.tracking.tensorboard",
      "valid boolean"),
+    # Issue 12: everything the Job's own validation refuses is refused at admission, named by its field.
+    ("cpu quantity Kubernetes refuses", mutate("spec.resources", {"cpu": "1e2.5"}), "spec.resources",
+     "resources.cpu must be a positive Kubernetes quantity"),
+    ("negative memory", mutate("spec.resources", {"memory": "-1Gi"}), "spec.resources",
+     "resources.memory must be a positive Kubernetes quantity"),
+    ("zero cpu", mutate("spec.resources", {"cpu": 0}), "spec.resources", "resources.cpu must be a positive"),
+    ("zero memory as a string", mutate("spec.resources", {"memory": "0Mi"}), "spec.resources",
+     "resources.memory must be a positive"),
+    ("fractional cpu number", mutate("spec.resources", {"cpu": 0.5}), "spec.resources.cpu",
+     "must be an integer or a string"),
+    ("nodeSelector key that is not a label key", mutate("spec.resources", {"nodeSelector": {"gpu type": "a100"}}),
+     "spec.resources", "resources.nodeSelector keys must be label keys"),
+    ("nodeSelector key prefix over 253", mutate("spec.resources", {"nodeSelector": {"a" * 254 + "/gpu": "x"}}),
+     "spec.resources", "resources.nodeSelector keys must be label keys"),
+    ("nodeSelector value that is not a label value", mutate("spec.resources", {"nodeSelector": {"pool": "a100 x"}}),
+     "spec.resources.nodeSelector.pool", "should match pattern"),
+    ("toleration without key and not Exists", mutate("spec.resources", {"tolerations": [{"operator": "Equal"}]}),
+     "spec.resources.tolerations[0]", "a toleration without a key must use operator Exists"),
+    ("toleration Exists with a value", mutate("spec.resources", {"tolerations": [
+        {"key": "gpu", "operator": "Exists", "value": "yes"}]}), "spec.resources.tolerations[0]",
+     "value must be empty with operator Exists"),
+    ("tolerationSeconds without NoExecute", mutate("spec.resources", {"tolerations": [
+        {"key": "gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 60}]}),
+     "spec.resources.tolerations[0]", "tolerationSeconds applies only to effect NoExecute"),
+    ("toleration key that is not a label key", mutate("spec.resources", {"tolerations": [
+        {"key": "nvidia gpu", "operator": "Exists"}]}), "spec.resources.tolerations[0].key", "should match pattern"),
+    ("toleration value that is not a label value", mutate("spec.resources", {"tolerations": [
+        {"key": "gpu", "value": "a/b"}]}), "spec.resources.tolerations[0].value", "should match pattern"),
+    ("'..' in a pvc path", mutate("spec.dataset.train", "pvc://data/../other/train.jsonl"), "spec.dataset",
+     "no '..' in the path"),
+    ("'..' at the end of a pvc path", mutate("spec.output.storage", "pvc://runs/out/.."), "spec.output",
+     "no '..' in the path"),
+    ("empty lora targetModules", mutate("spec.method", {"type": "lora", "lora": {"targetModules": []}}),
+     "spec.method.lora.targetModules", "at least 1"),
+    ("secret key '..'", mutate("spec.credentials", {"hubToken": {"name": "hf", "key": "..token"}}),
+     "spec.credentials.hubToken", "may not be '.' or start with '..'"),
 ]
 
 

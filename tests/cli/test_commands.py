@@ -137,9 +137,9 @@ def test_bash_completion() -> None:
 
 @pytest.mark.parametrize("shell", ["zsh", "fish"])
 def test_zsh_and_fish_scripts_load(shell: str) -> None:
-    """The scripts parse and define their completion in the real shells (installed by .ci/host-packages.sh)."""
+    """The scripts parse and define their completion in the real shells (installed by make host-setup)."""
     exe = shutil.which(shell)
-    assert exe is not None, f"{shell} is not installed: run .ci/host-packages.sh"
+    assert exe is not None, f"{shell} is not installed: run `make host-setup`"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     if shell == "zsh":
         probe = "autoload -U compinit && compinit -u && source <(finetune completion zsh) && print ${_comps[finetune]}"

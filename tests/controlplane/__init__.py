@@ -1,4 +1,5 @@
-"""Builds and runs a real Kubernetes control plane (etcd, API server, controllers, scheduler, kwok) for tests."""
+"""Builds and runs a real Kubernetes control plane (etcd, API server, controllers, scheduler, kwok) for tests; node.py
+adds a real node to it, images.py builds the images that node runs."""
 
 from .cluster import (
     ApiError,

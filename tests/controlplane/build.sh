@@ -5,6 +5,10 @@
 #
 #   ${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}/bin/<component>-<version>/<component>
 #
+# With --with-node it also builds the real node's programs (tests/controlplane/node.py): kubelet and kube-proxy from
+# the same Kubernetes build module, CoreDNS from its module (go/coredns: only the plugins the node's DNS uses), and the
+# pause program of the sandbox image (go/pause; its version is a hash of its source).
+#
 # A component whose binary already exists is not rebuilt, so a warm run only checks files. Progress and timings go to
 # stderr; stdout carries one "BIN <component> <path>" line per component for tests/controlplane/cluster.py.
 # Only the Go module proxy is contacted (GOTOOLCHAIN=local: the installed Go is used, never downloaded).
@@ -20,10 +24,12 @@ module_version() { awk -v m="$2" '{for (i = 1; i < NF; i++) if ($i == m && $(i +
 K8S_VERSION="$(module_version "$HERE/go/k8s/go.mod" k8s.io/kubernetes)"
 ETCD_VERSION="$(module_version "$HERE/go/etcd/go.mod" go.etcd.io/etcd/server/v3)"
 PROMQL_VERSION="$(module_version "$HERE/go/promql/go.mod" github.com/prometheus/prometheus)"
+COREDNS_VERSION="$(module_version "$HERE/go/coredns/go.mod" github.com/coredns/coredns)"
+PAUSE_VERSION="src-$(cat "$HERE/go/pause/go.mod" "$HERE/go/pause/main.go" | sha256sum | cut -c1-12)"
 KWOK_VERSION="v0.8.0"
 HELM_VERSION="v3.19.5"
 
-if [[ -z "$K8S_VERSION" || -z "$ETCD_VERSION" || -z "$PROMQL_VERSION" ]]; then
+if [[ -z "$K8S_VERSION" || -z "$ETCD_VERSION" || -z "$PROMQL_VERSION" || -z "$COREDNS_VERSION" ]]; then
   echo "build.sh: cannot read pinned versions from $HERE/go/*/go.mod" >&2
   exit 2
 fi
@@ -70,8 +76,9 @@ timed() {
   log "built $name in $((end - start)) s"
 }
 
+# build_k8s COMPONENT...: one `go build` for the missing ones (they share most packages; one link step each).
 build_k8s() {
-  local tmp module_time ver_major ver_minor ldflags pkg
+  local tmp module_time ver_major ver_minor ldflags pkg c
   tmp="$(mktemp -d "$BIN_ROOT/.k8s-build.XXXXXX")"
   module_time="$(cd "$HERE/go/k8s" && "$GO" list -m -f '{{if .Time}}{{.Time.UTC.Format "2006-01-02T15:04:05Z"}}{{end}}' k8s.io/kubernetes)"
   ver_major="${K8S_VERSION#v}"; ver_major="${ver_major%%.*}"
@@ -82,7 +89,7 @@ build_k8s() {
     ldflags+=" -X $pkg.gitCommit=module-$K8S_VERSION -X $pkg.gitTreeState=clean -X $pkg.buildDate=${module_time:-1970-01-01T00:00:00Z}"
   done
   local targets=()
-  for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  for c in "$@"; do
     have "$c" "$K8S_VERSION" || targets+=("k8s.io/kubernetes/cmd/$c")
   done
   (cd "$HERE/go/k8s" && "$GO" build "${BUILD_FLAGS[@]}" -ldflags "$ldflags" -o "$tmp/" "${targets[@]}")
@@ -90,11 +97,15 @@ build_k8s() {
   rm -rf "$tmp"
 }
 
-build_etcd() {
+
+# build_module DIR COMPONENT VERSION [LDFLAGS]: `go build` of the main package of the build module go/DIR: etcd,
+# promql-check (a small program around github.com/prometheus/prometheus/promql/parser, about 30 s cold), CoreDNS with
+# the plugins its main.go imports (about a minute cold), pause.
+build_module() {
   local tmp
-  tmp="$(mktemp -d "$BIN_ROOT/.etcd-build.XXXXXX")"
-  (cd "$HERE/go/etcd" && "$GO" build "${BUILD_FLAGS[@]}" -ldflags "-s -w" -o "$tmp/etcd" .)
-  install_from "$tmp" etcd "$ETCD_VERSION"
+  tmp="$(mktemp -d "$BIN_ROOT/.$2-build.XXXXXX")"
+  (cd "$HERE/go/$1" && "$GO" build "${BUILD_FLAGS[@]}" -ldflags "-s -w ${4:-}" -o "$tmp/$2" .)
+  install_from "$tmp" "$2" "$3"
   rm -rf "$tmp"
 }
 
@@ -120,29 +131,35 @@ build_helm() {
   rm -rf "$tmp"
 }
 
-# promql-check: a small program around github.com/prometheus/prometheus/promql/parser (about 30 s cold).
-build_promql_check() {
-  local tmp
-  tmp="$(mktemp -d "$BIN_ROOT/.promql-check-build.XXXXXX")"
-  (cd "$HERE/go/promql" && "$GO" build "${BUILD_FLAGS[@]}" -ldflags "-s -w" -o "$tmp/promql-check" .)
-  install_from "$tmp" promql-check "$PROMQL_VERSION"
-  rm -rf "$tmp"
-}
+
+# CoreDNS with the plugins main.go imports (about 1 minute cold).
+
 
 main() {
+  local with_node=0
+  case "${1:-}" in
+    --with-node) with_node=1 ;;
+    "") ;;
+    *) echo "usage: $0 [--with-node]" >&2; exit 2 ;;
+  esac
+  local k8s_components=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+  local specs=("etcd $ETCD_VERSION" "kwok $KWOK_VERSION" "helm $HELM_VERSION")
+  ((with_node)) && k8s_components+=(kubelet kube-proxy) && specs+=("coredns $COREDNS_VERSION")
+  for c in "${k8s_components[@]}"; do specs+=("$c $K8S_VERSION"); done
+
   mkdir -p "$BIN_ROOT"
   # Two concurrent builders (two pytest sessions, make cluster + pytest) would otherwise race on the same cache.
   exec 9>"$BIN_ROOT/.build.lock"
   if command -v flock >/dev/null; then flock 9; fi
 
-  local t0 missing=0 slow=0
+  local t0 missing=0 slow=0 spec k8s_missing=()
   t0=$(date +%s)
-  for spec in "kube-apiserver $K8S_VERSION" "kube-controller-manager $K8S_VERSION" "kube-scheduler $K8S_VERSION" \
-    "kubectl $K8S_VERSION" "etcd $ETCD_VERSION" "kwok $KWOK_VERSION" "helm $HELM_VERSION"; do
+  for spec in "${specs[@]}"; do
     # shellcheck disable=SC2086
     have $spec || { missing=1; slow=1; }
   done
   have promql-check "$PROMQL_VERSION" || missing=1
+  ((with_node)) && ! have pause "$PAUSE_VERSION" && missing=1
   if [[ $missing == 1 ]]; then
     require_go
     log "cache: $BIN_ROOT (go: $("$GO" version | awk '{print $3}'), parallel jobs: $GO_PARALLEL)"
@@ -151,19 +168,24 @@ main() {
     fi
   fi
 
-  have etcd "$ETCD_VERSION" || timed "etcd $ETCD_VERSION" build_etcd
-  if ! { have kube-apiserver "$K8S_VERSION" && have kube-controller-manager "$K8S_VERSION" &&
-    have kube-scheduler "$K8S_VERSION" && have kubectl "$K8S_VERSION"; }; then
-    timed "kube-apiserver, kube-controller-manager, kube-scheduler, kubectl $K8S_VERSION" build_k8s
+  have etcd "$ETCD_VERSION" || timed "etcd $ETCD_VERSION" build_module etcd etcd "$ETCD_VERSION"
+  for c in "${k8s_components[@]}"; do have "$c" "$K8S_VERSION" || k8s_missing+=("$c"); done
+  if ((${#k8s_missing[@]})); then
+    timed "${k8s_missing[*]} $K8S_VERSION" build_k8s "${k8s_missing[@]}"
   fi
   have kwok "$KWOK_VERSION" || timed "kwok $KWOK_VERSION" build_kwok
   have helm "$HELM_VERSION" || timed "helm $HELM_VERSION" build_helm
-  have promql-check "$PROMQL_VERSION" || timed "promql-check $PROMQL_VERSION" build_promql_check
+  have promql-check "$PROMQL_VERSION" ||
+    timed "promql-check $PROMQL_VERSION" build_module promql promql-check "$PROMQL_VERSION"
+  if ((with_node)); then
+    have coredns "$COREDNS_VERSION" || timed "coredns $COREDNS_VERSION" build_module coredns coredns \
+      "$COREDNS_VERSION" "-X github.com/coredns/coredns/coremain.GitCommit=module-$COREDNS_VERSION"
+    have pause "$PAUSE_VERSION" || timed "pause $PAUSE_VERSION" build_module pause pause "$PAUSE_VERSION"
+    specs+=("pause $PAUSE_VERSION")
+  fi
 
   [[ $missing == 1 ]] && log "all components ready in $(($(date +%s) - t0)) s"
-  for spec in "kube-apiserver $K8S_VERSION" "kube-controller-manager $K8S_VERSION" "kube-scheduler $K8S_VERSION" \
-    "kubectl $K8S_VERSION" "etcd $ETCD_VERSION" "kwok $KWOK_VERSION" "helm $HELM_VERSION" \
-    "promql-check $PROMQL_VERSION"; do
+  for spec in "${specs[@]}" "promql-check $PROMQL_VERSION"; do
     # shellcheck disable=SC2086
     set -- $spec
     echo "BIN $1 $(bin_path "$1" "$2")"

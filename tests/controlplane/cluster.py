@@ -57,6 +57,11 @@ SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"  # first address of SERVICE_CIDR: the "kubernetes" Service
 POD_CIDR = "10.244.0.0/16"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
+KUBELET_CLIENT = "kube-apiserver-kubelet-client"
+# The real node's address (node.py: its pod bridge's own IP). The API server advertises it as the endpoint of the
+# `kubernetes` Service, since Endpoints may not hold a loopback address; the node forwards it to 127.0.0.1. Nothing
+# listens there, and nothing uses the Service, while no real node runs.
+NODE_IP = "10.245.0.1"
 
 T = TypeVar("T")
 
@@ -142,6 +147,11 @@ class Binaries:
     # Not part of the control plane: the PromQL parser for tests/helm/test_promql.py. Optional so that a Binaries built
     # without it (older build.sh output, hand-made instances) stays valid.
     promql_check: Path | None = None
+    # The real node's programs (tests/controlplane/node.py), built only with ``build_binaries(with_node=True)``.
+    kubelet: Path | None = None
+    kube_proxy: Path | None = None
+    coredns: Path | None = None
+    pause: Path | None = None
 
     @classmethod
     def parse(cls, build_output: str) -> Binaries:
@@ -161,8 +171,9 @@ class Binaries:
         return [p for p in vars(self).values() if p is not None and not (p.is_file() and os.access(p, os.X_OK))]
 
 
-def build_binaries(stream: IO[str] | None = None) -> Binaries:
-    """Builds missing binaries with build.sh (minutes when cold; a file check when cached) and returns their paths.
+def build_binaries(stream: IO[str] | None = None, with_node: bool = False) -> Binaries:
+    """Builds missing binaries with build.sh (minutes when cold; a file check when cached) and returns their paths;
+    ``with_node`` adds the real node's kubelet, kube-proxy, CoreDNS and pause.
 
     build.sh's progress is forwarded line by line to ``stream`` (default: stderr) so a long first build is visibly
     alive; its last lines are also put into the BuildError message, so a failure explains itself.
@@ -170,9 +181,8 @@ def build_binaries(stream: IO[str] | None = None) -> Binaries:
     if shutil.which("bash") is None:
         raise BuildError("bash is required to run tests/controlplane/build.sh")
     out = stream if stream is not None else sys.stderr
-    proc = subprocess.Popen(
-        ["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
-    )
+    argv = ["bash", str(BUILD_SCRIPT), *(["--with-node"] if with_node else [])]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
     stdout_chunks: list[str] = []
     reader = threading.Thread(target=lambda: stdout_chunks.append(proc.stdout.read() if proc.stdout else ""))
     reader.start()
@@ -185,7 +195,7 @@ def build_binaries(stream: IO[str] | None = None) -> Binaries:
     returncode = proc.wait()
     reader.join()
     if returncode != 0:
-        raise BuildError(f"tests/controlplane/build.sh failed with exit code {returncode}:\n{''.join(tail)}")
+        raise BuildError(f"{' '.join(argv[1:])} failed with exit code {returncode}:\n{''.join(tail)}")
     binaries = Binaries.parse("".join(stdout_chunks))
     if missing := binaries.missing():
         raise BuildError(f"build.sh succeeded but these binaries are missing: {missing}")
@@ -238,6 +248,7 @@ def _ec_key(path: Path, cwd: Path) -> None:
 
 @dataclass(frozen=True)
 class _Certs:
+    pki: Path
     ca_crt: Path
     ca_key: Path
     server_crt: Path
@@ -245,6 +256,26 @@ class _Certs:
     sa_key: Path
     sa_pub: Path
     clients: dict[str, tuple[Path, Path]]  # name -> (crt, key)
+
+    def issue(self, name: str, subject: str, ext: str, sans: Sequence[str] = ()) -> tuple[Path, Path]:
+        """A key and a certificate signed by the CA; ``ext`` is a section of the openssl config (client or server, the
+        server SANs being localhost, 127.0.0.1 and the kubernetes Service names), or with ``sans`` (``IP:...``,
+        ``DNS:...``) a serving certificate for exactly those."""
+        key, csr, crt = self.pki / f"{name}.key", self.pki / f"{name}.csr", self.pki / f"{name}.crt"
+        cnf = extfile = self.pki / "openssl.cnf"
+        if sans:
+            extfile, ext = self.pki / f"{name}.ext", "ext"
+            extfile.write_text(
+                "[ext]\nbasicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature, keyEncipherment\n"
+                f"extendedKeyUsage = serverAuth\nsubjectAltName = {', '.join(sans)}\n"
+            )
+        _ec_key(key, self.pki)
+        _openssl("req", "-new", "-config", str(cnf), "-key", str(key), "-out", str(csr), "-subj", subject, cwd=self.pki)
+        _openssl(
+            "x509", "-req", "-in", str(csr), "-CA", str(self.ca_crt), "-CAkey", str(self.ca_key), "-CAcreateserial",
+            "-out", str(crt), "-days", "365", "-extfile", str(extfile), "-extensions", ext, cwd=self.pki,
+        )  # fmt: skip
+        return crt, key
 
 
 def _make_certs(pki: Path, clients: Mapping[str, str]) -> _Certs:
@@ -261,22 +292,13 @@ def _make_certs(pki: Path, clients: Mapping[str, str]) -> _Certs:
         "-subj", "/CN=finetune-test-ca", "-extensions", "ca", cwd=pki,
     )  # fmt: skip
 
-    def leaf(name: str, subject: str, ext: str) -> tuple[Path, Path]:
-        key, csr, crt = pki / f"{name}.key", pki / f"{name}.csr", pki / f"{name}.crt"
-        _ec_key(key, pki)
-        _openssl("req", "-new", "-config", str(cnf), "-key", str(key), "-out", str(csr), "-subj", subject, cwd=pki)
-        _openssl(
-            "x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial",
-            "-out", str(crt), "-days", "365", "-extfile", str(cnf), "-extensions", ext, cwd=pki,
-        )  # fmt: skip
-        return crt, key
-
-    server_crt, server_key = leaf("kube-apiserver", "/CN=kube-apiserver", "server")
     sa_key, sa_pub = pki / "sa.key", pki / "sa.pub"
     _ec_key(sa_key, pki)
     _openssl("pkey", "-in", str(sa_key), "-pubout", "-out", str(sa_pub), cwd=pki)
-    client_certs = {name: leaf(name, subject, "client") for name, subject in clients.items()}
-    return _Certs(ca_crt, ca_key, server_crt, server_key, sa_key, sa_pub, client_certs)
+    certs = _Certs(pki, ca_crt, ca_key, pki / "kube-apiserver.crt", pki / "kube-apiserver.key", sa_key, sa_pub, {})
+    certs.issue("kube-apiserver", "/CN=kube-apiserver", "server")
+    certs.clients.update({name: certs.issue(name, subject, "client") for name, subject in clients.items()})
+    return certs
 
 
 def _kubeconfig_text(server: str, ca: Path, crt: Path, key: Path, user: str) -> str:
@@ -323,7 +345,9 @@ def _die_with_parent() -> None:
 
 
 @dataclass
-class _Component:
+class Component:
+    """A started program: its process (group leader) and its log file."""
+
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
@@ -331,6 +355,19 @@ class _Component:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM to the process group, SIGKILL to what is left after ``grace`` seconds; closes the log."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=grace)
+        # SIGKILL whatever is left in the group (a hung leader, or a grandchild it started).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        self.log_file.close()
 
     def log_tail(self, chars: int = 3000) -> str:
         try:
@@ -377,11 +414,12 @@ class ControlPlane:
     server: str = field(init=False, default="")
     node_names: list[str] = field(init=False, default_factory=list)
     startup_seconds: float = field(init=False, default=0.0)
-    _components: list[_Component] = field(init=False, default_factory=list)
+    _components: list[Component] = field(init=False, default_factory=list)
     _certs: _Certs | None = field(init=False, default=None)
     _ssl: ssl.SSLContext | None = field(init=False, default=None)
     _owns_workdir: bool = field(init=False, default=False)
     _started: bool = field(init=False, default=False)
+    _stop_hooks: list[Callable[[], None]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         if self.workdir is None:
@@ -429,6 +467,9 @@ class ControlPlane:
                 "kube-controller-manager": "/CN=system:kube-controller-manager",
                 "kube-scheduler": "/CN=system:kube-scheduler",
                 "kwok": "/O=system:masters/CN=kwok-controller",  # plays the kubelet of many nodes
+                # The API server's identity towards kubelets (kubectl logs/exec on the real node); node.py binds it
+                # to system:kubelet-api-admin.
+                KUBELET_CLIENT: f"/CN={KUBELET_CLIENT}",
             },
         )
         etcd_client, etcd_peer, api_port, kcm_port, sched_port = _free_ports(5)
@@ -439,6 +480,7 @@ class ControlPlane:
             path.write_text(_kubeconfig_text(self.server, certs.ca_crt, crt, key, name))
             path.chmod(0o600)
             kubeconfigs[name] = path
+        kubelet_client_crt, kubelet_client_key = certs.clients[KUBELET_CLIENT]
         ctx = ssl.create_default_context(cafile=str(certs.ca_crt))
         admin_crt, admin_key = certs.clients["admin"]
         ctx.load_cert_chain(str(admin_crt), str(admin_key))
@@ -446,7 +488,7 @@ class ControlPlane:
 
         b = self.binaries
         etcd_url = f"http://127.0.0.1:{etcd_client}"
-        etcd = self._spawn(
+        etcd = self.spawn(
             "etcd",
             [
                 str(b.etcd),
@@ -462,15 +504,15 @@ class ControlPlane:
                 "--log-level=warn",
             ],
         )
-        self._wait(lambda: self._http_ok(f"{etcd_url}/health"), deadline, "etcd /health", etcd)
+        self.wait_on(lambda: self._http_ok(f"{etcd_url}/health"), deadline, "etcd /health", etcd)
 
-        apiserver = self._spawn(
+        apiserver = self.spawn(
             "kube-apiserver",
             [
                 str(b.kube_apiserver),
                 f"--etcd-servers={etcd_url}",
                 "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--advertise-address={NODE_IP}",
                 f"--secure-port={api_port}",
                 f"--tls-cert-file={certs.server_crt}",
                 f"--tls-private-key-file={certs.server_key}",
@@ -485,15 +527,21 @@ class ControlPlane:
                 f"--service-account-key-file={certs.sa_pub}",
                 f"--service-account-signing-key-file={certs.sa_key}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
+                # The real node (node.py) registers with the InternalIP of its bridge on this machine and serves its
+                # API with a certificate of this CA; logs and exec reach it there, never through a name lookup.
+                "--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-client-certificate={kubelet_client_crt}",
+                f"--kubelet-client-key={kubelet_client_key}",
+                f"--kubelet-certificate-authority={certs.ca_crt}",
                 "--allow-privileged=true",
                 "--profiling=false",
                 f"--cert-dir={self.workdir / 'apiserver-certs'}",
                 "--v=1",
             ],
         )
-        self._wait(lambda: self._api_ok("/readyz"), deadline, "kube-apiserver /readyz", apiserver)
+        self.wait_on(lambda: self._api_ok("/readyz"), deadline, "kube-apiserver /readyz", apiserver)
 
-        kcm = self._spawn(
+        kcm = self.spawn(
             "kube-controller-manager",
             [
                 str(b.kube_controller_manager),
@@ -517,7 +565,7 @@ class ControlPlane:
                 "--v=1",
             ],
         )
-        scheduler = self._spawn(
+        scheduler = self.spawn(
             "kube-scheduler",
             [
                 str(b.kube_scheduler),
@@ -531,7 +579,7 @@ class ControlPlane:
                 "--v=1",
             ],
         )
-        kwok = self._spawn(
+        kwok = self.spawn(
             "kwok",
             [
                 str(b.kwok),
@@ -549,49 +597,51 @@ class ControlPlane:
         insecure = ssl.create_default_context()
         insecure.check_hostname = False
         insecure.verify_mode = ssl.CERT_NONE  # controller health endpoints use self-signed certs on loopback
-        self._wait(
+        self.wait_on(
             lambda: self._healthz(f"https://127.0.0.1:{kcm_port}/healthz", insecure),
             deadline,
             "kube-controller-manager /healthz",
             kcm,
         )
-        self._wait(
+        self.wait_on(
             lambda: self._healthz(f"https://127.0.0.1:{sched_port}/healthz", insecure),
             deadline,
             "kube-scheduler /healthz",
             scheduler,
         )
-        self._wait(self._nodes_ready, deadline, f"{self.node_count} kwok nodes Ready", kwok)
+        self.wait_on(self._nodes_ready, deadline, f"{self.node_count} kwok nodes Ready", kwok)
         # The ServiceAccount controller creating "default" proves the controller manager is really reconciling.
-        self._wait(
+        self.wait_on(
             lambda: self._exists("/api/v1/namespaces/default/serviceaccounts/default"),
             deadline,
             "ServiceAccount default/default (controller manager working)",
             kcm,
         )
 
+    def on_stop(self, hook: Callable[[], None]) -> None:
+        """Runs ``hook`` at the start of ``stop()``, while the API server still answers (the real node's teardown)."""
+        self._stop_hooks.append(hook)
+
     def stop(self) -> None:
         """Terminates the components in reverse start order (SIGTERM, SIGKILL after 5 s each), so the API server can
         still reach etcd while it shuts down; removes etcd's data but keeps the logs. Idempotent."""
+        hooks, self._stop_hooks = self._stop_hooks, []
+        for hook in reversed(hooks):
+            try:
+                hook()
+            except Exception as exc:  # the control plane must stop whatever a hook did
+                print(f"[control plane] stop hook {hook!r} failed: {exc}", file=sys.stderr)
         components, self._components = self._components, []
         for comp in reversed(components):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(comp.proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                comp.proc.wait(timeout=5)
-            # SIGKILL whatever is left in the group (a hung leader, or a grandchild it started).
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(comp.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                comp.proc.wait(timeout=5)
-            comp.log_file.close()
+            comp.stop()
         if self.workdir is not None:
             shutil.rmtree(self.workdir / "etcd-data", ignore_errors=True)
         if self._started:
             atexit.unregister(self.stop)
             self._started = False
 
-    def _spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> _Component:
+    def spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> Component:
+        """Starts a component in its own process group, logging to ``logs_dir/<name>.log``; ``stop()`` ends it."""
         log_path = self.logs_dir / f"{name}.log"
         log_file = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         log_file.write(f"$ {' '.join(argv)}\n".encode())
@@ -609,11 +659,18 @@ class ControlPlane:
             # PDEATHSIG fires when the *thread* that forked exits, so only use it from the main thread.
             preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
         )
-        comp = _Component(name, proc, log_path, log_file)
+        comp = Component(name, proc, log_path, log_file)
         self._components.append(comp)
         return comp
 
-    def _wait(self, fn: Callable[[], object], deadline: float, desc: str, comp: _Component) -> None:
+    def stop_component(self, comp: Component, grace: float = 5.0) -> None:
+        """Stops one component before the rest (the real node's teardown order)."""
+        if comp in self._components:
+            self._components.remove(comp)
+            comp.stop(grace)
+
+    def wait_on(self, fn: Callable[[], object], deadline: float, desc: str, comp: Component) -> None:
+        """Polls ``fn`` until truthy or the monotonic ``deadline``; fails at once, with its log, if ``comp`` exits."""
         def check() -> object:
             if not comp.alive():
                 raise ControlPlaneError(
@@ -656,13 +713,7 @@ class ControlPlane:
         return status == 200
 
     def _exists(self, path: str) -> bool:
-        try:
-            self.request("GET", path)
-        except ApiError as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
+        return self.get(path) is not None
 
     def _create_nodes(self) -> None:
         """Registers the fake nodes (as a kubelet would); kwok then marks them Ready and keeps them alive."""
@@ -719,6 +770,22 @@ class ControlPlane:
         """CA that signed the API server's serving certificate (for clients that verify TLS)."""
         assert self._certs is not None
         return self._certs.ca_crt
+
+    def issue_cert(self, name: str, subject: str, server_sans: Sequence[str] = ()) -> tuple[Path, Path]:
+        """(certificate, key) signed by the cluster CA for ``subject`` (``/O=group/CN=user``): a client certificate,
+        or with ``server_sans`` (``IP:10.0.0.1``, ``DNS:name``) a serving one (the real node's kubelet)."""
+        if self._certs is None:
+            raise ControlPlaneError("control plane not started")
+        return self._certs.issue(name, subject, "server" if server_sans else "client", sans=server_sans)
+
+    def issue_kubeconfig(self, name: str, subject: str) -> Path:
+        """A kubeconfig with a new client certificate for ``subject`` (``/O=system:nodes/CN=system:node:NAME``)."""
+        crt, key = self.issue_cert(name, subject)
+        assert self.workdir is not None
+        path = self.workdir / f"{name}.kubeconfig"
+        path.write_text(_kubeconfig_text(self.server, self.ca_cert, crt, key, name))
+        path.chmod(0o600)
+        return path
 
     def component_logs(self) -> dict[str, Path]:
         """Log file per component (name -> path)."""
@@ -808,6 +875,15 @@ class ControlPlane:
         if not 200 <= resp.status < 300:
             raise ApiError(method, path, resp.status, decoded)
         return decoded
+
+    def get(self, path: str) -> Any:
+        """GET as the admin; None when the object does not exist (404), ApiError on any other failure."""
+        try:
+            return self.request("GET", path)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     def api_client(self) -> ApiClient:
         """A ``kubernetes.client.ApiClient`` for this cluster (admin credentials); imports ``kubernetes`` lazily."""

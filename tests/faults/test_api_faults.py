@@ -51,7 +51,7 @@ def test_error_burst_is_retried_with_backoff_and_no_condition_is_lost(
     job_posts = [s for s in proxy.requests(start) if s.method == "POST" and s.target.endswith("/jobs")]
     assert [s.status for s in job_posts] == [500, 500, 500, 201], "three failures, then one create"
     assert len(jobs_of(cp, namespace)) == 1
-    assert [c["type"] for c in ftj["status"]["conditions"]] == ["Created", "Running"]
+    assert [c["type"] for c in ftj["status"]["conditions"]] == ["Ready", "Created", "Running"]
     assert condition(ftj, "Created")["status"] == "True"  # type: ignore[index]
 
     status_writes = [s for s in proxy.requests(start) if s.method == "PATCH" and s.target.endswith("/status")]

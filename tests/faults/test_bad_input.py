@@ -4,11 +4,13 @@ tests/api/test_crd_server.py already sends 26 malformed manifests (types, ranges
 oversized model source, a 60-character name, an inline secret, a Secret in another namespace) to the real server.
 Here: the cases it lacks (cross-namespace PVC forms, oversized strings in other fields, MaxItems+1, the name limit
 at +1 and the name exactly at the limit running end to end), shell metacharacters everywhere a user can put text,
-and images outside the allowed registries.
+and images outside the allowed registries; and the safety net behind admission: a child the API server refuses (422)
+fails the job at once and leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import uuid
 from collections.abc import Iterator
@@ -21,11 +23,13 @@ from finetune_api.manifest import validate_document
 from tests.api.test_manifests import mutate
 from tests.controlplane.cluster import ApiError, ControlPlane
 from tests.faults.conftest import StartOperator
+from tests.faults.support import ftj_events, metric, passes
 from tests.operator.cluster_support import (
     ALLOWED_REGISTRIES,
     FTJ,
     condition,
     create_ftj,
+    get_ftj,
     get_or_none,
     jobs_of,
     wait_phase,
@@ -202,3 +206,79 @@ def test_images_outside_the_allowed_registries_are_refused(control_plane: Contro
     [job] = jobs_of(cp, namespace)
     assert job["metadata"]["name"] == "allowed"
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example.com/team/trainer:2"
+
+
+ADMISSION = "/apis/admissionregistration.k8s.io/v1"
+
+
+@contextlib.contextmanager
+def refusing_policy(cp: ControlPlane, namespace: str, resource: str) -> Iterator[str]:
+    """A ValidatingAdmissionPolicy (the API server's own admission, answering 422 Invalid) refusing every `resource`
+    the operator makes in `namespace`: a child the server refuses, as a platform policy or a Job's own validation
+    would. Yields the policy's message; removed afterwards."""
+    name = f"refuse-{resource}-{uuid.uuid4().hex[:6]}"
+    message = f"test policy: no FineTuneJob {resource} in this namespace"
+    cp.request("POST", f"{ADMISSION}/validatingadmissionpolicies", {
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {"failurePolicy": "Fail",
+                 "matchConstraints": {"resourceRules": [{"apiGroups": ["", "batch"], "apiVersions": ["v1"],
+                                                         "operations": ["CREATE"], "resources": [resource]}]},
+                 "validations": [{"expression": "!has(object.metadata.labels) || "
+                                                "!('finetune.dev/job-name' in object.metadata.labels)",
+                                  "message": message, "reason": "Invalid"}]}})
+    cp.request("POST", f"{ADMISSION}/validatingadmissionpolicybindings", {
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {"policyName": name, "validationActions": ["Deny"],
+                 "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}}})
+    probe = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "probe", "labels": {
+        "finetune.dev/job-name": "probe"}}}
+    if resource == "jobs":
+        probe = {"apiVersion": "batch/v1", "kind": "Job", "metadata": probe["metadata"], "spec": {"template": {"spec": {
+            "restartPolicy": "Never", "containers": [{"name": "c", "image": "registry.example.com/c:1"}]}}}}
+    group = "/apis/batch/v1" if resource == "jobs" else "/api/v1"
+
+    def in_force() -> bool:
+        try:
+            cp.request("POST", f"{group}/namespaces/{namespace}/{resource}?dryRun=All", probe)
+        except ApiError as exc:
+            return exc.status == 422
+        return False
+
+    try:
+        cp.wait_for(in_force, timeout=30, desc=f"policy {name} in force")
+        yield message
+    finally:
+        for kind in ("validatingadmissionpolicybindings", "validatingadmissionpolicies"):
+            with contextlib.suppress(ApiError):
+                cp.request("DELETE", f"{ADMISSION}/{kind}/{name}")
+
+
+@pytest.mark.parametrize(("resource", "kind"), [("jobs", "Job"), ("configmaps", "ConfigMap")])
+def test_a_child_the_server_refuses_fails_the_job_at_once_and_leaves_nothing(
+        control_plane: ControlPlane, namespace: str, start_operator: StartOperator, resource: str, kind: str) -> None:
+    """Issue 12's safety net, on the real API server: a 422 on any child is Failed/InvalidSpec with the server's
+    message and one Warning Event, is never retried, and what was created for the job (the ConfigMap and the Secret
+    it owns, the rendezvous Service of this two-pod job) is removed."""
+    cp = control_plane
+    with refusing_policy(cp, namespace, resource) as policy_message:
+        op = start_operator()
+        create_ftj(cp, manifest("refused", namespace, resources={"workers": 2, "gpusPerWorker": 1}))
+        ftj = wait_phase(cp, namespace, "refused", "Failed", reason=("Failed", "InvalidSpec"))
+        message = condition(ftj, "Failed")["message"]  # type: ignore[index]
+        assert message.startswith(f"the API server refused the {kind} built from this spec: ")
+        assert policy_message in message, message
+        events = ftj_events(cp, namespace, "refused", after="InvalidSpec")
+        selector = "labelSelector=finetune.dev%2Fjob-name%3Drefused"
+        for path in ("/api/v1/namespaces/{ns}/configmaps", "/api/v1/namespaces/{ns}/services",
+                     "/api/v1/namespaces/{ns}/secrets", "/apis/batch/v1/namespaces/{ns}/jobs"):
+            url = f"{path.format(ns=namespace)}?{selector}"
+            cp.wait_for(lambda url=url: cp.request("GET", url)["items"] == [], timeout=30, desc=f"nothing at {url}")
+        # Nothing is retried: two resyncs later (3 s each here) still one create of the refused kind, one Event.
+        passes_then = passes(op)
+        cp.wait_for(lambda: passes(op) >= passes_then + 2, timeout=30, desc="two more passes")
+        assert metric(op, "finetune_operator_api_requests_total", verb="POST", resource=kind) == 1
+        events = ftj_events(cp, namespace, "refused")
+        assert [(e["type"], e["reason"]) for e in events] == [("Warning", "InvalidSpec")]
+        assert get_ftj(cp, namespace, "refused")["status"] == ftj["status"]

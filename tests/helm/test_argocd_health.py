@@ -98,3 +98,38 @@ def test_readme_snippet_matches_the_script() -> None:
     block = readme.split(marker, 1)[1].split("```", 1)[0]
     lines = [line[4:] if line.startswith("    ") else line for line in block.splitlines()]
     assert "\n".join(lines).strip() == SCRIPT.strip()
+
+
+def kstatus(obj: dict[str, Any]) -> str:
+    """kstatus' verdict on a custom resource (sigs.k8s.io/cli-utils pkg/kstatus: the generation check, then the
+    abnormal-true Reconciling and Stalled conditions, then the Ready condition, else Current), as Flux applies it."""
+    status = obj.get("status") or {}
+    if status.get("observedGeneration") not in (None, obj["metadata"]["generation"]):
+        return "InProgress"
+    conds = {c["type"]: c["status"] for c in status.get("conditions") or []}
+    if conds.get("Reconciling") == "True":
+        return "InProgress"
+    if conds.get("Stalled") == "True":
+        return "Failed"
+    return {"True": "Current", "False": "InProgress"}.get(conds.get("Ready", ""), "Current")
+
+
+# Each tool judges a FineTuneJob as it judges a batch/v1 Job: Argo CD's Job check reports a running Job Progressing
+# until it completes, kstatus counts a started Job as Current; both agree on failure, success and suspension.
+AGREEMENT = {"Pending": ("Progressing", "InProgress"), "Queued": ("Progressing", "InProgress"),
+             "Running": ("Progressing", "Current"), "Suspended": ("Suspended", "Current"),
+             "Succeeded": ("Healthy", "Current"), "Failed": ("Degraded", "Failed")}
+
+
+def test_argo_cd_and_kstatus_agree_on_the_statuses_the_operator_writes() -> None:
+    """Run the Lua and the kstatus rules on statuses from the operator's own state machine (test_state's cases)."""
+    from finetune_operator import state
+    from tests.operator.test_state import CASES
+
+    seen = set()
+    for _, prev, observation, *_ in CASES:
+        new = state.compute_status(prev, observation)
+        obj = {"metadata": {"generation": 1}, "status": state.dump_status(new)}
+        seen.add(new.phase)
+        assert (run_health(obj)["status"], kstatus(obj)) == AGREEMENT[new.phase], (new.phase, new.conditions)
+    assert seen == set(PHASES)

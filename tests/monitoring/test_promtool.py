@@ -1,5 +1,5 @@
 """Prometheus' own linter, `promtool check metrics`, on /metrics of the real operator and of the trainer, both scraped
-over HTTP as Prometheus scrapes them. promtool comes from Debian's `prometheus` package (.ci/host-packages.sh)."""
+over HTTP as Prometheus scrapes them. promtool comes from Debian's `prometheus` package (make host-setup)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def scrape(port: int, accept: str = "text/plain") -> tuple[str, str]:
 def promtool(text: str) -> str:
     """promtool's lint findings (empty when clean: exit 0); a text it cannot parse fails the test."""
     exe = shutil.which("promtool")
-    assert exe is not None, "promtool is not installed: run .ci/host-packages.sh (Debian's prometheus package)"
+    assert exe is not None, "promtool is not installed: run `make host-setup` (Debian's prometheus package)"
     result = subprocess.run([exe, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60,
                             check=False)
     assert result.returncode in (0, 3), f"promtool could not parse the exposition: {result.stderr}"

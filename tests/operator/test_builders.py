@@ -15,7 +15,10 @@ CTX = builders.BuildContext(trainer_image="registry.example.com/trainer:1.0",
                             progress_url="http://finetune-operator.finetune-system.svc:8081/", grace_period_seconds=90)
 OWNER_REF = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "sentiment",
              "uid": "0b6a8c2e-uid", "controller": True, "blockOwnerDeletion": True}
-LABELS = {"app.kubernetes.io/managed-by": "finetune-operator", "finetune.dev/job-name": "sentiment"}
+SELECTOR = {"app.kubernetes.io/managed-by": "finetune-operator", "finetune.dev/job-name": "sentiment"}
+STANDARD = {"app.kubernetes.io/name": "finetune-job", "app.kubernetes.io/instance": "sentiment",
+            "app.kubernetes.io/part-of": "finetune-operator"}
+LABELS = {**SELECTOR, **STANDARD, "app.kubernetes.io/component": "trainer"}
 RESTRICTED_CONTAINER = {
     "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"]},
@@ -189,7 +192,8 @@ def test_configmap_holds_the_resolved_manifest_and_no_secret_values() -> None:
     s = spec(credentials={"hubToken": {"name": "hf", "key": "token"}})
     cm = builders.build_configmap(OWNER, s)
     assert set(cm) == {"apiVersion", "kind", "metadata", "data"}
-    assert cm["metadata"] == {"name": "sentiment-config", "namespace": "team-a", "labels": LABELS,
+    assert cm["metadata"] == {"name": "sentiment-config", "namespace": "team-a",
+                              "labels": {**LABELS, "app.kubernetes.io/component": "config"},
                               "ownerReferences": [OWNER_REF]}
     doc = yaml.safe_load(cm["data"]["job.yaml"])
     assert doc["apiVersion"] == "finetune.dev/v1alpha1" and doc["kind"] == "FineTuneJob"
@@ -203,11 +207,12 @@ def test_service_and_secret_are_exactly_this() -> None:
     assert builders.build_service(OWNER) == {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": "sentiment", "namespace": "team-a", "labels": LABELS, "ownerReferences": [OWNER_REF]},
+        "metadata": {"name": "sentiment", "namespace": "team-a",
+                     "labels": {**LABELS, "app.kubernetes.io/component": "rendezvous"}, "ownerReferences": [OWNER_REF]},
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
-            "selector": LABELS,
+            "selector": SELECTOR,  # unchanged since the first release: running jobs keep their rendezvous
             "ports": [{"name": "rendezvous", "port": 29500, "targetPort": 29500, "protocol": "TCP"},
                       {"name": "metrics", "port": 9400, "targetPort": 9400, "protocol": "TCP"}],
         },
@@ -216,7 +221,8 @@ def test_service_and_secret_are_exactly_this() -> None:
     assert secret == {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": "sentiment-progress", "namespace": "team-a", "labels": LABELS,
+        "metadata": {"name": "sentiment-progress", "namespace": "team-a",
+                     "labels": {**LABELS, "app.kubernetes.io/component": "progress-token"},
                      "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "sentiment-config",
                                           "uid": "cm-uid", "controller": True, "blockOwnerDeletion": False}]},
         "type": "Opaque",
@@ -262,3 +268,21 @@ def test_names_fit_dns_limits_for_the_longest_allowed_name() -> None:
     owner = builders.Owner(name="a" * 52, namespace="ns", uid="u")
     assert len(builders.job_name(owner)) + len("-1023-abcde") <= 63
     assert len(builders.secret_name(owner)) <= 253 and len(builders.configmap_name(owner)) <= 253
+
+
+def test_secret_references_name_every_secret_the_pods_read_and_the_field_that_asks() -> None:
+    s = spec(credentials={"hubToken": {"name": "hf", "key": "token"},
+                          "s3": {"accessKeyId": {"name": "s3", "key": "id"},
+                                 "secretAccessKey": {"name": "s3", "key": "secret"},
+                                 "sessionToken": {"name": "sts", "key": "session"}}})
+    assert builders.secret_references(OWNER, s) == (
+        ("spec.credentials.hubToken", "hf", "token"),
+        ("spec.credentials.s3.accessKeyId", "s3", "id"),
+        ("spec.credentials.s3.secretAccessKey", "s3", "secret"),
+        ("spec.credentials.s3.sessionToken", "sts", "session"),
+        ("the operator's progress token", "sentiment-progress", "token"),
+    )
+    env = builders.trainer_env(OWNER, s, CTX)
+    read = {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for e in env if "valueFrom" in e}
+    assert read == {(name, key) for _, name, key in builders.secret_references(OWNER, s)}

@@ -123,6 +123,10 @@ def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def condition_of(ftj: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in ftj["status"]["conditions"] if c["type"] == type_)
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1767225600.0  # 2026-01-01T00:00:00Z
@@ -245,7 +249,7 @@ def test_pending_is_written_once_the_settle_time_passed() -> None:
         w.clock.now += 6
         await w.reconcile()
         assert w.ftj()["status"]["phase"] == "Pending"
-        assert w.ftj()["status"]["conditions"][1]["reason"] == "PodsPending"
+        assert condition_of(w.ftj(), "Running")["reason"] == "PodsPending"
     asyncio.run(body())
 
 
@@ -294,7 +298,7 @@ def test_foreign_owner_is_never_adopted() -> None:
         await w.reconcile()
         status = w.ftj()["status"]
         assert status["phase"] == "Pending"
-        created = status["conditions"][0]
+        created = condition_of(w.ftj(), "Created")
         assert (created["type"], created["status"], created["reason"]) == ("Created", "False", "NameConflict")
         assert "Service job1 already exists" in created["message"]
         assert ("Job", NS, NAME) not in w.kube.objects
@@ -312,12 +316,69 @@ def test_invalid_image_fails_permanently_and_creates_nothing() -> None:
         assert [c for c in w.kube.writes() if c[1] in ("Job", "ConfigMap", "Secret", "Service")] == []
         status = w.ftj()["status"]
         assert status["phase"] == "Failed"
-        assert status["conditions"][0]["reason"] == "InvalidSpec"
-        assert "evil.example.org/miner:latest" in status["conditions"][0]["message"]
+        assert condition_of(w.ftj(), "Failed")["reason"] == "InvalidSpec"
+        assert "evil.example.org/miner:latest" in condition_of(w.ftj(), "Failed")["message"]
         w.sync_caches()
         w.kube.calls.clear()
         await w.reconcile()
         assert w.kube.writes() == [], "a permanent failure is not retried"
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("refused", ["Job", "Secret", "ConfigMap", "Service"])
+def test_a_child_the_api_server_refuses_fails_the_job_and_leaves_nothing(refused: str) -> None:
+    """A 422 is permanent: Failed/InvalidSpec with the server's words, one Warning Event, no retry, and the children
+    made before it are deleted (the Secret goes with its ConfigMap, by garbage collection)."""
+    async def body() -> None:
+        w = World()
+        w.apply(merge_resources={"workers": 2})
+        w.kube.fail = [("POST", refused, 422)]
+        await w.reconcile()
+        status = w.ftj()["status"]
+        failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+        assert (status["phase"], failed["status"], failed["reason"]) == ("Failed", "True", "InvalidSpec")
+        assert failed["message"] == f"the API server refused the {refused} built from this spec: injected 422"
+        assert w.kube.events == [("Warning", "InvalidSpec", f"Failed: {failed['message']}")]
+        left = {k[0] for k in w.kube.objects if k[0] != "FineTuneJob"}
+        secret = w.kube.objects.get(("Secret", NS, "job1-progress"))
+        assert left <= {"Secret"}, "nothing but the Secret, which garbage collection removes with its ConfigMap"
+        if secret is not None:
+            assert secret["metadata"]["ownerReferences"][0]["kind"] == "ConfigMap"
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.calls == [], "nothing is retried"
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("cause", ["missing secret", "second OOM kill"])
+def test_a_job_the_operator_fails_has_its_job_deleted_after_the_status_write(cause: str) -> None:
+    """Pods that cannot start, or that keep being OOM-killed, would hold their nodes (and GPUs) for ever: the
+    status says why first, then the Job (and with it the pods) is deleted, once."""
+    async def body() -> None:
+        w = World(FINETUNE_START_TIMEOUT_SECONDS="300")
+        await w.running()
+        job_uid = w.kube.objects[("Job", NS, NAME)]["metadata"]["uid"]
+        if cause == "missing secret":
+            w.pods[(NS, NAME)] = [PodView(name="job1-0-x", uid="p1", job_uid=job_uid,
+                                          accepted_at="2026-01-01T00:00:00Z",
+                                          waiting_reason="CreateContainerConfigError",
+                                          waiting_message='secret "hf" not found')]
+        else:
+            w.pods[(NS, NAME)] = [PodView(name=f"job1-0-{i}", uid=f"p{i}", job_uid=job_uid, phase="Failed",
+                                          exit_code=137, terminated_reason="OOMKilled",
+                                          finished_at=f"2026-01-01T00:00:0{i}Z") for i in (1, 2)]
+        w.clock.now += 301
+        w.kube.calls.clear()
+        await w.reconcile()
+        reason = "CreateContainerConfigError" if cause == "missing secret" else "OOMKilled"
+        assert w.kube.writes() == [("PATCH", "FineTuneJob/status", NAME), ("POST", "Event", reason),
+                                   ("DELETE", "Job", NAME)]
+        assert w.ftj()["status"]["phase"] == "Failed"
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.calls == [], "deleted once; a failed job costs nothing more"
     asyncio.run(body())
 
 
@@ -348,7 +409,7 @@ def test_api_errors_are_retried_with_backoff_and_no_condition_is_lost() -> None:
                 await asyncio.sleep(0.01)
             status = w.ftj()["status"]
             assert status["phase"] == "Running"
-            assert [c["type"] for c in status["conditions"]] == ["Created", "Running"]
+            assert [c["type"] for c in status["conditions"]] == ["Ready", "Created", "Running"]
             assert w.ctl.metrics.reconciles.labels(result="retry")._value.get() >= 4
         finally:
             await w.ctl.stop()
@@ -398,7 +459,7 @@ def test_quota_exhaustion_is_read_from_failed_create_events() -> None:
                                         'nvidia.com/gpu=0'}]
         w.clock.now += 10
         await w.reconcile()
-        running = w.ftj()["status"]["conditions"][1]
+        running = condition_of(w.ftj(), "Running")
         assert (running["reason"], running["status"]) == ("QuotaExceeded", "False")
         assert "exceeded quota" in running["message"]
     asyncio.run(body())
@@ -559,7 +620,7 @@ def test_a_kueue_job_restarts_its_group_by_evicting_the_survivors() -> None:
         w.sync_caches()
         await w.reconcile()
         assert w.ftj()["status"]["phase"] == "Pending"
-        assert "RestartingWorkers" not in str(w.ftj()["status"]["conditions"][1])
+        assert "RestartingWorkers" not in str(condition_of(w.ftj(), "Running"))
     asyncio.run(body())
 
 

@@ -20,7 +20,7 @@ PURE = ("builders", "conditions", "state", "progress", "ledger", "observe", "wor
         "image_policy", "record", "caches")
 IO_MODULES = {"kopf", "aiohttp", "kubernetes", "urllib", "http", "socket", "requests", "finetune_operator.k8s",
               "finetune_operator.controller", "finetune_operator.handlers", "finetune_operator.children",
-              "finetune_operator.reconcile", "finetune_operator.runner"}
+              "finetune_operator.reconcile", "finetune_operator.runner", "finetune_operator.create_failures"}
 
 
 def _imports(path: Path) -> set[str]:

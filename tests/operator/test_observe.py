@@ -42,11 +42,14 @@ def test_unschedulable_and_waiting_pods() -> None:
         "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                         "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]}}
     assert summarize_pod(pending).unschedulable == "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
-    pulling = {"metadata": {"name": "p", "uid": "u"}, "spec": {}, "status": {
-        "phase": "Pending", "containerStatuses": [{"state": {"waiting": {"reason": "ImagePullBackOff",
-                                                                          "message": "Back-off pulling image"}}}]}}
+    pulling = {"metadata": {"name": "p", "uid": "u"},
+               "spec": {"containers": [{"name": "trainer", "image": "registry.example.com/t:1"}]},
+               "status": {"phase": "Pending", "startTime": "2026-01-01T00:00:05Z",
+                          "containerStatuses": [{"state": {"waiting": {"reason": "ImagePullBackOff",
+                                                                       "message": "Back-off pulling image"}}}]}}
     p = summarize_pod(pulling)
     assert (p.waiting_reason, p.waiting_message) == ("ImagePullBackOff", "Back-off pulling image")
+    assert (p.image, p.accepted_at, p.started_at) == ("registry.example.com/t:1", "2026-01-01T00:00:05Z", None)
 
 
 def test_job_summary() -> None:

@@ -87,9 +87,18 @@ def test_create_run_succeed(control_plane: ControlPlane, namespace: str, operato
 
     pods = wait_running_pods(cp, namespace, "classify", 2)
     assert {p["spec"]["nodeName"] for p in pods} <= set(cp.node_names)
+    standard = "app.kubernetes.io/name=finetune-job,app.kubernetes.io/instance=classify,app.kubernetes.io/part-of=" \
+               "finetune-operator,app.kubernetes.io/managed-by=finetune-operator"
+    for kind, component, count in (("pods", "trainer", 2), ("jobs", "trainer", 1), ("configmaps", "config", 1),
+                                   ("secrets", "progress-token", 1), ("services", "rendezvous", 1)):
+        found = cp.kubectl("get", kind, "-n", namespace, "-o", "name", "-l",
+                           f"{standard},app.kubernetes.io/component={component}").stdout.split()
+        assert len(found) == count, (kind, found)
     assert all(p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2" for p in pods)
     ftj = wait_phase(cp, namespace, "classify", "Running", reason=("Running", "PodsRunning"))
     assert ftj["status"]["startTime"] and ftj["status"]["jobName"] == "classify"
+    # kstatus' Ready (Flux, kubectl wait): healthy once every worker runs, as kstatus judges a started Job.
+    cp.kubectl("wait", "--for=condition=Ready", "ftj/classify", "-n", namespace, "--timeout=20s")
     assert ftj["status"]["observedGeneration"] == ftj["metadata"]["generation"]
 
     for p in pods:
@@ -260,6 +269,8 @@ def test_bad_data_exit_fails_at_once_with_the_trainer_message(control_plane: Con
     ftj = wait_phase(cp, namespace, "baddata", "Failed", reason=("Failed", "DataError"))
     failed = condition(ftj, "Failed")
     assert failed is not None and message in failed["message"] and "code 65" in failed["message"]
+    cp.kubectl("wait", "--for=condition=Stalled", "ftj/baddata", "-n", namespace, "--timeout=20s")
+    assert condition(ftj, "Ready")["status"] == "False"  # type: ignore[index]
     assert ftj["status"]["restarts"] == 0
     assert len(pods_of(cp, namespace, "baddata")) == 1, "not retried"
 
@@ -275,9 +286,12 @@ def test_backoff_limit_exceeded(control_plane: ControlPlane, namespace: str, ope
                          timeout=45, desc="replacement pod running")[0]
     wait_phase(cp, namespace, "crashy", "Running")
     cp.finish_pod(namespace, second["metadata"]["name"], exit_code=137, reason="OOMKilled")
-    ftj = wait_phase(cp, namespace, "crashy", "Failed", reason=("Failed", "BackoffLimitExceeded"))
+    # The backoff limit ended it, and the last failure was an OOM kill: reported as such, with the advice.
+    ftj = wait_phase(cp, namespace, "crashy", "Failed", reason=("Failed", "OOMKilled"))
     assert ftj["status"]["restarts"] == 1
-    assert "exited with code 137 (OOMKilled)" in condition(ftj, "Failed")["message"]  # type: ignore[index]
+    message = condition(ftj, "Failed")["message"]  # type: ignore[index]
+    assert "backoff limit" in message and "exited with code 137 (OOMKilled)" in message, message
+    assert "spec.resources.memory" in message
 
 
 def test_active_deadline(control_plane: ControlPlane, namespace: str, operator: OperatorProcess) -> None:

@@ -39,6 +39,11 @@ def obs(**kw: Any) -> state.Observation:
     return state.Observation(**base)
 
 
+REFS = (("spec.credentials.hubToken", "hf", "token"), ("spec.credentials.s3.accessKeyId", "s3", "id"),
+        ("spec.credentials.s3.secretAccessKey", "s3", "secret"),
+        ("the operator's progress token", "j-progress", "token"))
+
+
 def prev_with(phase: str | None = None, *conds: tuple[str, str, str]) -> FineTuneJobStatus:
     return FineTuneJobStatus(phase=phase, conditions=[
         Condition(type=t, status=s, reason=r, message="m", observed_generation=1, last_transition_time=T0)
@@ -65,7 +70,52 @@ CASES = [
     ("missing secret", prev_with(),
      obs(job=job(active=1), pods=(pod(waiting_reason="CreateContainerConfigError",
                                       waiting_message='secret "hf" not found'),)),
-     "Pending", ("Running", "False", "CreateContainerConfigError"), 'secret "hf" not found'),
+     "Pending", ("Running", "False", "CreateContainerConfigError"), 'Secret "hf" does not exist'),
+    ("missing secret named with the fields that read it", prev_with(),
+     obs(job=job(active=1), secret_refs=REFS, pods=(pod(waiting_reason="CreateContainerConfigError",
+                                                        waiting_message='secret "s3" not found'),)),
+     "Pending", ("Running", "False", "CreateContainerConfigError"),
+     'pod j-0-aaaaa cannot start: Secret "s3" does not exist (spec.credentials.s3.accessKeyId needs its key "id", '
+     'spec.credentials.s3.secretAccessKey needs its key "secret")'),
+    ("missing key named with its field", prev_with(),
+     obs(job=job(active=1), secret_refs=REFS, start_timeout=300,
+         pods=(pod(waiting_reason="CreateContainerConfigError",
+                   waiting_message="couldn't find key token in Secret ns/hf"),)),
+     "Pending", ("Running", "False", "CreateContainerConfigError"),
+     'pod j-0-aaaaa cannot start: Secret "hf" has no key "token" (spec.credentials.hubToken); the job fails if a pod '
+     "cannot start for 5m00s"),
+    ("a kubelet 1.34 pull back-off names the image and the pull error", prev_with(),
+     obs(job=job(active=1), pods=(pod(waiting_reason="ImagePullBackOff", image="reg.example.com/t:9",
+                                      waiting_message='Back-off pulling image "reg.example.com/t:9": ErrImagePull: '
+                                                      "reg.example.com/t:9: not found"),)),
+     "Pending", ("Running", "False", "ImagePullBackOff"),
+     'pod j-0-aaaaa cannot pull image "reg.example.com/t:9": reg.example.com/t:9: not found; the pods keep waiting'),
+    ("a pod that could not start within the timeout fails the job", prev_with(),
+     obs(job=job(active=1), start_timeout=30, pods=(pod(waiting_reason="ErrImagePull", image="r/t:1",
+                                                        waiting_message="not found", accepted_at=T0),)),
+     "Failed", ("Failed", "True", "ImagePullBackOff"),
+     'pod j-0-aaaaa cannot pull image "r/t:1": not found; gave up after 30s'),
+    ("not yet at the timeout", prev_with(),
+     obs(job=job(active=1), start_timeout=61, pods=(pod(waiting_reason="CreateContainerConfigError",
+                                                        accepted_at=T0),)),
+     "Pending", ("Running", "False", "CreateContainerConfigError"), "for 1m01s"),
+    ("an OOM kill is reported while the replacement starts", prev_with("Running", ("Running", "True", "PodsRunning")),
+     obs(job=job(failed=1), memory="4Gi", pods=(pod(phase="Failed", exit_code=137, terminated_reason="OOMKilled",
+                                                    finished_at=T0),)),
+     "Pending", ("Running", "False", "OOMKilled"),
+     "pod j-0-aaaaa was killed for exceeding its memory limit (OOMKilled); restarting from the latest checkpoint, "
+     "and a second OOM kill fails the job: re-create the FineTuneJob with a larger spec.resources.memory (now 4Gi)"),
+    ("after an OOM kill the replacement runs", prev_with("Pending", ("Running", "False", "OOMKilled")),
+     obs(job=job(failed=1, active=1), pods=(pod(phase="Failed", exit_code=137, terminated_reason="OOMKilled",
+                                                finished_at=T0), running("j-0-bbbbb"))),
+     "Running", ("Running", "True", "PodsRunning"), "running"),
+    ("a second OOM kill fails the job", prev_with("Running", ("Running", "True", "PodsRunning")),
+     obs(job=job(failed=2), pods=(pod("j-0-a", phase="Failed", exit_code=137, terminated_reason="OOMKilled",
+                                      finished_at=T0),
+                                  pod("j-0-b", phase="Failed", exit_code=137, terminated_reason="OOMKilled",
+                                      finished_at=T1))),
+     "Failed", ("Failed", "True", "OOMKilled"), "OOMKilled) 2 times, last in pod j-0-b; not retried again: "
+     "re-create the FineTuneJob with a spec.resources.memory set"),
     ("quota exhausted", prev_with(),
      obs(job=job(), create_failure='pods "j-0-x" is forbidden: exceeded quota: gpus, requested: nvidia.com/gpu=1'),
      "Pending", ("Running", "False", "QuotaExceeded"), "exceeded quota"),
@@ -112,7 +162,12 @@ CASES = [
                                                     "Job has reached the specified backoff limit"),)),
          pods=(pod("j-0-a", phase="Failed", exit_code=1, finished_at=T0),
                pod("j-0-b", phase="Failed", exit_code=137, terminated_reason="OOMKilled", finished_at=T1))),
-     "Failed", ("Failed", "True", "BackoffLimitExceeded"), "pod j-0-b exited with code 137 (OOMKilled)"),
+     "Failed", ("Failed", "True", "OOMKilled"), "pod j-0-b exited with code 137 (OOMKilled): the trainer exceeded "
+     "its memory limit"),
+    ("backoff limit after crashes", prev_with("Running", ("Running", "True", "PodsRunning")),
+     obs(job=job(failed=2, conditions=(JobCondition("Failed", "True", "BackoffLimitExceeded", "limit"),)),
+         pods=(pod("j-0-a", phase="Failed", exit_code=1, finished_at=T0),)),
+     "Failed", ("Failed", "True", "BackoffLimitExceeded"), "limit; last failure: pod j-0-a exited with code 1"),
     ("deadline", prev_with("Running", ("Running", "True", "PodsRunning")),
      obs(job=job(conditions=(JobCondition("Failed", "True", "DeadlineExceeded",
                                           "Job was active longer than specified deadline"),))),
@@ -221,3 +276,68 @@ def test_cancel_ends_the_job_failed_cancelled_and_keeps_the_record() -> None:
     assert state.compute_status(prev_with(), obs(cancel_requested=True)).phase == "Failed", "before any Job exists"
     done = state.compute_status(run, obs(job=job(conditions=(JobCondition("Complete", "True", "", ""),))))
     assert state.compute_status(done, obs(cancel_requested=True)).phase == "Succeeded", "a finished job stays"
+
+
+def test_a_start_failure_is_a_whole_failed_status() -> None:
+    observation = obs(job=job(active=1), secret_refs=REFS, start_timeout=45,
+                      pods=(pod("j-0-b", waiting_reason="CreateContainerConfigError",
+                                accepted_at="2026-01-01T00:00:10Z",
+                                waiting_message="couldn't find key token in Secret ns/hf"),
+                            pod("j-1-a", index=1, waiting_reason="CreateContainerConfigError", accepted_at=T0,
+                                waiting_message='secret "s3" not found')))
+    new = state.compute_status(FineTuneJobStatus(), observation)
+    message = ('pod j-1-a cannot start: Secret "s3" does not exist (spec.credentials.s3.accessKeyId needs its key "id",'
+               ' spec.credentials.s3.secretAccessKey needs its key "secret"); gave up after 45s '
+               "(FINETUNE_START_TIMEOUT_SECONDS): the Job and its pods were deleted")
+    assert state.dump_status(new) == {
+        "phase": "Failed",
+        "conditions": [
+            {"type": "Ready", "status": "False", "reason": "CreateContainerConfigError", "message": message,
+             "observedGeneration": 1, "lastTransitionTime": T1},
+            {"type": "Created", "status": "True", "reason": "JobCreated",
+             "message": "Job j exists with its ConfigMap and progress Secret", "observedGeneration": 1,
+             "lastTransitionTime": T1},
+            {"type": "Failed", "status": "True", "reason": "CreateContainerConfigError", "message": message,
+             "observedGeneration": 1, "lastTransitionTime": T1},
+            {"type": "Stalled", "status": "True", "reason": "CreateContainerConfigError", "message": message,
+             "observedGeneration": 1, "lastTransitionTime": T1},
+        ],
+        "restarts": 0, "gpuSeconds": 0.0, "jobName": "j", "observedGeneration": 1, "completionTime": T1,
+    }
+    assert "CreateContainerConfigError" in state.STOPS_THE_JOB and "OOMKilled" in state.WARNING_REASONS
+
+
+def test_start_deadline_is_the_earliest_stuck_pod_plus_the_timeout() -> None:
+    stuck = pod("j-0-a", waiting_reason="ErrImagePull", accepted_at="2026-01-01T00:00:30Z")
+    older = pod("j-1-a", waiting_reason="CreateContainerConfigError", accepted_at=T0)
+    fine = pod("j-2-a", waiting_reason="ContainerCreating", accepted_at="2025-12-31T00:00:00Z")
+    t0 = 1767225600.0
+    assert state.start_deadline((stuck, older, fine), 300) == t0 + 300
+    assert state.start_deadline((stuck, fine), 300) == t0 + 330
+    assert state.start_deadline((fine,), 300) is None
+    assert state.start_deadline((stuck, older), 0) is None, "0: the pods wait for ever"
+
+
+KSTATUS = {  # phase -> (Ready, Reconciling, Stalled); None: absent or False
+    "Pending": ("False", "True", None), "Queued": ("False", "True", None), "Running": ("True", None, None),
+    "Suspended": ("True", None, None), "Succeeded": ("True", None, None), "Failed": ("False", None, "True"),
+}
+
+
+@pytest.mark.parametrize(("prev", "observation"), [c[1:3] for c in CASES], ids=[c[0] for c in CASES])
+def test_kstatus_conditions_follow_the_phase(prev: FineTuneJobStatus, observation: state.Observation) -> None:
+    """Ready, Reconciling and Stalled (kstatus: Flux, kubectl wait) judge a FineTuneJob as kstatus judges a Job:
+    healthy while it runs, is suspended or has succeeded; in progress before; failed when it failed. They carry the
+    headline's reason and message."""
+    new = state.compute_status(prev, observation)
+    assert new.phase is not None
+    phase, reason, message = state.headline(new)  # type: ignore[misc]
+
+    def status(type_: str) -> str | None:
+        """Ready always has a status; Reconciling and Stalled only matter when True (abnormal-true)."""
+        c = cond.find(new.conditions, type_)
+        return None if c is None or (type_ != "Ready" and c.status != "True") else c.status
+
+    assert (status("Ready"), status("Reconciling"), status("Stalled")) == KSTATUS[phase]
+    ready = cond.find(new.conditions, "Ready")
+    assert ready is not None and (ready.reason, ready.message) == (reason, message)

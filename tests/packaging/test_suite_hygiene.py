@@ -19,10 +19,11 @@ def test_every_test_has_a_deadline(pytestconfig: pytest.Config) -> None:
     assert pytestconfig.pluginmanager.hasplugin("timeout"), "pytest-timeout is not installed"
 
 
-def test_ci_refuses_to_skip_the_cluster_tests(tmp_path: Path) -> None:
+@pytest.mark.parametrize("skip", ["FINETUNE_SKIP_CLUSTER", "FINETUNE_SKIP_NODE"])
+def test_ci_refuses_to_skip_the_cluster_or_node_tests(tmp_path: Path, skip: str) -> None:
     # PATH holds bash only: should the refusal ever break, nothing else of CI can start from here.
     (tmp_path / "bash").symlink_to("/bin/bash")
     result = subprocess.run(["bash", str(REPO / ".ci" / "run")], capture_output=True, text=True, timeout=30,
-                            env={"FINETUNE_SKIP_CLUSTER": "1", "PATH": str(tmp_path)}, check=False)
+                            env={skip: "1", "PATH": str(tmp_path)}, check=False)
     assert result.returncode == 2, result
-    assert result.stderr == "FINETUNE_SKIP_CLUSTER is set: CI runs every test, cluster tests included; unset it\n"
+    assert result.stderr == f"{skip} is set: CI runs every test, the cluster and real-node tests included; unset it\n"

@@ -3,6 +3,7 @@ row and field; storage that cannot be written stops with 74."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,24 @@ def test_invalid_json_line(isolated: Path, models: dict[str, Path]) -> None:
     code, msg = _run(isolated, models["bert"], text)
     assert code == exitcodes.DATA_ERROR
     assert "train.jsonl" in msg and "line 2" in msg
+
+
+@pytest.mark.parametrize("name", ["bad.jsonl", "bad.csv"])
+def test_non_utf8_bytes_are_a_data_error_naming_file_and_line(isolated: Path, models: dict[str, Path],
+                                                              name: str) -> None:
+    """Not exit 1 (a crash, retried on GPUs from a checkpoint): 65, which no retry repeats."""
+    path = isolated / "data" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    good = support.sentiment_rows(3)
+    if name.endswith(".jsonl"):
+        lines = [json.dumps(r).encode() for r in good] + [b'{"text": "caf\xe9 latte", "label": "positive"}']
+    else:
+        lines = [b"text,label"] + [f"{r['text']},{r['label']}".encode() for r in good] + [b"caf\xe9 latte,positive"]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    code, msg = _run(isolated, models["bert"], [], dataset={"train": str(path)})
+    assert code == exitcodes.DATA_ERROR, msg
+    assert f"{path}, line {len(lines)}, column" in msg and "not UTF-8" in msg and "0xe9" in msg
+    _no_training(isolated)
 
 
 def test_over_long_causal_example_rejected(isolated: Path, models: dict[str, Path]) -> None:

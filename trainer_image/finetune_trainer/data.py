@@ -69,19 +69,28 @@ def _builder(path: Path, fmt: str) -> str:
 
 def _json_problem(path: Path) -> str:
     """Find the first line of a JSON-lines file that does not parse, for a message a person can act on."""
-    try:
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        value = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        return f"line {n} is not valid JSON ({exc.msg} at column {exc.colno})"
-                    if not isinstance(value, dict):
-                        return f"line {n} is not a JSON object"
-    except UnicodeDecodeError as exc:
-        return f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    return f"line {n} is not valid JSON ({exc.msg} at column {exc.colno})"
+                if not isinstance(value, dict):
+                    return f"line {n} is not a JSON object"
     return ""
+
+
+def check_utf8(name: str, path: Path) -> None:
+    """Text data must be UTF-8. `datasets` decodes lazily, so a bad byte would otherwise surface mid-run as a crash
+    (exit 1, retried from a checkpoint) instead of a data error no retry can fix; report its line and column."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"dataset.{name}: {path}, line {n}, column {exc.start + 1}: not UTF-8 text (byte "
+                                f"0x{raw[exc.start]:02x}: {exc.reason}); save the file as UTF-8") from None
 
 
 def load_files(name: str, uri: str, files: list[Path], fmt: str, cache_dir: Path) -> Split:
@@ -93,6 +102,8 @@ def load_files(name: str, uri: str, files: list[Path], fmt: str, cache_dir: Path
     parts, file_of_row, row_in_file = [], [], []
     for k, path in enumerate(files):
         builder = _builder(path, fmt)
+        if builder in ("json", "csv"):
+            check_utf8(name, path)
         if builder in ("json", "csv") and not path.read_bytes()[:65536].strip():
             log.warning("dataset.%s: %s is empty", name, path)
             continue

@@ -1,0 +1,50 @@
+"""Fixtures of the real-node tests: restricted namespaces, and the chart's operator running as a real pod.
+
+The node itself (``real_node``) and the images (``node_images``) come from tests/conftest_cluster_plugin.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.controlplane.cluster import ControlPlane
+from tests.controlplane.images import ProductImages
+from tests.controlplane.node import RealNode
+
+from .support import RESTRICTED, Release, install_operator, unique
+
+
+@pytest.fixture
+def restricted_namespace(control_plane: ControlPlane) -> Iterator[Callable[[str], str]]:
+    """Makes namespaces that enforce the restricted Pod Security Standard; deletes them after the test."""
+    made: list[str] = []
+
+    def make(prefix: str) -> str:
+        name = unique(prefix)
+        control_plane.create_namespace(name, labels=RESTRICTED)
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        control_plane.delete_namespace(name)
+
+
+@pytest.fixture(scope="module")
+def operator_release(control_plane: ControlPlane, real_node: RealNode, node_images: ProductImages, finetune_crd: None,
+                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
+    """The chart installed with the built operator image into a restricted namespace, watching one restricted tenant
+    namespace (a cluster-wide operator would also act on other tests' FineTuneJobs)."""
+    system = unique("finetune-system")
+    tenant = unique("tenant")
+    for name in (system, tenant):
+        control_plane.create_namespace(name, labels=RESTRICTED)
+    workdir: Path = tmp_path_factory.mktemp("release")
+    release = install_operator(control_plane, node_images, system, [tenant], workdir)
+    yield release
+    control_plane.helm("uninstall", release.name, "--namespace", system, "--wait", check=False)
+    for name in (system, tenant):
+        control_plane.delete_namespace(name)
