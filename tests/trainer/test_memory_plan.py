@@ -298,11 +298,13 @@ def test_qlora_on_a_cpu_fails_with_78_before_anything_else(tmp_path: Path, isola
     assert said.startswith("spec.method.lora.quantization 4bit (QLoRA) needs a CUDA GPU and this process has none")
 
 
-def test_best_weights_load_into_fsdp_shards_from_either_format(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_best_weights_load_into_fsdp_shards_from_either_format(tmp_path: Path, lora: bool) -> None:
     """output.model best under FSDP (`ShardedCheckpointer.load_weights`, which `selection.load_chosen` calls on every
-    rank): the weights of a sharded checkpoint and of one written without sharding both land in this run's DTensor
-    shards and the optimizer state is left alone; a damaged checkpoint changes nothing and the choice falls back to
-    the last step, saying why (one-process group; two processes: test_sharded_training.py)."""
+    rank): the trainable weights of a sharded checkpoint and of one written without sharding both land in this run's
+    DTensor shards (a LoRA base is left as it is), and the optimizer state is left alone; a damaged checkpoint
+    changes nothing and the choice falls back to the last step, saying why (one-process group; two processes:
+    test_sharded_training.py)."""
     import torch.distributed as td
 
     from finetune_trainer.checkpoint import TrainingFiles, TrainState
@@ -311,15 +313,15 @@ def test_best_weights_load_into_fsdp_shards_from_either_format(tmp_path: Path) -
 
     torch.set_num_threads(1)
     manager = _manager(tmp_path / "ckpt")
-    whole, whole_opt = _trained(seed=2)
+    whole, whole_opt = _trained(lora=lora, seed=2)
     files = TrainingFiles(whole.model, whole_opt, torch.optim.lr_scheduler.LambdaLR(whole_opt, lambda s: 1.0),
                           torch.device("cpu"), 0)
     manager.save(1, lambda tmp: files.write(tmp, TrainState(step=1), [files.rng_state()]))
     td.init_process_group("gloo", store=td.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
-        sharded, sharded_opt = _trained(seed=3)
+        sharded, sharded_opt = _trained(lora=lora, seed=3)
         sharded_checkpoint.save(manager, Dist(), 2, sharded.module, sharded_opt)
-        model = support.llama_in_memory(seed=1)
+        model = support.llama_in_memory(lora=lora, seed=1)
         wrapped = Wrapped(shard(model, None, torch.device("cpu"), 1), model, "fsdp", Layout("fsdp"))
         opt = make_optimizer(model, 1e-2, 0.0)
         x = support.counting_tokens(4, 16, seed=3)
@@ -333,11 +335,14 @@ def test_best_weights_load_into_fsdp_shards_from_either_format(tmp_path: Path) -
         def held() -> dict[str, torch.Tensor]:
             return {n: p.full_tensor().clone() for n, p in model.named_parameters()}
 
+        frozen = {n: v for n, v in held().items() if not dict(model.named_parameters())[n].requires_grad}
+        assert bool(frozen) == lora
         for step, source in ((2, sharded), (1, whole)):
             assert ckpt.load_weights(step) is None
             expected = dict(source.model.named_parameters())
             for name, value in held().items():
-                torch.testing.assert_close(value, expected[name], msg=f"step {step}: {name}")
+                torch.testing.assert_close(value, frozen[name] if name in frozen else expected[name],
+                                           msg=f"step {step}: {name}")
         for before, state in zip(moments, opt.state.values(), strict=True):
             assert torch.equal(before, state["exp_avg"].full_tensor())
 
