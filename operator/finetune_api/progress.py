@@ -45,6 +45,16 @@ class OutputReport(_Report):
     reason: str | None = Field(default=None, max_length=1024)
 
 
+class MemoryPlanReport(_Report):
+    """The memory plan the trainer chose before training: the sharding and its estimated bytes per device."""
+
+    sharding: str = Field(min_length=1, max_length=16)  # "none" | "fsdp", as `resources.sharding` resolved
+    reason: str = Field(max_length=512)  # why (what `auto` decided, or "as requested")
+    per_device_bytes: int = Field(ge=0)  # estimated peak of the training state and activations on one device
+    device_bytes: int = Field(ge=0)  # the memory of one device (one process's share on CPU)
+    breakdown: dict[str, int] | None = Field(default=None, max_length=8)  # parameters, gradients, optimizer, ...
+
+
 class ProgressReport(_Report):
     """One progress report (camelCase on the wire)."""
 
@@ -62,6 +72,7 @@ class ProgressReport(_Report):
     metrics: dict[str, float] | None = None
     checkpoint: CheckpointReport | None = None
     output: OutputReport | None = None
+    memory_plan: MemoryPlanReport | None = None
 
     @field_validator("metrics")
     @classmethod

@@ -266,6 +266,15 @@ class LoraSpec(SpecModel):
         default=None, description="Module names to adapt; unset picks the attention projections of the architecture.",
         min_length=1, max_length=64,
     )
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        default="none",
+        description="QLoRA: load the frozen base weights quantized with bitsandbytes (4bit: NF4 with double "
+        "quantization, about 0.56 bytes per parameter; 8bit: LLM.int8, about 1 byte) instead of 2 bytes in "
+        "bf16/fp16, while the adapters train in the compute precision. A 7B base drops from about 14 GB to about 4 "
+        "GB; each forward and backward pays for dequantizing. Needs a CUDA GPU: a job without one fails at once "
+        "with exit 78. Not combined with resources.sharding fsdp (QLoRA is for fitting on one GPU; auto then keeps a "
+        "copy per device).",
+    )
 
 
 class MethodSpec(SpecModel):
@@ -314,10 +323,20 @@ class Hyperparameters(SpecModel):
     seed: int = Field(default=42, description="Seed for every random generator, so runs repeat.", ge=0,
                       le=2**31 - 1)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        default="auto", description="auto: bf16 on GPUs that support it, else fp16 on GPUs, fp32 on CPUs."
+        default="auto", description="auto: bf16 on GPUs that support it, else fp16 on GPUs, fp32 on CPUs. The "
+        "forward and backward passes run in it (with fsdp: the weights are gathered in it and gradients reduced in "
+        "fp32); frozen weights (the LoRA base) are also stored in it, 2 bytes per parameter instead of 4. "
+        "Trainable weights and optimizer state stay fp32."
     )
     eval_every_steps: int | None = Field(default=None, description="Evaluate every N optimizer steps as well as at "
                                          "the end.", ge=1, le=1_000_000_000)
+    activation_checkpointing: bool = Field(
+        default=False,
+        description="Recompute each transformer block's activations during the backward pass instead of keeping "
+        "them from the forward pass: activation memory drops from every block's intermediates to the block inputs "
+        "plus one block's, for about one more forward pass of compute (roughly 30% more time per step). Use it when "
+        "batchSize x maxSeqLength does not fit.",
+    )
 
     rules = (
         Rule(
@@ -450,8 +469,24 @@ class ResourcesSpec(SpecModel):
     image: str | None = Field(default=None, description="Trainer image; default is the operator's configured "
                               "image. May be restricted to allowed registries by the platform.", max_length=512,
                               pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._/:@-]*$")
+    sharding: Literal["auto", "none", "fsdp"] = Field(
+        default="auto",
+        description="How training state is spread over the processes (workers x gpusPerWorker). none: every device "
+        "keeps a full copy of the weights, gradients and optimizer state (DDP; about 16 bytes per trainable "
+        "parameter with AdamW, plus the frozen weights); fsdp: FSDP2 shards them per transformer block, so each of "
+        "N devices keeps about 1/N, at the cost of gathering each block's weights in the forward and backward "
+        "passes (more network traffic per step). auto: fsdp when the estimated per-device memory of none would not "
+        "fit the device, else none; the trainer logs the estimate and the choice before training. fsdp needs more "
+        "than one process.",
+    )
 
     rules = (
+        Rule(
+            cel="!has(self.sharding) || self.sharding != 'fsdp' || self.workers > 1 || self.gpusPerWorker > 1",
+            message="resources.sharding fsdp needs more than one process: set resources.workers or "
+            "resources.gpusPerWorker above 1, or sharding to none or auto",
+            check=lambda r: r.sharding != "fsdp" or r.workers > 1 or r.gpus_per_worker > 1,
+        ),
         Rule(cel=_quantity_cel("cpu"), message="resources.cpu must be a positive Kubernetes quantity, e.g. 8 or 7500m",
              check=lambda r: _positive_quantity(r.cpu)),
         Rule(cel=_quantity_cel("memory"),
@@ -570,6 +605,16 @@ def _columns_fit_task(spec: FineTuneJobSpec) -> bool:
     return all(name in allowed for name in used)
 
 
+def quantization_of(spec: FineTuneJobSpec) -> str:
+    """none, 4bit or 8bit: method.lora.quantization (QLoRA), none without LoRA settings."""
+    return spec.method.lora.quantization if spec.method.lora else "none"
+
+
+# CEL: true when no quantization is asked for (the rules below then hold trivially).
+_QUANTIZED = ("!has(self.method) || !has(self.method.lora) || !has(self.method.lora.quantization) || "
+              "self.method.lora.quantization == 'none'")
+
+
 _HAS_SELECT = "has(self.checkpointing) && has(self.checkpointing.selectBest)"
 
 
@@ -673,6 +718,26 @@ class FineTuneJobSpec(SpecModel):
             message="dataset.columns names a column that the task does not use (sequence-classification: text, "
             "textPair, label; causal-lm: prompt, response, messages; seq2seq: source, target)",
             check=_columns_fit_task,
+        ),
+        Rule(
+            cel=f"{_QUANTIZED} || !has(self.resources) || self.resources.gpusPerWorker > 0",
+            message="method.lora.quantization (QLoRA) needs a CUDA GPU: set resources.gpusPerWorker to at least 1, "
+            "or quantization to none",
+            check=lambda s: quantization_of(s) == "none" or s.resources.gpus_per_worker > 0,
+        ),
+        Rule(
+            cel=f"({_QUANTIZED}) || !has(self.resources) || !has(self.resources.sharding) || "
+            "self.resources.sharding != 'fsdp'",
+            message="method.lora.quantization cannot be combined with resources.sharding fsdp: use sharding none "
+            "or auto, or quantization none",
+            check=lambda s: quantization_of(s) == "none" or s.resources.sharding != "fsdp",
+        ),
+        Rule(
+            cel="self.task.type != 'seq2seq' || !has(self.resources) || !has(self.resources.sharding) || "
+            "self.resources.sharding != 'fsdp'",
+            message="resources.sharding fsdp is not available for task seq2seq (its evaluation generates text, "
+            "which sharded models do not do in lockstep): use sharding none or auto",
+            check=lambda s: s.task.type != "seq2seq" or s.resources.sharding != "fsdp",
         ),
         Rule(
             cel="!has(self.output.mergeAdapter) || !self.output.mergeAdapter || "

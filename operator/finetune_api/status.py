@@ -77,6 +77,22 @@ class OutputStatus(SpecModel):
                                max_length=1024)
 
 
+class MemoryPlanStatus(SpecModel):
+    """How the trainer laid out training before its first step, and the per-device memory it estimated."""
+
+    sharding: Literal["none", "fsdp"] = Field(description="The sharding in use: none (a full copy per device, DDP) "
+                                              "or fsdp. What resources.sharding auto resolved to.")
+    reason: str = Field(description="Why: what auto decided and on which numbers, or 'as requested'.",
+                        max_length=512)
+    per_device_bytes: int = Field(description="Estimated bytes per device: parameters, gradients, optimizer "
+                                  "state, activations at batchSize x maxSeqLength, and transients.", ge=0)
+    device_bytes: int = Field(description="Memory of one device (on CPU: one process's share of the pod's "
+                              "memory).", ge=0)
+    breakdown: dict[str, int] | None = Field(default=None, description="The estimate by part, in bytes: "
+                                             "parameters, gradients, optimizer, activations, working.",
+                                             max_length=8)
+
+
 class FineTuneJobStatus(SpecModel):
     """Observed state, written once per reconcile pass and only when it changed."""
 
@@ -92,6 +108,9 @@ class FineTuneJobStatus(SpecModel):
                                              "(accuracy, f1Macro, perplexity, chrf, ...).", max_length=64)
     checkpoints: CheckpointsStatus | None = Field(default=None, description="Checkpoint ledger.")
     output: OutputStatus | None = Field(default=None, description="Final model location and metrics.")
+    memory_plan: MemoryPlanStatus | None = Field(default=None, description="The trainer's memory plan: the sharding "
+                                                 "it chose (resolving resources.sharding auto) and its per-device "
+                                                 "estimate, reported before the first training step.")
     restarts: int | None = Field(default=None, description="Times training restarted from a checkpoint after an "
                                  "interruption or crash.", ge=0)
     start_time: str | None = Field(default=None, description="When the first trainer pod started running.",

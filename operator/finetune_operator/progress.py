@@ -14,7 +14,14 @@ import hmac
 import math
 
 from finetune_api.progress import MAX_METRICS, ProgressReport
-from finetune_api.status import CheckpointRef, CheckpointsStatus, FineTuneJobStatus, OutputStatus, ProgressStatus
+from finetune_api.status import (
+    CheckpointRef,
+    CheckpointsStatus,
+    FineTuneJobStatus,
+    MemoryPlanStatus,
+    OutputStatus,
+    ProgressStatus,
+)
 from finetune_api.times import humanize_eta
 
 MAX_BODY_BYTES = 64 * 1024
@@ -79,4 +86,6 @@ def apply_report(status: FineTuneJobStatus, report: ProgressReport) -> FineTuneJ
         o = report.output
         out.output = OutputStatus(path=o.path, metrics=_clean_metrics(o.metrics), step=o.step,
                                   model=o.model if o.model in ("best", "last") else None, reason=o.reason)
+    if report.memory_plan is not None and report.memory_plan.sharding in ("none", "fsdp"):
+        out.memory_plan = MemoryPlanStatus.model_validate(report.memory_plan.model_dump())
     return out

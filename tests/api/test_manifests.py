@@ -30,17 +30,26 @@ BASE = {
 }
 
 
-def mutate(path: str, value: object, *, delete: bool = False) -> dict:
-    """Copy BASE and set (or delete) the value at a dotted path."""
-    doc = copy.deepcopy(BASE)
+def _with(doc: dict, path: str, value: object) -> dict:
+    """Set one more dotted path on an already mutated copy."""
     *parents, last = path.split(".")
     node = doc
     for part in parents:
         node = node.setdefault(part, {})
-    if delete:
-        node.pop(last)
-    else:
-        node[last] = value
+    node[last] = value
+    return doc
+
+
+def mutate(path: str, value: object, *, delete: bool = False) -> dict:
+    """Copy BASE and set (or delete) the value at a dotted path."""
+    doc = copy.deepcopy(BASE)
+    if not delete:
+        return _with(doc, path, value)
+    *parents, last = path.split(".")
+    node = doc
+    for part in parents:
+        node = node.setdefault(part, {})
+    node.pop(last)
     return doc
 
 
@@ -122,6 +131,24 @@ MALFORMED = [
      "string should match pattern"),
     ("checkpointing that never checkpoints", mutate("spec.checkpointing", {"everyEpoch": False}),
      "spec.checkpointing", "nothing could be resumed"),
+    ("unknown sharding", mutate("spec.resources", {"sharding": "zero3"}), "spec.resources.sharding", "fsdp"),
+    ("fsdp on one process", mutate("spec.resources", {"sharding": "fsdp", "workers": 1, "gpusPerWorker": 1}),
+     "spec.resources", "sharding fsdp needs more than one process"),
+    ("unknown quantization", mutate("spec.method", {"type": "lora", "lora": {"quantization": "2bit"}}),
+     "spec.method.lora.quantization", "4bit"),
+    ("quantization with full fine-tuning", mutate("spec.method", {"type": "full", "lora": {"quantization": "4bit"}}),
+     "spec.method", "method.lora applies only to method.type lora"),
+    ("QLoRA without GPUs", _with(mutate("spec.method", {"type": "lora", "lora": {"quantization": "4bit"}}),
+                                 "spec.resources", {"gpusPerWorker": 0}),
+     "spec", "quantization (QLoRA) needs a CUDA GPU"),
+    ("QLoRA sharded", _with(mutate("spec.method", {"type": "lora", "lora": {"quantization": "4bit"}}),
+                            "spec.resources", {"sharding": "fsdp", "workers": 2}),
+     "spec", "quantization cannot be combined with resources.sharding fsdp"),
+    ("seq2seq sharded", _with(mutate("spec.task", {"type": "seq2seq"}), "spec.resources",
+                              {"sharding": "fsdp", "workers": 2}),
+     "spec", "fsdp is not available for task seq2seq"),
+    ("activationCheckpointing not a bool", mutate("spec.hyperparameters.activationCheckpointing", "sometimes"),
+     "spec.hyperparameters.activationCheckpointing", "boolean"),
     ("wrong kind", mutate("kind", "TrainJob"), "kind", "must be FineTuneJob"),
     ("selectBest by a metric the task does not report", evaluated(checkpointing={"selectBest": {"metric": "chrf"}}),
      "spec", "checkpointing.selectBest.metric must be one the task reports"),
@@ -240,6 +267,19 @@ def test_base_document_is_valid() -> None:
     assert problems == [] and job is not None
     assert job.spec.method.type == "full"
     assert job.spec.checkpointing.keep_last == 2
+
+
+def test_memory_fields_default_to_the_cheapest_safe_choice() -> None:
+    """sharding auto, no activation checkpointing, no quantization; QLoRA 4bit on a GPU with sharding auto is
+    accepted (auto never shards a quantized base)."""
+    spec = FineTuneJobSpec.model_validate(BASE["spec"])
+    assert spec.resources.sharding == "auto"
+    assert spec.hyperparameters.activation_checkpointing is False
+    lora = FineTuneJobSpec.model_validate({**BASE["spec"], "method": {"type": "lora"}})
+    assert lora.method.lora is None or lora.method.lora.quantization == "none"
+    qlora = FineTuneJobSpec.model_validate({**BASE["spec"], "resources": {"workers": 2},
+                                            "method": {"type": "lora", "lora": {"quantization": "4bit"}}})
+    assert qlora.method.lora is not None and qlora.method.lora.quantization == "4bit"
 
 
 def test_defaults_resolved_per_task() -> None:

@@ -163,6 +163,8 @@ def test_real_trainer_progress_and_checkpoints_reach_status(control_plane: Contr
         assert st["phase"] == "Running"
         assert st["progress"]["totalSteps"] == 8
         assert st["checkpoints"]["latest"]["step"] >= 3
+        plan = st["memoryPlan"]  # reported before the first step; the CRD's schema keeps it
+        assert plan["sharding"] == "none" and plan["reason"].startswith("auto: ") and plan["perDeviceBytes"] > 0
         assert trainer.wait(timeout=300) == 0, log_path.read_text()[-4000:]
     finally:
         if trainer.poll() is None:

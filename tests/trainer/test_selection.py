@@ -71,8 +71,12 @@ def test_last_output_names_the_best_step_and_a_changed_metric_starts_afresh() ->
     choice = sel.choose(state, total_steps=20, extras={"x": 1})
     assert (choice.step, choice.model) == (20, "last")
     assert "best accuracy 0.9 was at step 10 (kept in checkpoint-10)" in choice.reason
+    kept = json.loads(json.dumps(state.selection))
     Selection("f1Macro", "max").restore(state)
     assert state.selection is None
+    state.selection = kept
+    Selection().restore(state)  # selectBest removed: the last step, without a "best None" in the reason
+    assert state.selection is None and "best" not in Selection().choose(state, 20, {}).reason
     plain = Selection().choose(TrainState(step=7, metrics={"evalLoss": 1.0}), 7, {})
     assert (plain.step, plain.model, plain.reason) == (7, "last", "the weights after the last optimizer step (7)")
 
@@ -95,6 +99,8 @@ def test_retention_never_deletes_the_pinned_checkpoint(tmp_path: Path) -> None:
     manager.pinned = 30
     manager.save(40, lambda folder: (folder / "weights").write_bytes(b"w"))
     assert [c.step for c in manager.complete()] == [30, 40]
+    # Deleted through a hidden name (a crash midway leaves a partial for the next start, not a damaged checkpoint).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-30", "checkpoint-40"]
 
 
 def test_run_log_rewrites_the_file_to_the_checkpoints_history(tmp_path: Path) -> None:

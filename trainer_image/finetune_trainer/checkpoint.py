@@ -7,7 +7,7 @@ Layout under the checkpoint storage:
         optimizer.pt scheduler.pt rng-<rank>.pt
         trainer_state.json        step, epoch, data position, metrics so far
         COMPLETE                  {"step": N, "files": {name: bytes}}: written last, checked on resume
-    .tmp-checkpoint-<step>-<pid>/ a save in progress (or left by a crash: reported and removed)
+    .tmp-checkpoint-<step>-<pid>/ a save in progress, or a deletion (one left by a crash: reported and removed)
     damaged-checkpoint-<step>-<t>/ a complete-looking checkpoint that failed to load, set aside
     progress.json                 the latest progress document
 
@@ -20,7 +20,8 @@ Three parts, each replaceable on its own:
 - `TrainingFiles`: what a training run puts in a folder (parameters, optimizer, scheduler, every rank's RNG, the
   `TrainState`) and how it is read back: checked completely before anything is applied.
 - `Checkpointer`: what every rank does: rank 0 writes and all ranks agree on a failure; all ranks resume from the
-  same checkpoint. A sharded format (every rank writing its own shard) provides its own `TrainingFiles` and `save`.
+  same checkpoint. The sharded format (every rank writes its shard: finetune_trainer.sharded_checkpoint) replaces the
+  tensor half of `TrainingFiles` and the `save`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch
 
 from finetune_api.times import format_time
 from finetune_trainer.distributed import Dist
-from finetune_trainer.errors import StorageError
+from finetune_trainer.errors import StorageError, TrainerError
 from finetune_trainer.locations import Storage
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ class CheckpointManager:
         if not self.root.is_dir():
             return
         for p in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(".tmp-checkpoint-")):
-            log.warning("removing partial checkpoint %s left by an interrupted save", p)
+            log.warning("removing partial checkpoint %s left by an interrupted save or deletion", p)
             shutil.rmtree(p, ignore_errors=True)
 
     def ensure_local(self, step: int) -> None:
@@ -313,15 +314,17 @@ class Snapshot:
     """A checkpoint read back and checked against the model, not yet applied."""
 
     tensors: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
+    optimizer: dict[str, Any] | None  # None: the weights alone were read (`read_tensors(optimizer=False)`)
     scheduler: dict[str, Any]
     rng: dict[str, Any] | None  # this rank's; absent when the checkpoint had fewer ranks
     state: TrainState
+    sharded: bool = False  # read from a sharded checkpoint (finetune_trainer.sharded_checkpoint)
 
 
 class TrainingFiles:
     """The files of one training run's checkpoint: trainable parameters (safetensors), optimizer and scheduler state,
-    every rank's RNG state and the TrainState."""
+    every rank's RNG state and the TrainState. A sharded layout replaces the tensor half (`write_tensors`,
+    `read_tensors`, `apply_tensors`) and keeps the rest."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  device: torch.device, rank: int) -> None:
@@ -339,16 +342,33 @@ class TrainingFiles:
         return out
 
     def write(self, folder: Path, state: TrainState, rngs: list[dict[str, Any]]) -> None:
+        self.write_tensors(folder)
+        self.write_small(folder, state, rngs)
+
+    def write_tensors(self, folder: Path) -> None:
+        """The trainable parameters and the optimizer state."""
         from safetensors.torch import save_file
 
         trainable = {n: p.detach().to("cpu").contiguous() for n, p in self.model.named_parameters()
                      if p.requires_grad}
         save_file(trainable, str(folder / MODEL_FILE))
         torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+
+    def write_small(self, folder: Path, state: TrainState, rngs: list[dict[str, Any]]) -> None:
+        """Scheduler, every rank's RNG and the state."""
         torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
         for r, rng in enumerate(rngs):
             torch.save(rng, folder / rng_file(r))
         state.save(folder)
+
+    def read(self, folder: Path) -> Snapshot:
+        """Read and check a checkpoint without touching the model: a bad one changes nothing on any rank."""
+        snap = self.read_tensors(folder)
+        snap.scheduler = torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True)
+        rng_path = folder / rng_file(self.rank)
+        snap.rng = torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.exists() else None
+        snap.state = TrainState.load(folder)
+        return snap
 
     def read_weights(self, folder: Path) -> dict[str, torch.Tensor]:
         """The trainable parameters of a checkpoint, checked against the model (names and shapes)."""
@@ -365,26 +385,22 @@ class TrainingFiles:
                 raise ValueError(f"parameter {n} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}")
         return tensors
 
-    def read(self, folder: Path) -> Snapshot:
-        """Read and check a checkpoint without touching the model: a bad one changes nothing on any rank."""
+    def read_tensors(self, folder: Path, optimizer: bool = True) -> Snapshot:
+        """The parameters and (unless `optimizer` is false: the weights alone) the optimizer state, checked against
+        the model (the rest of the snapshot left empty)."""
         tensors = self.read_weights(folder)
+        if not optimizer:
+            return Snapshot(tensors, None, {}, None, TrainState())
         opt_state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         ours = [len(g["params"]) for g in self.optimizer.param_groups]
         theirs = [len(g["params"]) for g in opt_state["param_groups"]]
         if ours != theirs:
             raise ValueError(f"optimizer parameter groups {theirs} do not match the model's {ours}")
-        sched_state = torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True)
-        rng_path = folder / rng_file(self.rank)
-        rng = torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.exists() else None
-        return Snapshot(tensors, opt_state, sched_state, rng, TrainState.load(folder))
+        return Snapshot(tensors, opt_state, {}, None, TrainState())
 
     def apply(self, snap: Snapshot, world: int) -> TrainState:
         """Restore model, optimizer, scheduler and (with the same number of processes) the RNG; return the state."""
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for n, t in snap.tensors.items():
-                params[n].copy_(t)
-        self.optimizer.load_state_dict(snap.optimizer)
+        self.apply_tensors(snap)
         self.scheduler.load_state_dict(snap.scheduler)
         state, rng = snap.state, snap.rng
         if rng is not None and state.world == world:
@@ -394,6 +410,14 @@ class TrainingFiles:
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
         state.rescale(world)
         return state
+
+    def apply_tensors(self, snap: Snapshot) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, t in snap.tensors.items():
+                params[n].copy_(t)
+        if snap.optimizer is not None:
+            self.optimizer.load_state_dict(snap.optimizer)
 
 
 def _tuples(obj: Any) -> Any:
@@ -415,18 +439,21 @@ class Checkpointer:
     def save(self, state: TrainState) -> CheckpointInfo | None:
         """Rank 0 writes (the others return None); a storage failure there stops every rank with exit 74."""
         rngs = self.dist.gather(self.files.rng_state())
-        return self.dist.on_main(lambda: self._write(state, rngs))
+        return self.dist.on_main(lambda: self._recorded(state, lambda: self.manager.save(
+            state.step, lambda tmp: self.files.write(tmp, state, rngs))))
 
-    def _write(self, state: TrainState, rngs: list[dict[str, Any]]) -> CheckpointInfo:
+    def _recorded(self, state: TrainState, save: Callable[[], CheckpointInfo | None]) -> CheckpointInfo | None:
+        """Count the checkpoint in the state it carries, then `save()`; the count is undone if saving fails."""
         state.checkpoints += 1
         state.last_checkpoint = {"step": state.step, "path": self.manager.uri(state.step), "time": format_time(),
                                  "count": state.checkpoints}
         try:
-            info = self.manager.save(state.step, lambda tmp: self.files.write(tmp, state, rngs))
-        except StorageError:
+            info = save()
+        except TrainerError:
             state.checkpoints -= 1
             raise
-        state.last_checkpoint["time"] = info.time
+        if info is not None:
+            state.last_checkpoint["time"] = info.time
         return info
 
     def resume(self) -> tuple[int, TrainState] | None:
@@ -438,14 +465,12 @@ class Checkpointer:
         candidates = self.dist.gather([c.step for c in self.manager.complete()] if self.dist.main else None)[0]
         for step in reversed(candidates):
             path = self.manager.path(step)
-            if self.dist.local_rank == 0:  # one download per node for remote storage; the others then read it
-                self.manager.ensure_local(step)
-            self.dist.barrier()
-            if self.dist.local_rank != 0:
-                self.manager.ensure_local(step)
+            self._fetch(step)
             try:
                 snap: Snapshot | None = self.files.read(path)
                 error = None
+            except TrainerError:  # not a damaged checkpoint but one this run must not use (every rank raises)
+                raise
             except Exception as exc:  # any unreadable file means this checkpoint is unusable
                 snap, error = None, f"{type(exc).__name__}: {exc}"
             problems = [e for e in self.dist.gather(error) if e]
@@ -462,3 +487,32 @@ class Checkpointer:
                                      "time": (state.last_checkpoint or {}).get("time"), "count": state.checkpoints}
             return step, state
         return None
+
+    def _fetch(self, step: int) -> None:
+        """Every rank: checkpoint `step` in local staging (remote storage), downloaded once per node."""
+        if self.dist.local_rank == 0:
+            self.manager.ensure_local(step)
+        self.dist.barrier()
+        if self.dist.local_rank != 0:
+            self.manager.ensure_local(step)
+
+    def load_weights(self, step: int) -> str | None:
+        """Copy checkpoint `step`'s trainable weights into the model where the output is written from: rank 0 (the
+        model is whole there). Every rank calls it. Returns None, or on every rank why the checkpoint could not be
+        read; the model is then unchanged."""
+        error: str | None = None
+        if self.dist.main:
+            self.manager.ensure_local(step)
+            try:
+                snap = self.files.read_tensors(self.manager.path(step), optimizer=False)
+            except Exception as exc:
+                error = describe_failure(exc)
+            else:
+                self.files.apply_tensors(snap)
+        return self.dist.gather(error)[0]
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

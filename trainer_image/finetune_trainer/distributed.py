@@ -1,6 +1,6 @@
-"""torchrun support: process group from the environment (NCCL on GPUs, gloo on CPU), the model's wrapping for data
-parallelism and the few collectives the trainer needs. With one process every helper is a no-op, so the
-single-process path has no distributed code.
+"""torchrun support: process group from the environment (NCCL on GPUs, gloo on CPU), the model's wrapping across the
+processes (DDP or FSDP2, finetune_trainer.sharding) and the few collectives the trainer needs. With one process every
+helper is a no-op, so the single-process path has no distributed code.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from finetune_trainer import errors
 from finetune_trainer.errors import TrainerError
+from finetune_trainer.sharding import Layout, Wrapped, wrap
 
 T = TypeVar("T")
 
@@ -75,14 +76,10 @@ class Dist:
         self.agree(error)
         return result
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module the loop trains: DDP across processes (gradients averaged in backward), else the model."""
-        if not self.enabled:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+    def wrap(self, model: torch.nn.Module, layout: Layout | None = None) -> Wrapped:
+        """The model as the loop trains it, on this rank's device: DDP across processes (gradients averaged in
+        backward) or FSDP2 shards, as `layout` says (default: DDP, no activation checkpointing), else the model."""
+        return wrap(model, layout or Layout(), self.device, self.world)
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():

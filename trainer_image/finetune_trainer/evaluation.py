@@ -2,12 +2,14 @@
 (finetune_trainer.tasks). Metric keys are camelCase, as the progress contract and the status use them.
 
 Each rank evaluates a shard (length-sorted, so little padding) and the per-example results are gathered, so the
-numbers do not depend on the number of processes.
+numbers do not depend on the number of processes. With a sharded model (FSDP) every forward pass is a collective,
+so every rank runs the same number of them: a rank with fewer batches runs extra forward passes whose results are
+dropped (`lockstep`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,14 +38,16 @@ class Evaluator:
 
     def __init__(self, metrics: Callable[[Evaluator, Any], Evaluation], enc: Encoded, tok: Any, batch_size: int,
                  device: torch.device, autocast: Callable[[], Any], rank: int = 0, world: int = 1,
-                 gather: Callable[[Any], list[Any]] | None = None) -> None:
+                 gather: Callable[[Any], list[Any]] | None = None, lockstep: bool = False) -> None:
         self.metrics = metrics  # the task's evaluate(evaluator, model)
         self.enc, self.tok = enc, tok
         self.batch_size = max(1, batch_size)
         self.device, self.autocast = device, autocast
         self.rank, self.world = rank, world
         self.gather = gather or (lambda x: [x])
+        self.lockstep = lockstep and world > 1
         self._should_stop: Callable[[], bool] | None = None
+        self._model: Any = None
 
     @torch.no_grad()
     def run(self, model: Any, should_stop: Callable[[], bool] | None = None) -> Evaluation:
@@ -52,14 +56,22 @@ class Evaluator:
         self._should_stop = should_stop if self.world == 1 else None
         was_training = model.training
         model.eval()
+        self._model = model
         try:
             return self.metrics(self, model)
         finally:
+            self._model = None
             model.train(was_training)
 
-    def batches(self) -> list[np.ndarray]:
-        """This rank's share of the validation examples, longest first."""
-        return eval_batches(self.enc.cost(), self.batch_size, self.world, self.rank)
+    def batches(self) -> Iterator[np.ndarray]:
+        """This rank's share of the validation examples, longest first. In lockstep, once they are done, as many
+        forward passes on one example as other ranks have batches more (their outputs are dropped)."""
+        cost = self.enc.cost()
+        mine = eval_batches(cost, self.batch_size, self.world, self.rank)
+        extra = max(self.gather(len(mine))) - len(mine) if self.lockstep else 0
+        yield from mine
+        for _ in range(extra):
+            self.forward(self._model, np.argsort(-cost, kind="stable")[:1])
 
     def forward(self, model: Any, idx: np.ndarray) -> tuple[Any, dict[str, torch.Tensor]]:
         """The model's output on one batch, and the batch as it went in."""

@@ -1,11 +1,14 @@
-"""One job, start to finish: resolve locations, load and check data, load the model, train, write the output.
+"""One job, start to finish: resolve locations, plan memory, load and check data, load the model, train, write the
+output.
 
-The order is chosen so that mistakes surface early and cheaply: storage is probed and the data is checked and
+The order is chosen so that mistakes surface early and cheaply: QLoRA without a GPU fails first; storage is probed;
+the memory plan (from the model's configuration, no weights) fails a job that cannot fit; the data is checked and
 tokenised before the model's weights are loaded, and all of it before the first optimizer step.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -17,9 +20,9 @@ from typing import Any
 import torch
 
 from finetune_api.manifest import FineTuneJob, load_job
-from finetune_api.spec import FineTuneJobSpec, checkpoint_storage, task_metrics
+from finetune_api.spec import FineTuneJobSpec, checkpoint_storage, quantization_of, task_metrics
 from finetune_trainer import data as data_mod
-from finetune_trainer import tasks
+from finetune_trainer import memory, quantization, tasks
 from finetune_trainer.checkpoint import CheckpointManager, is_io_error
 from finetune_trainer.config import RunConfig
 from finetune_trainer.distributed import Dist, init_from_env
@@ -33,14 +36,20 @@ from finetune_trainer.modeling import (
     Precision,
     apply_lora,
     choose_precision,
+    frozen_dtype,
     load_model,
     load_tokenizer,
+    merged_adapter,
+    meta_model,
+    trainable_in_fp32,
     trainable_summary,
 )
 from finetune_trainer.output import METRICS_FILE, metrics_document, write_output
 from finetune_trainer.plots import PLOT_FILE, chosen_metric, plot_history
 from finetune_trainer.progress import Progress
 from finetune_trainer.selection import Selection
+from finetune_trainer.sharded_checkpoint import full_state_dict
+from finetune_trainer.sharding import Layout, Wrapped
 from finetune_trainer.signals import StopSignal
 from finetune_trainer.tasks.base import Task
 from finetune_trainer.tracking import for_job
@@ -172,15 +181,33 @@ def prepare_data(spec: FineTuneJobSpec, cfg: RunConfig, task: Task, tok: Any, wh
     return train_enc, val_enc
 
 
-def load_trainable(spec: FineTuneJobSpec, task: Task, source: str, tok: Any, dist: Dist) -> tuple[Any, Precision]:
-    """The pretrained model with the task's head (and LoRA adapters), seeded, and the precision to train in."""
+def plan_memory(spec: FineTuneJobSpec, task: Task, source: str, dist: Dist, precision: Precision) -> memory.Plan:
+    """The sharding and per-device estimate for this job, from the model built on the meta device (no weights);
+    ConfigError (exit 78) naming the field to change when it cannot fit."""
+    meta = meta_model(task, source, spec.model.revision, spec.model.trust_remote_code, spec.method.type,
+                      spec.method.lora)
+    device_bytes = memory.device_memory(dist.device, memory.local_processes())
+    plan = memory.for_job(spec, memory.model_shape(meta), dist.world, precision.name, dist.device.type, device_bytes)
+    log.info("%s", plan.describe())
+    return plan
+
+
+def load_trainable(spec: FineTuneJobSpec, task: Task, source: str, tok: Any, dist: Dist,
+                   precision: Precision) -> Any:
+    """The pretrained model with the task's head (and LoRA adapters), seeded: a LoRA base in the compute precision
+    (quantized with QLoRA), trainable parameters in fp32."""
     seed_everything(spec.hyperparameters.seed)
-    model = load_model(task, source, spec.model.revision, spec.model.trust_remote_code, tok)
+    dtype = frozen_dtype(spec.method.type, precision)
+    quantized = quantization.load_kwargs(quantization_of(spec), dist.device, dtype)
+    model = load_model(task, source, spec.model.revision, spec.model.trust_remote_code, tok, dtype, **quantized)
+    if quantized:
+        model = quantization.prepare(model)
     if spec.method.type == "lora":
         model = apply_lora(model, task, spec.method.lora)
-    precision = choose_precision(spec.hyperparameters.precision, dist.device)
-    log.info("model: %s; precision %s", trainable_summary(model), precision.name)
-    return model, precision
+    trainable_in_fp32(model)
+    log.info("model: %s; precision %s%s", trainable_summary(model), precision.name,
+             f"; frozen weights in {str(dtype).removeprefix('torch.')}" if dtype != torch.float32 else "")
+    return model
 
 
 def run(cfg: RunConfig) -> Outcome:
@@ -206,6 +233,7 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
     started = time.monotonic()
     name, spec = job.metadata.name, job.spec
     hp = spec.hyperparameters
+    quantization.require_device(quantization_of(spec), dist.device)  # QLoRA without a GPU: exit 78 before anything
     where = places(spec, cfg)
     log.info("job %s: %s on %s, %d process(es), device %s, %d thread(s)", name, spec.task.type, spec.model.source,
              dist.world, dist.device, cfg.threads)
@@ -214,6 +242,8 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
     run_log = dist.on_main(lambda: RunLog(where.output.local, for_job(job, where.output.local))) or RunLog(None)
     task = tasks.for_spec(spec)
     source = model_source(spec, cfg, where.cache)
+    precision = choose_precision(hp.precision, dist.device)
+    plan = plan_memory(spec, task, source, dist, precision)
     tok = load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code, task)
     # Rank 0 checks and tokenises first (and writes the cache); the others then read it.
     encoded = dist.on_main(lambda: prepare_data(spec, cfg, task, tok, where, write_cache=True))
@@ -221,28 +251,33 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
         encoded = prepare_data(spec, cfg, task, tok, where, write_cache=False)
     assert encoded is not None
     train_enc, val_enc = encoded
-    model, precision = load_trainable(spec, task, source, tok, dist)
+    model = load_trainable(spec, task, source, tok, dist, precision)
+    layout = Layout(plan.sharding, precision.autocast_dtype, precision.grad_scaling, hp.activation_checkpointing)
 
     ckpt = CheckpointManager(where.checkpoints, spec.checkpointing.keep_last)
     progress = Progress(push_url=cfg.progress_url, push_token=cfg.progress_token,
                         push_interval=cfg.progress_interval, enabled=dist.main,
                         on_write=lambda doc, final: ckpt.write_progress(doc, upload=final))
+    progress.update(memory_plan=plan.report())
     progress.start(cfg.metrics_port)
     evaluator = None
     if val_enc is not None:
         evaluator = Evaluator(task.evaluate, val_enc, tok, hp.batch_size * 2, dist.device,
-                              lambda: precision.autocast(dist.device), dist.rank, dist.world, dist.gather)
+                              lambda: precision.autocast(dist.device), dist.rank, dist.world, dist.gather,
+                              lockstep=plan.sharding == "fsdp")
     status: str | None = "FAILED"  # the trackers' end of the run
     try:
         trainer = Trainer(model=model, train=train_enc, pad_id=tok.pad_token_id, settings=LoopSettings.of(spec),
                           precision=precision, dist=dist, checkpoints=ckpt, evaluator=evaluator, progress=progress,
                           stop=stop, progress_bar=cfg.progress_bar, log_interval=cfg.progress_interval,
-                          run_log=run_log, selection=Selection.of(spec))
+                          run_log=run_log, selection=Selection.of(spec), layout=layout)
         result = trainer.run()
+        saving = output_saving(spec, task, source, tok, trainer.optimizer_step.wrapped)  # collective under FSDP
+        used = memory_report(plan, trainer.optimizer_step.measured)
         dist.on_main(lambda: write_output(where.output, spec, model, tok, lambda: metrics_document(
             name, spec, result, precision=precision.name, processes=dist.world, train_examples=len(train_enc),
-            validation_examples=len(val_enc) if val_enc else 0),
-            describe=lambda folder, doc: describe_output(folder, job, doc, result, run_log)))
+            validation_examples=len(val_enc) if val_enc else 0, memory=used),
+            describe=lambda folder, doc: describe_output(folder, job, doc, result, run_log), **saving))
         output: dict[str, Any] = {"path": spec.output.storage, "metrics": result.metrics}
         if result.choice is not None:
             output.update(step=result.choice.step, model=result.choice.model, reason=result.choice.reason[:1024])
@@ -279,6 +314,31 @@ def describe_output(folder: Path, job: FineTuneJob, doc: dict[str, Any], result:
             if is_io_error(exc):
                 raise
             log.warning("cannot write %s: %s: %s", what, type(exc).__name__, exc)
+
+
+def output_saving(spec: FineTuneJobSpec, task: Task, source: str, tok: Any, wrapped: Wrapped) -> dict[str, Any]:
+    """How rank 0 saves the trained model (`output.save_model`'s options). Every rank calls it: under FSDP the full
+    weights (the adapter for LoRA) are gathered here; a sharded or quantized LoRA base is not merged in place, the
+    saved adapter is merged into the base loaded again in fp32."""
+    lora = spec.method.type == "lora"
+    saving: dict[str, Any] = {"state_dict": full_state_dict(wrapped, trainable_only=lora)}
+    if lora and spec.output.merge_adapter and (wrapped.sharded or quantization_of(spec) != "none"):
+        saving["merge"] = functools.partial(merge_into_fresh_base, spec, task, source, tok)
+    return saving
+
+
+def merge_into_fresh_base(spec: FineTuneJobSpec, task: Task, source: str, tok: Any, adapter: Path) -> Any:
+    base = load_model(task, source, spec.model.revision, spec.model.trust_remote_code, tok)
+    return merged_adapter(base, adapter)
+
+
+def memory_report(plan: memory.Plan, measured: list[dict[str, int]] | None) -> dict[str, Any]:
+    """metrics.json's `memory`: the plan (sharding, why, the estimate) and, per rank, what the first training step
+    of this session measured (bytes of parameters, gradients, optimizer state and kept activations)."""
+    doc: dict[str, Any] = plan.report().model_dump(by_alias=True, exclude_none=True)
+    if measured is not None:
+        doc["measuredPerRank"] = measured
+    return doc
 
 
 def summary(outcome: Outcome) -> str:

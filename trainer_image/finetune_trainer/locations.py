@@ -196,7 +196,14 @@ class Storage:
         self.fs().get(f"{self.remote}/{rel}/", str(dst) + "/", recursive=True)
 
     def remove(self, rel: str) -> None:
-        shutil.rmtree(self.local / rel, ignore_errors=True)
+        """Delete a folder here and remotely. Locally it is first renamed to a hidden `.tmp-` name (atomic), so a
+        crash in the middle leaves a partial that the checkpoint ledger removes on the next start, never a
+        half-deleted folder under its own name."""
+        target = self.local / rel
+        if target.exists():
+            doomed = target.with_name(f".tmp-{target.name}-removed-{os.getpid()}")
+            os.rename(target, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
         if self.remote:
             fs = self.fs()
             if fs.exists(f"{self.remote}/{rel}"):

@@ -1,5 +1,6 @@
 """The training loop: AdamW (fused where available) with decay on matrices only, warmup then linear/cosine/constant,
-gradient accumulation, autocast where it helps, DDP, periodic evaluation, checkpoints and SIGTERM handling.
+gradient accumulation, autocast where it helps, DDP or FSDP2 (`Dist.wrap`, finetune_trainer.sharding), periodic
+evaluation, checkpoints (sharded under FSDP) and SIGTERM handling.
 
 Our own loop rather than transformers.Trainer: every batch comes pre-tokenised and length-grouped from `data`, so
 the per-step overhead is a pad and a forward/backward; resume restores model, optimizer, scheduler, RNG and the
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from finetune_api.spec import FineTuneJobSpec
-from finetune_trainer.checkpoint import Checkpointer, CheckpointInfo, CheckpointManager, TrainingFiles, TrainState
+from finetune_trainer.checkpoint import CheckpointInfo, CheckpointManager, TrainState
 from finetune_trainer.data import Encoded, collate, epoch_batches
 from finetune_trainer.distributed import Dist
 from finetune_trainer.errors import DataError, Interrupted
@@ -33,6 +34,8 @@ from finetune_trainer.history import RunLog
 from finetune_trainer.modeling import Precision
 from finetune_trainer.progress import Display, Progress
 from finetune_trainer.selection import Choice, Selection, load_chosen
+from finetune_trainer.sharded_checkpoint import checkpointer
+from finetune_trainer.sharding import Layout, SavedTensorBytes, resident_bytes
 from finetune_trainer.signals import StopSignal
 
 log = logging.getLogger(__name__)
@@ -113,21 +116,6 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
         return torch.optim.AdamW(groups, lr=lr, foreach=True)
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> None:
-    """On CPU, torch's clip_grad_norm_ without its unconditional rescale: gradients are only rewritten when the norm
-    is over the limit (the same result; one pass over all gradients fewer on most steps)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    if grads[0].device.type != "cpu":  # on accelerators reading the norm back would stall the queue
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    norm = float(total)
-    if norm > max_norm or not math.isfinite(norm):
-        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
-
-
 # ------------------------------------------------------------------------------------------------------ results
 @dataclass
 class TrainResult:
@@ -198,31 +186,36 @@ class StepMeter:
 
 class OptimizerStep:
     """One optimizer step: forward and backward over a few micro-batches (with DDP, gradients are synchronised on the
-    last one only), loss scaling, clipping, the optimizer and the schedule. The model is wrapped here for training
-    across processes; the optimizer and scheduler live here."""
+    last one only; FSDP2 reduce-scatters each), loss scaling, clipping, the optimizer and the schedule. The model is
+    wrapped here for training across processes (`Dist.wrap`); the optimizer and scheduler live here.
+
+    The first step of a session also measures what this rank holds (`measured`): parameters, gradients and optimizer
+    state from the live tensors (local shards under FSDP), and the activations autograd kept for the backward pass
+    of the first micro-batch."""
 
     def __init__(self, model: torch.nn.Module, dist: Dist, settings: LoopSettings, precision: Precision,
-                 total_steps: int) -> None:
-        self.model = dist.wrap(model)
+                 total_steps: int, layout: Layout | None = None) -> None:
+        layout = layout or Layout(compute_dtype=precision.autocast_dtype, grad_scaling=precision.grad_scaling)
+        self.wrapped = dist.wrap(model, layout)
+        self.model = self.wrapped.module
         self.dist = dist
         self.device = dist.device
-        self.precision = precision
         self.max_grad_norm = settings.max_grad_norm
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(model, settings.learning_rate, settings.weight_decay)
+        self.optimizer = make_optimizer(self.wrapped.model, settings.learning_rate, settings.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, total_steps, settings)
-        self.scaler = torch.amp.GradScaler("cuda") if precision.grad_scaling else None
+        self.scaler = self.wrapped.grad_scaler()
+        self.measured: list[dict[str, int]] | None = None  # every rank's, after this session's first step
 
     def __call__(self, data: Encoded, micro: list[np.ndarray], pad_id: int) -> tuple[float, int, int]:
         """Returns (mean loss, samples, real tokens) of this rank's micro-batches."""
         loss_total, samples, tokens = 0.0, 0, 0
+        activations = SavedTensorBytes() if self.measured is None else None
         for j, idx in enumerate(micro):
             batch, n_tokens = collate(data, idx, pad_id)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            last = j == len(micro) - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()  # type: ignore[operator]
-            with sync:
-                with self.precision.autocast(self.device):
+            with self.wrapped.accumulating(last=j == len(micro) - 1):
+                measure = activations if activations is not None and j == 0 else contextlib.nullcontext()
+                with measure, self.wrapped.autocast(self.device):
                     out = self.model(**batch)
                 loss = out.loss / len(micro)
                 if self.scaler is not None:
@@ -235,15 +228,24 @@ class OptimizerStep:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm > 0:
-            clip_grad_norm(self.params, self.max_grad_norm)
+            self.wrapped.clip_grad_norm(self.max_grad_norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
+        if activations is not None:
+            self._measure(activations.bytes)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_total, samples, tokens
+
+    def _measure(self, activation_bytes: int) -> None:
+        """Collective: every rank's resident training state (gradients still held) and kept activations."""
+        mine: dict[str, int] = {**resident_bytes(self.wrapped.model, self.optimizer), "activations": activation_bytes}
+        if self.device.type == "cuda":
+            mine["peakAllocated"] = int(torch.cuda.max_memory_allocated(self.device))
+        self.measured = self.dist.gather(mine)
 
 
 # ------------------------------------------------------------------------------------------------------ the loop
@@ -253,7 +255,8 @@ class Trainer:
     def __init__(self, *, model: torch.nn.Module, train: Encoded, pad_id: int, settings: LoopSettings,
                  precision: Precision, dist: Dist, checkpoints: CheckpointManager, evaluator: Evaluator | None,
                  progress: Progress, stop: StopSignal, progress_bar: bool = False, log_interval: float = 5.0,
-                 run_log: RunLog | None = None, selection: Selection | None = None) -> None:
+                 run_log: RunLog | None = None, selection: Selection | None = None,
+                 layout: Layout | None = None) -> None:
         self.raw_model = model
         self.train_data = train
         self.pad_id = pad_id
@@ -273,11 +276,8 @@ class Trainer:
             raise DataError(f"dataset.train has {len(train)} examples: too few for one batch on each of "
                             f"{dist.world} processes")
         self.total_steps = settings.total_steps(self.batches_per_epoch)
-        model.to(self.device)
-        model.train()
-        step = self.optimizer_step = OptimizerStep(model, dist, settings, precision, self.total_steps)
-        files = TrainingFiles(model, step.optimizer, step.scheduler, self.device, dist.rank)
-        self.checkpoints = Checkpointer(checkpoints, files, dist)
+        step = self.optimizer_step = OptimizerStep(model, dist, settings, precision, self.total_steps, layout)
+        self.checkpoints = checkpointer(checkpoints, step.wrapped, step.optimizer, step.scheduler, dist)
         self.state = TrainState(world=dist.world, train_examples=len(train))
         self.extras: dict[str, Any] = {}
         self.meter = StepMeter()
@@ -372,8 +372,7 @@ class Trainer:
             self.evaluate()
         choice = self.selection.choose(st, self.total_steps, dict(self.extras))
         if choice.step != st.step:
-            choice = self.dist.on_main(lambda: load_chosen(choice, self.checkpoints, st.step, dict(st.metrics),
-                                                           dict(self.extras))) or choice
+            choice = load_chosen(choice, self.checkpoints, st.step, dict(st.metrics), dict(self.extras))
         metrics = dict(choice.metrics)
         if st.loss_steps:
             metrics["trainLoss"] = st.loss_sum / st.loss_steps

@@ -1,5 +1,6 @@
 """Models: the tokenizer, the pretrained model with the task's head (the task names the Auto class), LoRA through
-peft, and the precision that is fast on the hardware at hand.
+peft, the precision that is fast on the hardware at hand and the dtype frozen weights are stored in; and the same
+model on the meta device, without weights, for the memory plan.
 """
 
 from __future__ import annotations
@@ -84,19 +85,61 @@ def _first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:400]
 
 
-def load_model(task: Task, source: str, revision: str | None, trust_remote_code: bool, tok: Any) -> Any:
-    """The pretrained model with the task's head (a classification head is new and sized to the label set)."""
+def frozen_dtype(method: str, precision: Precision) -> torch.dtype:
+    """The dtype to load the weights in. With LoRA the base is frozen: it is kept in the compute precision when that
+    is bf16/fp16 (2 bytes per parameter instead of 4; `precision: auto` is fp32 on CPUs, so only GPUs, or an
+    explicit bf16 on a CPU, get there), and only the trainable parameters are made fp32 again (`trainable_in_fp32`).
+    Full fine-tuning keeps fp32 weights (autocast lowers the matmuls)."""
+    if method == "lora" and precision.autocast_dtype is not None:
+        return precision.autocast_dtype
+    return torch.float32
+
+
+def trainable_in_fp32(model: Any) -> None:
+    """Trainable parameters (adapters, a new head) in fp32, for the optimizer, whatever the base was loaded in."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def load_model(task: Task, source: str, revision: str | None, trust_remote_code: bool, tok: Any,
+               dtype: torch.dtype = torch.float32, **extra: Any) -> Any:
+    """The pretrained model with the task's head (a classification head is new and sized to the label set), in
+    `dtype`; `extra` goes to from_pretrained (a quantization config)."""
     import transformers
 
     try:
         auto = getattr(transformers, task.model_class)
         model = auto.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code,
-                                     dtype=torch.float32, **task.model_kwargs())
+                                     **{"dtype": dtype, **task.model_kwargs(), **extra})
     except Exception as exc:
         raise ConfigError(f"model.source {source!r}: cannot load it as a {task.name} model: "
                           f"{_first_line(exc)}") from exc
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def meta_model(task: Task, source: str, revision: str | None, trust_remote_code: bool, method: str,
+               lora: LoraSpec | None) -> Any:
+    """The job's model (head and LoRA adapters included) built from its config on the meta device: every parameter
+    with its shape and trainability, no memory and no weights read, so the memory plan comes before the loading."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, revision=revision,
+                                                         trust_remote_code=trust_remote_code,
+                                                         **task.model_kwargs())
+        auto = getattr(transformers, task.model_class)
+        with torch.device("meta"):
+            model = auto.from_config(config, trust_remote_code=trust_remote_code)
+            if method == "lora":
+                model = apply_lora(model, task, lora)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"model.source {source!r}: cannot read its configuration as a {task.name} model: "
+                          f"{_first_line(exc)}") from exc
     return model
 
 
@@ -125,6 +168,14 @@ def apply_lora(model: Any, task: Task, lora: LoraSpec | None) -> Any:
                               "method.lora.targetModules") from exc
         log.info("LoRA targets picked by name: %s", names)
         return build(names)
+
+
+def merged_adapter(base: Any, adapter: Any) -> Any:
+    """The LoRA adapter saved in the folder `adapter` merged into `base` (a freshly loaded, unsharded and unquantized
+    base): what `output.mergeAdapter` writes when the trained base cannot be merged in place."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
 
 
 def trainable_summary(model: Any) -> str:

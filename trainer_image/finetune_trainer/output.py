@@ -22,7 +22,8 @@ METRICS_FILE = "metrics.json"
 
 
 def metrics_document(job: str, spec: FineTuneJobSpec, result: TrainResult, *, precision: str, processes: int,
-                     train_examples: int, validation_examples: int) -> dict[str, Any]:
+                     train_examples: int, validation_examples: int,
+                     memory: dict[str, Any] | None = None) -> dict[str, Any]:
     """What metrics.json says: the final metrics and their extras (the confusion matrix), the loss curve,
     throughput, the step reached and where the run resumed from."""
     state = result.state
@@ -44,29 +45,34 @@ def metrics_document(job: str, spec: FineTuneJobSpec, result: TrainResult, *, pr
         doc["output"] = result.choice.wire()  # which step's weights the model is, and why
     if result.last_metrics is not None:
         doc["lastMetrics"] = result.last_metrics
+    if memory:
+        doc["memory"] = memory  # the memory plan and what each rank measured (finetune_trainer.job.memory_report)
     doc.update(result.extras)
     return doc
 
 
-def save_model(model: Any, tok: Any, spec: FineTuneJobSpec, folder: Path) -> None:
-    """save_pretrained (tokenizer included); LoRA writes the adapter and, if asked, the merged model in merged/."""
+def save_model(model: Any, tok: Any, spec: FineTuneJobSpec, folder: Path,
+               state_dict: dict[str, Any] | None = None, merge: Callable[[Path], Any] | None = None) -> None:
+    """save_pretrained (tokenizer included); LoRA writes the adapter and, if asked, the merged model in merged/.
+    A sharded model passes its gathered weights as `state_dict`, and `merge(folder)` builds the merged model where
+    the trained one cannot be merged in place (sharded or quantized)."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
+    model.save_pretrained(str(folder), state_dict=state_dict)
     tok.save_pretrained(str(folder))
     if spec.method.type == "lora" and spec.output.merge_adapter:
-        merged = model.merge_and_unload()
+        merged = merge(folder) if merge is not None else model.merge_and_unload()
         merged.save_pretrained(str(folder / "merged"))
         tok.save_pretrained(str(folder / "merged"))
 
 
 def write_output(store: Storage, spec: FineTuneJobSpec, model: Any, tok: Any,
                  metrics: Callable[[], dict[str, Any]],
-                 describe: Callable[[Path, dict[str, Any]], None] | None = None) -> None:
-    """The model, then `describe(folder, document)` (the model card, the plot), then metrics.json (`metrics()`,
-    asked once the model is written); then upload everything to remote storage, metrics.json last. StorageError when
-    the storage cannot be written."""
+                 describe: Callable[[Path, dict[str, Any]], None] | None = None, **saving: Any) -> None:
+    """The model (`saving`: `save_model`'s options), then `describe(folder, document)` (the model card, the plot),
+    then metrics.json (`metrics()`, asked once the model is written); then upload everything to remote storage,
+    metrics.json last. StorageError when the storage cannot be written."""
     try:
-        save_model(model, tok, spec, store.local)
+        save_model(model, tok, spec, store.local, **saving)
         doc = metrics()
         if describe is not None:
             describe(store.local, doc)

@@ -14,8 +14,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from finetune_api.spec import FineTuneJobSpec, metric_mode, output_model
 from finetune_trainer.checkpoint import Checkpointer, TrainState
 
@@ -70,7 +68,10 @@ class Selection:
     def restore(self, state: TrainState) -> None:
         """Check the state's selection against the spec (checkpointing is editable between restarts)."""
         sel = state.selection
-        if sel and self.metric and (sel.get("metric"), sel.get("mode")) != (self.metric, self.mode):
+        if sel and not self.metric:
+            log.warning("checkpointing.selectBest was removed since the checkpoint: no best evaluation is kept")
+            state.selection = None
+        elif sel and (sel.get("metric"), sel.get("mode")) != (self.metric, self.mode):
             log.warning("checkpointing.selectBest changed from %s (%s) to %s (%s) since the checkpoint: the best "
                         "evaluation is chosen afresh from here on", sel.get("metric"), sel.get("mode"), self.metric,
                         self.mode)
@@ -157,24 +158,17 @@ class Selection:
 
 def load_chosen(choice: Choice, checkpointer: Checkpointer, last_step: int, last_metrics: dict[str, float],
                 last_extras: dict[str, Any]) -> Choice:
-    """Load the chosen checkpoint's trainable weights into the model (rank 0, which writes the output). A checkpoint
-    that cannot be read leaves the last step's weights, and the choice says so."""
-    manager = checkpointer.manager
-    path = manager.path(choice.step)
-    try:
-        manager.ensure_local(choice.step)
-        tensors = checkpointer.files.read_weights(path)
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    """Load the chosen checkpoint's trainable weights into the model (`Checkpointer.load_weights`: rank 0, which
+    writes the output, or every rank of a sharded model). Every rank calls it and gets the same choice back. A
+    checkpoint that cannot be read leaves the last step's weights, and the choice says so."""
+    path = checkpointer.manager.path(choice.step)
+    error = checkpointer.load_weights(choice.step)
+    if error is not None:
         log.warning("cannot read the best checkpoint %s (%s): the last step's weights are written instead", path,
-                    first)
-        return Choice(last_step, "last", f"the best checkpoint (step {choice.step}) could not be read ({first}); the "
+                    error)
+        return Choice(last_step, "last", f"the best checkpoint (step {choice.step}) could not be read ({error}); the "
                       f"weights after the last optimizer step ({last_step}) were written", dict(last_metrics),
                       last_extras, choice.metric, choice.mode, last_metrics.get(choice.metric or ""),
                       choice.stopped_early_at)
-    params = dict(checkpointer.files.model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
     log.info("the model is checkpoint %s: %s", path, choice.reason)
     return choice
