@@ -245,12 +245,7 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
     precision = choose_precision(hp.precision, dist.device)
     plan = plan_memory(spec, task, source, dist, precision)
     tok = load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code, task)
-    # Rank 0 checks and tokenises first (and writes the cache); the others then read it.
-    encoded = dist.on_main(lambda: prepare_data(spec, cfg, task, tok, where, write_cache=True))
-    if not dist.main:
-        encoded = prepare_data(spec, cfg, task, tok, where, write_cache=False)
-    assert encoded is not None
-    train_enc, val_enc = encoded
+    train_enc, val_enc = _data_everywhere(spec, cfg, task, tok, where, dist)
     model = load_trainable(spec, task, source, tok, dist, precision)
     layout = Layout(plan.sharding, precision.autocast_dtype, precision.grad_scaling, hp.activation_checkpointing)
 
@@ -260,11 +255,7 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
                         on_write=lambda doc, final: ckpt.write_progress(doc, upload=final))
     progress.update(memory_plan=plan.report())
     progress.start(cfg.metrics_port)
-    evaluator = None
-    if val_enc is not None:
-        evaluator = Evaluator(task.evaluate, val_enc, tok, hp.batch_size * 2, dist.device,
-                              lambda: precision.autocast(dist.device), dist.rank, dist.world, dist.gather,
-                              lockstep=plan.sharding == "fsdp")
+    evaluator = _evaluator(task, val_enc, tok, hp.batch_size * 2, dist, precision, lockstep=plan.sharding == "fsdp")
     status: str | None = "FAILED"  # the trackers' end of the run
     try:
         trainer = Trainer(model=model, train=train_enc, pad_id=tok.pad_token_id, settings=LoopSettings.of(spec),
@@ -290,10 +281,33 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
         done = [where.output.local / f for f in (METRICS_FILE, PLOT_FILE, CARD_FILE)] if status == "FINISHED" else []
         run_log.close(done, status)
         progress.close()
-    files = sorted(p.name + ("/" if p.is_dir() else "") for p in where.output.local.iterdir()
-                   if not p.name.startswith(".")) if dist.main else []
+    files = _listing(where.output.local) if dist.main else []
     return Outcome(name, task, result, spec.output.storage, where.output.local, time.monotonic() - started, files,
                    run_log.describe())
+
+
+def _data_everywhere(spec: FineTuneJobSpec, cfg: RunConfig, task: Task, tok: Any, where: Places,
+                     dist: Dist) -> tuple[data_mod.Encoded, data_mod.Encoded | None]:
+    """Rank 0 checks and tokenises first (and writes the cache); the others then read it."""
+    encoded = dist.on_main(lambda: prepare_data(spec, cfg, task, tok, where, write_cache=True))
+    if not dist.main:
+        encoded = prepare_data(spec, cfg, task, tok, where, write_cache=False)
+    assert encoded is not None
+    return encoded
+
+
+def _evaluator(task: Task, val_enc: data_mod.Encoded | None, tok: Any, batch_size: int, dist: Dist,
+               precision: Precision, lockstep: bool) -> Evaluator | None:
+    """The validation pass, when there is validation data; under FSDP every rank runs every batch (lockstep)."""
+    if val_enc is None:
+        return None
+    return Evaluator(task.evaluate, val_enc, tok, batch_size, dist.device, lambda: precision.autocast(dist.device),
+                     dist.rank, dist.world, dist.gather, lockstep=lockstep)
+
+
+def _listing(folder: Path) -> list[str]:
+    """The output's files for the end-of-run summary (folders end in /, hidden files left out)."""
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def describe_output(folder: Path, job: FineTuneJob, doc: dict[str, Any], result: TrainResult, run_log: RunLog) -> None:
