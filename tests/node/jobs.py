@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +27,7 @@ import yaml
 from finetune_operator.builders import PVC_ROOT, RUN_AS_USER
 from tests.controlplane.cluster import ApiError, ControlPlane
 from tests.controlplane.node import NODE_NAME, node_scheduling
+from tests.operator.helpers import merge_patch
 
 from .support import EXAMPLE, REPO, logs
 
@@ -117,18 +118,6 @@ def remove_storage(cp: ControlPlane, storage: NodeStorage) -> None:
 # ------------------------------------------------------------------------------------------------ the manifest
 
 
-def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def sentiment_job(name: str, namespace: str, *, samples: int, checkpoint_every: int,
                   **spec: Any) -> dict[str, Any]:
     """examples/sentiment.yaml with names and storage adjusted, placed on the real node, and shortened.
@@ -152,7 +141,7 @@ def sentiment_job(name: str, namespace: str, *, samples: int, checkpoint_every: 
     body["resources"].update(node_scheduling())
     body["dataset"]["maxSamples"] = samples
     body["checkpointing"]["everySteps"] = checkpoint_every
-    manifest["spec"] = _merge(body, spec)
+    manifest["spec"] = merge_patch(body, copy.deepcopy(spec))
     return manifest
 
 
@@ -177,6 +166,13 @@ def condition(ftj: dict[str, Any], type_: str) -> dict[str, Any]:
         if c["type"] == type_:
             return c  # type: ignore[no-any-return]
     raise AssertionError(f"no {type_} condition in {json.dumps(status(ftj), indent=1)}")
+
+
+def condition_reason(ftj: dict[str, Any], type_: str) -> str | None:
+    for c in status(ftj).get("conditions") or []:
+        if c["type"] == type_:
+            return c.get("reason")  # type: ignore[no-any-return]
+    return None
 
 
 def pods_of(cp: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
@@ -388,20 +384,3 @@ def checkpoint_steps(folder: Path) -> dict[int, dict[str, Any]]:
         done = json.loads(marker.read_text())
         out[int(done["step"])] = done
     return out
-
-
-def poll(fn: Callable[[], T | None], timeout: float, interval: float = 1.0) -> Iterator[T]:
-    """Yields what ``fn`` returns (when not None) until the deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value is not None:
-            yield value
-        time.sleep(interval)
-
-
-def condition_reason(ftj: dict[str, Any], type_: str) -> str | None:
-    for c in status(ftj).get("conditions") or []:
-        if c["type"] == type_:
-            return c.get("reason")  # type: ignore[no-any-return]
-    return None

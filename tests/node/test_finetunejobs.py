@@ -142,7 +142,7 @@ def test_the_example_trains_in_a_real_pod_and_its_model_classifies_as_reported(
             rows.append(row)
         return ftj if status(ftj).get("phase") == "Succeeded" else None
 
-    done = wait_ftj(cp, ns, name, watched, timeout=TRAIN, desc="Succeeded", interval=0.5)
+    done = wait_ftj(cp, ns, name, watched, timeout=TRAIN, desc="Succeeded", interval=1.0)
     progress = [float(r["PROGRESS"]) for r in rows]
     assert len(progress) >= 2 and progress == sorted(progress) and progress[-1] > progress[0], rows
     assert all(float(r["LOSS"]) > 0 and re.fullmatch(r"(\d+[hms])+", r["ETA"]) for r in rows), rows
@@ -426,7 +426,7 @@ def test_two_cpu_workers_rendezvous_over_cluster_dns_and_a_killed_worker_restart
     would): the operator stops the survivor and restarts the whole group once, both new workers resume from the
     latest checkpoint, and the job ends Succeeded."""
     cp, ns, name, every = control_plane, release.watched[0], "pair", 3
-    apply(cp, sentiment_job(name, ns, samples=40 * BATCH, checkpoint_every=every,
+    apply(cp, sentiment_job(name, ns, samples=32 * BATCH, checkpoint_every=every,
                             resources={"workers": 2, "cpu": "900m"}))
     _first_checkpoint(cp, storage, ns, name)
     pods = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p
@@ -469,7 +469,7 @@ def test_two_cpu_workers_rendezvous_over_cluster_dns_and_a_killed_worker_restart
         log.text[-3000:]
     done = wait_ftj(cp, ns, name, phase_is("Succeeded"), timeout=TRAIN, desc="Succeeded")
     assert status(done)["restarts"] == 1, status(done)
-    assert status(done)["progress"]["step"] == status(done)["progress"]["totalSteps"] == 40 * BATCH // (2 * BATCH)
+    assert status(done)["progress"]["step"] == status(done)["progress"]["totalSteps"] == 32 * BATCH // (2 * BATCH)
     assert [recorder.wait_terminated(p["metadata"]["uid"], timeout=30)["exitCode"] for p in new] == [0, 0]
     job = job_of(cp, ns, name)
     assert job is not None and (job["status"].get("failed") or 0) <= 1, job["status"]
