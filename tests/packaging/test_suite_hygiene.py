@@ -25,4 +25,5 @@ def test_ci_refuses_to_skip_the_cluster_tests(tmp_path: Path) -> None:
     result = subprocess.run(["bash", str(REPO / ".ci" / "run")], capture_output=True, text=True, timeout=30,
                             env={"FINETUNE_SKIP_CLUSTER": "1", "PATH": str(tmp_path)}, check=False)
     assert result.returncode == 2, result
-    assert result.stderr == "FINETUNE_SKIP_CLUSTER is set: CI runs every test, cluster tests included; unset it\n"
+    assert result.stderr == ("FINETUNE_SKIP_CLUSTER is set: CI runs every test, the cluster and real-node tests "
+                             "included; unset it\n")
