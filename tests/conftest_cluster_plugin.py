@@ -68,7 +68,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
         if first := paying.intersection(fixtures):
-            item.add_marker(pytest.mark.timeout(NODE_SETUP_TIMEOUT))
+            # Prepended: it wins over the test's own @pytest.mark.timeout, which does not count the set-up.
+            item.add_marker(pytest.mark.timeout(NODE_SETUP_TIMEOUT), append=False)
             paying -= first
         uses_cluster = "control_plane" in fixtures
         uses_node = any(f in fixtures for f in NODE_FIXTURES) or item.get_closest_marker("node") is not None

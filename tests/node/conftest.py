@@ -5,8 +5,10 @@ The node itself (``real_node``) and the images (``node_images``) come from tests
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,18 +35,27 @@ def restricted_namespace(control_plane: ControlPlane) -> Iterator[Callable[[str]
         control_plane.delete_namespace(name)
 
 
-@pytest.fixture(scope="module")
-def operator_release(control_plane: ControlPlane, real_node: RealNode, node_images: ProductImages, finetune_crd: None,
-                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
+@contextlib.contextmanager
+def released(cp: ControlPlane, images: ProductImages, workdir: Path,
+             values: dict[str, Any] | None = None) -> Iterator[Release]:
     """The chart installed with the built operator image into a restricted namespace, watching one restricted tenant
-    namespace (a cluster-wide operator would also act on other tests' FineTuneJobs)."""
+    namespace (a cluster-wide operator would also act on other tests' FineTuneJobs); uninstalled afterwards."""
     system = unique("finetune-system")
     tenant = unique("tenant")
     for name in (system, tenant):
-        control_plane.create_namespace(name, labels=RESTRICTED)
-    workdir: Path = tmp_path_factory.mktemp("release")
-    release = install_operator(control_plane, node_images, system, [tenant], workdir)
-    yield release
-    control_plane.helm("uninstall", release.name, "--namespace", system, "--wait", check=False)
-    for name in (system, tenant):
-        control_plane.delete_namespace(name)
+        cp.create_namespace(name, labels=RESTRICTED)
+    release = install_operator(cp, images, system, [tenant], workdir, values)
+    try:
+        yield release
+    finally:
+        cp.helm("uninstall", release.name, "--namespace", system, "--wait", check=False)
+        for name in (system, tenant):
+            cp.delete_namespace(name)
+
+
+@pytest.fixture(scope="module")
+def operator_release(control_plane: ControlPlane, real_node: RealNode, node_images: ProductImages, finetune_crd: None,
+                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
+    """The chart as a user installs it (see ``released``)."""
+    with released(control_plane, node_images, tmp_path_factory.mktemp("release")) as release:
+        yield release

@@ -63,13 +63,16 @@ def user_values(images: ProductImages, watch: list[str]) -> dict[str, Any]:
 
 
 def install_operator(cp: ControlPlane, images: ProductImages, namespace: str, watch: list[str],
-                     workdir: Path) -> Release:
-    """``helm install --wait`` of the chart into ``namespace`` (Ready through the pod's real probes). The session
-    installs the CRD itself (the ``finetune_crd`` fixture), so the chart's copy is left out."""
+                     workdir: Path, values: dict[str, Any] | None = None) -> Release:
+    """``helm install --wait`` of the chart into ``namespace`` (Ready through the pod's real probes), with ``values``
+    on top of the user's. The session installs the CRD itself (the ``finetune_crd`` fixture), so the chart's copy is
+    left out."""
     name = unique("ft")
-    values = workdir / f"{name}-values.yaml"
-    values.write_text(yaml.safe_dump(user_values(images, watch), sort_keys=False))
-    cp.helm("install", name, str(CHART), "--namespace", namespace, "--values", str(values),
+    given = workdir / f"{name}-values.yaml"
+    given.write_text(yaml.safe_dump(user_values(images, watch), sort_keys=False))
+    extra = workdir / f"{name}-extra-values.yaml"
+    extra.write_text(yaml.safe_dump(values or {}, sort_keys=False))
+    cp.helm("install", name, str(CHART), "--namespace", namespace, "--values", str(given), "--values", str(extra),
             "--set", "crds.enabled=false", "--wait", "--timeout", f"{int(POD_TIMEOUT)}s", timeout=POD_TIMEOUT + 60)
     return Release(name, namespace, f"{name}-finetune-operator", tuple(watch))
 

@@ -22,7 +22,7 @@ from finetune_operator.metrics import Metrics
 from finetune_operator.observe import PodView, summarize_configmap, summarize_job, summarize_service
 from finetune_operator.progress import job_token
 from finetune_operator.settings import Settings
-from tests.operator.helpers import manifest
+from tests.operator.helpers import manifest, merge_patch
 
 KEY = b"test-progress-key-0123456789"
 NS, NAME = "team-a", "job1"
@@ -93,7 +93,7 @@ class FakeKube:
         self.calls.append(("PATCH", "FineTuneJob/status", name))
         self._maybe_fail("PATCH", "FineTuneJob/status")
         obj = self.objects[("FineTuneJob", namespace, name)]
-        obj["status"] = _merge(obj.get("status") or {}, status_patch)
+        obj["status"] = merge_patch(obj.get("status") or {}, status_patch)
         obj["metadata"]["resourceVersion"] = str(next(self._rv))
         return copy.deepcopy(obj)
 
@@ -109,18 +109,6 @@ class FakeKube:
     async def post_event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
         self.calls.append(("POST", "Event", reason))
         self.events.append((type_, reason, message))
-
-
-def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in patch.items():
-        if v is None:
-            out.pop(k, None)
-        elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 def condition_of(ftj: dict[str, Any], type_: str) -> dict[str, Any]:

@@ -91,7 +91,8 @@ def live_run(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
     sink = PushSink()
     port = support.free_port()
     env = support.trainer_env(tmp, FINETUNE_PROGRESS_URL=sink.url, FINETUNE_PROGRESS_TOKEN="test-token",
-                              FINETUNE_PROGRESS_INTERVAL="0.2", FINETUNE_GRACE_PERIOD="20")
+                              FINETUNE_PROGRESS_INTERVAL="0.2", FINETUNE_GRACE_PERIOD="20",
+                              FINETUNE_TERMINATION_LOG=str(tmp / "termination-log"))
     log = tmp / "trainer.log"
     proc = support.start_trainer([str(job), "--metrics-port", str(port)], env, log)
     try:
@@ -152,6 +153,10 @@ def test_sigterm_saves_checkpoint_and_exits_75(live_run: dict[str, Any]) -> None
     assert progress["checkpoint"]["step"] == steps[-1]
     last_push = live_run["sink"].received[-1][1]
     assert last_push["checkpoint"]["step"] == steps[-1]
+    # The pod's termination message says where a restart resumes (not the log's last lines, the kubelet's fallback).
+    assert (live_run["tmp"] / "termination-log").read_text() == (
+        f"stopped by signal; checkpoint at step {steps[-1]} of 1000000 is complete, a restart resumes from it "
+        "[exit 75: interrupted after saving a checkpoint (retried)]\n")
 
 
 def test_sigterm_during_a_long_evaluation_checkpoints_at_once(models: dict[str, Path], tmp_path: Path,

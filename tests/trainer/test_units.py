@@ -110,6 +110,24 @@ def test_pvc_root_default_depends_on_the_operator_variable(tmp_path: Path) -> No
         config.parse(["job.yaml"], env={"FINETUNE_GRACE_PERIOD": "soon"})
 
 
+@pytest.mark.parametrize(("files", "limit"), [
+    ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2, a pod limited to 1500m
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "90000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 0.9),  # v1: 900m
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),  # no cgroup file to read
+], ids=["v2", "v2-unlimited", "v1", "v1-unlimited", "none"])
+def test_threads_stay_within_the_pods_cpu_limit(tmp_path: Path, files: dict[str, str], limit: float | None) -> None:
+    """A pod limited to fewer CPUs than its node has must not run a thread per core of the node (they would spend
+    most of each period throttled): the default thread count is the whole CPUs of the limit, at least 1."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert config.cpu_limit(tmp_path) == limit
+    unlimited = config.physical_cores(tmp_path / "absent")
+    assert config.physical_cores(tmp_path) == (unlimited if limit is None else max(1, min(unlimited, int(limit))))
+
+
 def test_locations_resolve(tmp_path: Path) -> None:
     assert resolve("pvc://models/minilm", tmp_path).path == tmp_path / "models" / "minilm"
     assert resolve("s3://bucket/prefix/", tmp_path).remote == "s3://bucket/prefix"

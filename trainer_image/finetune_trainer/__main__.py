@@ -1,8 +1,9 @@
 """Entry point for `finetune-trainer`, `python -m finetune_trainer` and `finetune run`: exit codes and messages.
 
 Permanent failures (bad configuration 78, bad data 65, storage 74) write a one-paragraph termination message to
-FINETUNE_TERMINATION_LOG (pods: /dev/termination-log) and stderr; SIGTERM after a checkpoint exits 75; anything
-unexpected exits 1 with a traceback. The operator retries 75 and 1 and fails the job at once on the others.
+FINETUNE_TERMINATION_LOG (pods: /dev/termination-log) and stderr; SIGTERM after a checkpoint exits 75 and says which
+checkpoint there; anything unexpected exits 1 with a traceback. The operator retries 75 and 1 and fails the job at
+once on the others.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ def _setup_logging() -> None:
         pass
 
 
-def _terminate(message: str, code: int, path: Path | None) -> None:
-    """The termination message: what went wrong and where, for `kubectl describe` and the operator."""
+def _terminate(message: str, code: int, path: Path | None, error: bool = True) -> None:
+    """The termination message: what went wrong and where (or, after SIGTERM, which checkpoint a restart resumes
+    from), for `kubectl describe` and the operator; without it the kubelet would show the log's last lines."""
     text = f"{message} [exit {code}: {exitcodes.DESCRIPTIONS.get(code, 'error')}]"
-    print(f"error: {text}", file=sys.stderr)
+    if error:
+        print(f"error: {text}", file=sys.stderr)
     if path is not None:
         try:
             path.write_text(text[:4000] + "\n")
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = job.run(cfg)
     except errors.Interrupted as exc:
         logging.getLogger("finetune_trainer").warning("%s", exc.message)
+        _terminate(exc.message, exitcodes.INTERRUPTED, termination, error=False)
         return exitcodes.INTERRUPTED
     except errors.TrainerError as exc:
         _terminate(exc.message, exc.exit_code, termination)

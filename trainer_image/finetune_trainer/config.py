@@ -18,6 +18,7 @@ from finetune_trainer.errors import ConfigError
 LOCAL_PVC_ROOT = "./runs/pvc"  # `finetune run` on a laptop: pvc://claim/path -> ./runs/pvc/claim/path
 DEFAULT_GRACE_PERIOD = 25.0
 DEFAULT_PROGRESS_INTERVAL = 5.0
+CGROUP = Path("/sys/fs/cgroup")
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,31 @@ class RunConfig:
     termination_log: Path | None = None
 
 
-def physical_cores() -> int:
-    """Physical cores available to this process: hyper-threads slow dense maths down rather than up."""
+def cpu_limit(cgroup: Path = CGROUP) -> float | None:
+    """CPUs this process's cgroup may use per period (a pod's CPU limit), or None when unlimited or unknown.
+
+    cgroup v2: ``cpu.max`` (``<quota> <period>`` or ``max <period>``); v1: ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``
+    (-1: unlimited). A container sees its own cgroup at /sys/fs/cgroup.
+    """
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for controller in ("cpu", "cpu,cpuacct"):
+        try:
+            quota_us = int((cgroup / controller / "cpu.cfs_quota_us").read_text())
+            period_us = int((cgroup / controller / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    return None
+
+
+def physical_cores(cgroup: Path = CGROUP) -> int:
+    """Physical cores available to this process: hyper-threads slow dense maths down rather than up, and a pod's CPU
+    limit caps them (a pod limited to 4 CPUs on a 64-core node sees 64 cores; 32 threads would spend most of each
+    period throttled). Whole CPUs of the limit, at least 1."""
     try:
         import psutil
 
@@ -46,7 +70,11 @@ def physical_cores() -> int:
     except ImportError:  # pragma: no cover - psutil is in the trainer extra
         cores = None
     logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores or logical, logical))
+    available = min(cores or logical, logical)
+    limit = cpu_limit(cgroup)
+    if limit is not None:
+        available = min(available, int(limit))
+    return max(1, available)
 
 
 def _number(env: Mapping[str, str], name: str, default: float, kind: type = float) -> float:

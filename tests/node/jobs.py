@@ -1,0 +1,386 @@
+"""FineTuneJobs as real pods on the real node: the storage the example expects, the example with names and storage
+adjusted, and what the tests read back (pods as the kubelet reported them, ``kubectl get ftj``, trainer logs).
+
+Storage: one local PersistentVolume on the node per claim that examples/sentiment.yaml names (``models``,
+``datasets``, ``runs``), of a StorageClass the suite creates, each a folder on the host that examples/stage_demo.py
+fills as a platform team pre-loads a claim (the packaged all-MiniLM-L6-v2 and the example data, copied). ``runs``
+belongs to the trainer's uid (the operator's security context), the inputs are read-only to it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from finetune_operator.builders import PVC_ROOT, RUN_AS_USER
+from tests.controlplane.cluster import ApiError, ControlPlane
+from tests.controlplane.node import NODE_NAME, node_scheduling
+from tests.operator.helpers import merge_patch
+
+from .support import EXAMPLE, REPO, logs
+
+T = TypeVar("T")
+FTJ = "/apis/finetune.dev/v1alpha1"
+CLAIMS = ("models", "datasets", "runs")  # the claims examples/sentiment.yaml reads and writes
+WRITABLE = "runs"
+STAGE_DEMO = REPO / "examples" / "stage_demo.py"
+BAD_DATA = "sentiment-bad"  # datasets/<BAD_DATA>/train.jsonl: the example's data with one label outside the set
+BAD_ROW = 3
+
+
+@dataclass(frozen=True)
+class NodeStorage:
+    """The claims of one namespace, each a local PersistentVolume in a folder ``root/<claim>`` of the host."""
+
+    root: Path
+    namespace: str
+    storage_class: str
+    volumes: tuple[str, ...]
+
+    def host_path(self, location: str) -> Path:
+        """Where a ``pvc://claim/path`` (or the pod's ``/mnt/pvc/claim/path``) lies on the host."""
+        for prefix in ("pvc://", f"{PVC_ROOT}/"):
+            if location.startswith(prefix):
+                return self.root / location.removeprefix(prefix)
+        raise AssertionError(f"{location} is not on a claim")
+
+
+def stage_storage(root: Path) -> None:
+    """The example's inputs as examples/stage_demo.py stages them (copies, not links: the pods see only the claim),
+    one bad data file beside them, and an empty ``runs`` owned by the trainer's uid; each claim's folder belongs to
+    the pods' group (their fsGroup)."""
+    subprocess.run([sys.executable, str(STAGE_DEMO), "--pvc-root", str(root), "--copy"], check=True,
+                   capture_output=True, text=True, timeout=300)
+    rows = (root / "datasets" / "sentiment" / "train.jsonl").read_text().splitlines(keepends=True)
+    bad = json.loads(rows[BAD_ROW - 1])
+    bad["label"] = "neutral"
+    rows[BAD_ROW - 1] = json.dumps(bad) + "\n"
+    (root / "datasets" / BAD_DATA).mkdir(parents=True)
+    (root / "datasets" / BAD_DATA / "train.jsonl").write_text("".join(rows))
+    (root / WRITABLE).mkdir()
+    shutil.chown(root / WRITABLE, RUN_AS_USER, RUN_AS_USER)
+    for claim in CLAIMS:  # the pods' fsGroup: the kubelet warns about a shared volume of another group
+        shutil.chown(root / claim, group=RUN_AS_USER)
+
+
+def provide_storage(cp: ControlPlane, namespace: str, root: Path, name: str) -> NodeStorage:
+    """A StorageClass ``name`` (no provisioner, bound when a pod needs it, as local volumes are), one local PV per claim
+    pinned to the real node, and the claims in ``namespace`` bound to them."""
+    cp.request("POST", "/apis/storage.k8s.io/v1/storageclasses", {
+        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": name},
+        "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": "WaitForFirstConsumer"})
+    volumes = []
+    for claim in CLAIMS:
+        pv = f"{name}-{claim}"
+        cp.request("POST", "/api/v1/persistentvolumes", {
+            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+            "spec": {
+                "capacity": {"storage": "2Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": name,
+                "persistentVolumeReclaimPolicy": "Retain", "local": {"path": str(root / claim)},
+                "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": "kubernetes.io/hostname", "operator": "In", "values": [NODE_NAME]}]}]}},
+                "claimRef": {"namespace": namespace, "name": claim},
+            }})
+        cp.request("POST", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims", {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": name, "volumeName": pv,
+                     "resources": {"requests": {"storage": "2Gi"}}}})
+        volumes.append(pv)
+    for claim in CLAIMS:
+        cp.wait_for(lambda c=claim: cp.request(  # type: ignore[misc]
+            "GET", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{c}").get("status", {}).get("phase")
+            == "Bound", timeout=60, desc=f"claim {namespace}/{claim} bound")
+    return NodeStorage(root, namespace, name, tuple(volumes))
+
+
+def remove_storage(cp: ControlPlane, storage: NodeStorage) -> None:
+    for path in [f"/api/v1/persistentvolumes/{pv}" for pv in storage.volumes] + [
+            f"/apis/storage.k8s.io/v1/storageclasses/{storage.storage_class}"]:
+        try:
+            cp.request("DELETE", path)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+
+
+# ------------------------------------------------------------------------------------------------ the manifest
+
+
+def sentiment_job(name: str, namespace: str, *, samples: int, checkpoint_every: int,
+                  **spec: Any) -> dict[str, Any]:
+    """examples/sentiment.yaml with names and storage adjusted, placed on the real node, and shortened.
+
+    - ``metadata``: ``name`` in ``namespace``; ``output.storage``: ``pvc://runs/<name>`` (the example's claims are
+      kept: ``models``, ``datasets``, ``runs``);
+    - ``resources``: the real node's label and taint (the example leaves placement to the cluster, and only pods
+      that ask for this node land there); ``cpu`` dropped: the example asks for 2, all the cores of this node, which
+      already runs the operator and CoreDNS; the trainer takes what the node has free;
+    - shortened: ``dataset.maxSamples`` (the example trains one epoch over 4,000 examples, 125 steps of 32, about
+      7 minutes on 2 cores) and ``checkpointing.everySteps`` (the example checkpoints every 50), so that a run takes
+      ``samples / 32`` steps and checkpoints come early;
+    - ``spec``: each scenario's own change (a bad data file, a Secret, an image, a memory limit, two workers), merged
+      into the spec (a None value removes the key).
+    """
+    manifest = yaml.safe_load(EXAMPLE.read_text())
+    manifest["metadata"] = {"name": name, "namespace": namespace}
+    body = manifest["spec"]
+    body["output"]["storage"] = f"pvc://runs/{name}"
+    body["resources"].pop("cpu")
+    body["resources"].update(node_scheduling())
+    body["dataset"]["maxSamples"] = samples
+    body["checkpointing"]["everySteps"] = checkpoint_every
+    manifest["spec"] = merge_patch(body, copy.deepcopy(spec))
+    return manifest
+
+
+def apply(cp: ControlPlane, manifest: dict[str, Any]) -> dict[str, Any]:
+    """``kubectl apply -f`` of the manifest, as the README's first step does; returns the stored FineTuneJob."""
+    cp.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest, sort_keys=False))
+    return get_ftj(cp, manifest["metadata"]["namespace"], manifest["metadata"]["name"])
+
+
+def get_ftj(cp: ControlPlane, namespace: str, name: str) -> dict[str, Any]:
+    ftj: dict[str, Any] = cp.request("GET", f"{FTJ}/namespaces/{namespace}/finetunejobs/{name}")
+    return ftj
+
+
+def status(ftj: dict[str, Any]) -> dict[str, Any]:
+    st: dict[str, Any] = ftj.get("status") or {}
+    return st
+
+
+def condition(ftj: dict[str, Any], type_: str) -> dict[str, Any]:
+    for c in status(ftj).get("conditions") or []:
+        if c["type"] == type_:
+            return c  # type: ignore[no-any-return]
+    raise AssertionError(f"no {type_} condition in {json.dumps(status(ftj), indent=1)}")
+
+
+def condition_reason(ftj: dict[str, Any], type_: str) -> str | None:
+    for c in status(ftj).get("conditions") or []:
+        if c["type"] == type_:
+            return c.get("reason")  # type: ignore[no-any-return]
+    return None
+
+
+def pods_of(cp: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
+    pods: list[dict[str, Any]] = cp.request(
+        "GET", f"/api/v1/namespaces/{namespace}/pods?labelSelector=finetune.dev%2Fjob-name%3D{name}")["items"]
+    return sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"])
+
+
+def live_pods(cp: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
+    return [p for p in pods_of(cp, namespace, name) if not p["metadata"].get("deletionTimestamp")
+            and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
+
+
+def job_of(cp: ControlPlane, namespace: str, name: str) -> dict[str, Any] | None:
+    job: dict[str, Any] | None = cp.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}")
+    return job
+
+
+def events_of(cp: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = cp.request(
+        "GET", f"/api/v1/namespaces/{namespace}/events?fieldSelector=involvedObject.kind=FineTuneJob,"
+               f"involvedObject.name={name}")["items"]
+    return events
+
+
+class JobFailed(AssertionError):
+    """The FineTuneJob ended Failed while a test waited for something else."""
+
+
+def describe(cp: ControlPlane, namespace: str, name: str) -> str:
+    """The job's status and its pods' states and log tails, for a failure message."""
+    parts = [f"status: {json.dumps(status(get_ftj(cp, namespace, name)), indent=1)}"]
+    for pod in pods_of(cp, namespace, name):
+        pname = pod["metadata"]["name"]
+        parts.append(f"pod {pname}: {json.dumps(pod.get('status', {}).get('containerStatuses'), indent=1)}")
+        try:
+            parts.append(logs(cp, namespace, pname)[-3000:])
+        except Exception as exc:
+            parts.append(f"(no logs: {exc})")
+    return "\n".join(parts)
+
+
+def wait_ftj(cp: ControlPlane, namespace: str, name: str, check: Callable[[dict[str, Any]], T | None],
+             timeout: float, desc: str, interval: float = 1.0, failed_ok: bool = False) -> T:
+    """Polls the FineTuneJob until ``check`` returns something; fails at once (with the pods' logs) when the job
+    fails and ``failed_ok`` is not set."""
+
+    def poll() -> T | None:
+        ftj = get_ftj(cp, namespace, name)
+        if not failed_ok and status(ftj).get("phase") == "Failed":
+            raise JobFailed(f"{namespace}/{name} failed while waiting for {desc}:\n{describe(cp, namespace, name)}")
+        return check(ftj)
+
+    try:
+        return cp.wait_for(poll, timeout=timeout, interval=interval, desc=f"{namespace}/{name}: {desc}")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{describe(cp, namespace, name)}") from None
+
+
+def phase_is(phase: str) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
+    return lambda ftj: ftj if status(ftj).get("phase") == phase else None
+
+
+# ------------------------------------------------------------------------------------------- what pods did
+
+
+@dataclass
+class PodRecorder:
+    """Every state the API server held for the pods of a namespace, from a watch: a pod that is deleted once its
+    container ended (a deleted pod, a suspended Job's pods) is gone within moments, and polling could miss the
+    container's last state; the watch delivers each update."""
+
+    cp: ControlPlane
+    namespace: str
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> the last state seen
+    first_seen: dict[tuple[str, str], float] = field(default_factory=dict)  # (uid, waiting reason) -> when
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _thread: threading.Thread | None = None
+    _error: BaseException | None = None
+
+    def __enter__(self) -> PodRecorder:
+        self._thread = threading.Thread(target=self._run, name=f"pods-{self.namespace}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=70)
+
+    def _run(self) -> None:
+        from kubernetes import client, watch
+
+        api = client.CoreV1Api(self.cp.api_client())
+        version = None
+        while not self._stop.is_set():
+            try:
+                if version is None:
+                    listed = api.list_namespaced_pod(self.namespace, _preload_content=False)
+                    body = json.loads(listed.data)
+                    for pod in body["items"]:
+                        self._record(pod)
+                    version = body["metadata"]["resourceVersion"]
+                for event in watch.Watch().stream(api.list_namespaced_pod, self.namespace, resource_version=version,
+                                                  timeout_seconds=5, allow_watch_bookmarks=True):
+                    raw = event["raw_object"]
+                    version = raw["metadata"]["resourceVersion"]
+                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                        self._record(raw)
+                    if self._stop.is_set():
+                        return
+            except client.ApiException as exc:
+                if exc.status == 410:  # too old: list again
+                    version = None
+                    continue
+                self._error = exc
+                return
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                self._error = exc
+                time.sleep(1)
+
+    def _record(self, pod: dict[str, Any]) -> None:
+        uid = pod["metadata"]["uid"]
+        now = time.time()
+        with self._lock:
+            self.pods[uid] = pod
+            for cs in pod.get("status", {}).get("containerStatuses") or []:
+                reason = (cs.get("state", {}).get("waiting") or {}).get("reason")
+                if reason:
+                    self.first_seen.setdefault((uid, reason), now)
+
+    def of_job(self, name: str) -> list[dict[str, Any]]:
+        """The job's pods as last seen, oldest first (deleted ones included)."""
+        if self._error is not None:
+            raise AssertionError(f"the pod watch broke: {self._error!r}")
+        with self._lock:
+            pods = [p for p in self.pods.values() if p["metadata"].get("labels", {}).get("finetune.dev/job-name")
+                    == name]
+        return sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"])
+
+    def terminated(self, uid: str) -> dict[str, Any] | None:
+        """The trainer container's ``state.terminated`` as last seen (exitCode, reason, message), or None."""
+        with self._lock:
+            pod = self.pods.get(uid) or {}
+        for cs in pod.get("status", {}).get("containerStatuses") or []:
+            if cs["name"] == "trainer" and cs.get("state", {}).get("terminated"):
+                state: dict[str, Any] = cs["state"]["terminated"]
+                return state
+        return None
+
+    def wait_terminated(self, uid: str, timeout: float) -> dict[str, Any]:
+        return self.cp.wait_for(lambda: self.terminated(uid), timeout=timeout, interval=0.5,
+                                desc=f"the trainer container of pod {uid} to end")
+
+
+# --------------------------------------------------------------------------------------------- trainer logs
+
+_RESUMED = re.compile(r"resuming from \S+ \(step (\d+) of (\d+)")
+_STEP = re.compile(r"finetune_trainer\.progress: step (\d+)/(\d+)")
+
+
+@dataclass(frozen=True)
+class TrainerLog:
+    """What a trainer pod's log (``kubectl logs``) says about where it started."""
+
+    text: str
+
+    @property
+    def resumed_from(self) -> int | None:
+        m = _RESUMED.search(self.text)
+        return int(m[1]) if m else None
+
+    @property
+    def steps(self) -> list[int]:
+        return [int(m[1]) for m in _STEP.finditer(self.text)]
+
+
+def trainer_log(cp: ControlPlane, namespace: str, pod: str) -> TrainerLog:
+    return TrainerLog(logs(cp, namespace, pod))
+
+
+def wait_first_step(cp: ControlPlane, namespace: str, pod: str, timeout: float) -> TrainerLog:
+    """The pod's log once it shows its first training step (the trainer logs the first step it takes at once)."""
+    return cp.wait_for(lambda: (lambda t: t if t.steps else None)(trainer_log(cp, namespace, pod)),
+                       timeout=timeout, interval=2, desc=f"pod {namespace}/{pod} to log a training step",
+                       ignore=(Exception,))
+
+
+# ------------------------------------------------------------------------------------------ kubectl get ftj
+
+
+def get_ftj_row(cp: ControlPlane, namespace: str, name: str) -> dict[str, str]:
+    """``kubectl get ftj NAME``: the columns a user sees, by header."""
+    lines = cp.kubectl("-n", namespace, "get", "ftj", name).stdout.splitlines()
+    header, row = lines[0], lines[1]
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    names = header.split()
+    cells = [row[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+    return dict(zip(names, cells, strict=True))
+
+
+def checkpoint_steps(folder: Path) -> dict[int, dict[str, Any]]:
+    """The complete checkpoints in a checkpoint folder on the host: step -> its COMPLETE marker."""
+    out = {}
+    for marker in folder.glob("checkpoint-*/COMPLETE"):
+        done = json.loads(marker.read_text())
+        out[int(done["step"])] = done
+    return out
