@@ -61,6 +61,9 @@ pytestmark = [pytest.mark.node, pytest.mark.e2e]
 START_TIMEOUT = 30
 BATCH = 32  # the example's batchSize
 TRAIN = 600.0  # seconds a shortened run may take on a loaded 2-core machine, pod start and final evaluation included
+SURFACED = 15.0  # seconds from the kubelet's report on the pod to the FineTuneJob's condition
+LATE = 20.0  # seconds after START_TIMEOUT by which a job whose pod cannot start has failed
+KUBELET_RETRY = 20.0  # the kubelet tries a pod that cannot start again after 10 s, then 20 s, ...
 
 
 @pytest.fixture(scope="module")
@@ -314,11 +317,6 @@ def test_a_label_outside_the_set_fails_at_once_with_the_trainers_message_from_th
     assert job is not None and any(c["type"] == "Failed" and c["status"] == "True"
                                    for c in job["status"].get("conditions") or []), job["status"]
     assert len(pods_of(cp, ns, name)) == 1 and job["status"].get("failed") == 1, "retried"
-
-
-SURFACED = 15.0  # seconds from the kubelet's report on the pod to the FineTuneJob's condition
-LATE = 20.0  # seconds after START_TIMEOUT by which a job whose pod cannot start has failed
-KUBELET_RETRY = 20.0  # the kubelet tries a pod that cannot start again after 10 s, then 20 s, ...
 
 
 @pytest.mark.timeout(600)
