@@ -388,11 +388,15 @@ def test_a_pod_that_cannot_start_is_named_at_once_and_fails_the_job_after_the_st
 def test_an_oom_killed_trainer_is_named_with_advice_retried_once_and_not_again(
     control_plane: ControlPlane, release: Release, storage: NodeStorage, recorder: PodRecorder,
 ) -> None:
-    """Scenario 7: a memory limit the trainer cannot fit in (it needs well over a gigabyte to train MiniLM); the
-    kernel kills it in its cgroup, the kubelet reports OOMKilled, the operator names it with the advice to raise
-    resources.memory, retries once, and fails the job at the second kill though backoffLimit allows more."""
-    cp, ns, name, memory = control_plane, release.watched[0], "oom", "512Mi"
-    apply(cp, sentiment_job(name, ns, samples=8 * BATCH, checkpoint_every=4, resources={"memory": memory}))
+    """Scenario 7: a memory limit the trainer cannot fit in (the process needs well over 600 MiB: torch,
+    transformers, MiniLM, its gradients and AdamW state); the kernel kills it in its cgroup, the kubelet reports
+    OOMKilled, the operator names it with the advice to raise resources.memory, retries once, and fails the job at
+    the second kill though backoffLimit allows more. Batch 8 of 32 tokens: the trainer's memory plan (training state
+    and activations, 0.51 GB) then fits the limit, so the trainer starts instead of refusing at once (exit 78, as it
+    does for the example's batch 32 of 128 tokens, estimated 3.1 GB)."""
+    cp, ns, name, memory = control_plane, release.watched[0], "oom", "600Mi"
+    apply(cp, sentiment_job(name, ns, samples=8 * BATCH, checkpoint_every=4, resources={"memory": memory},
+                            hyperparameters={"batchSize": 8, "maxSeqLength": 32}))
     failed = wait_ftj(cp, ns, name, phase_is("Failed"), timeout=TRAIN, desc="Failed", failed_ok=True)
     why = condition(failed, "Failed")
     assert why["reason"] == "OOMKilled" and "(OOMKilled) 2 times" in why["message"], why
