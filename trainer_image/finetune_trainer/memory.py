@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finetune_api.progress import MemoryPlanReport
 from finetune_api.spec import FineTuneJobSpec, quantization_of
+from finetune_api.tasks import TASKS
 from finetune_trainer.errors import ConfigError
 
 GB = 1e9
@@ -69,14 +71,16 @@ class MemoryEstimate:
     optimizer: float
     activations: float  # kept from the forward pass for the backward pass
     working: float  # transients: FSDP's gathered blocks, DDP's gradient buckets, a checkpointed block's recompute
+    reference: float = 0.0  # a frozen reference model the objective keeps beside the trained one (its shard)
 
     @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.activations + self.working
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.working + self.reference
 
     def parts(self) -> dict[str, float]:
+        extra = {"reference": self.reference} if self.reference else {}
         return {"parameters": self.parameters, "gradients": self.gradients, "optimizer": self.optimizer,
-                "activations": self.activations, "working": self.working, "total": self.total}
+                "activations": self.activations, "working": self.working, **extra, "total": self.total}
 
     def summary(self) -> str:
         return ", ".join(f"{k} {size(v)}" for k, v in self.parts().items())
@@ -167,14 +171,23 @@ def _alternatives(inp: MemoryInputs, method: str, shardable: bool) -> list[tuple
     return out
 
 
+# The objective's own terms (finetune_trainer.tasks: a reference model, two sequences per example) on an estimate.
+Adjust = Callable[[MemoryInputs, MemoryEstimate], MemoryEstimate]
+
+
 def plan(requested: str, inp: MemoryInputs, device_bytes: float, method: str = "full",
-         shardable: bool = True) -> Plan:
+         shardable: bool = True, adjust: Adjust | None = None) -> Plan:
     """Resolve `resources.sharding` (auto, none, fsdp) for this job and check that it fits; ConfigError (exit 78)
     naming the field to change when it does not, before any weights are loaded. `shardable`: whether fsdp is
-    possible for this job at all (not with a quantized base, nor for seq2seq, whose evaluation generates text)."""
+    possible for this job at all (not with a quantized base, nor for an objective that cannot shard); `adjust`
+    adds the objective's terms to every estimate."""
+
+    def estimate_of(i: MemoryInputs) -> MemoryEstimate:
+        return adjust(i, estimate(i)) if adjust is not None else estimate(i)
+
     limit = usable(device_bytes, inp.device)
     if requested == "auto":
-        single = estimate(dataclasses.replace(inp, sharding="none"))
+        single = estimate_of(dataclasses.replace(inp, sharding="none"))
         if single.total <= limit:
             chosen, reason = "none", "auto: a full copy fits on each device"
         elif inp.processes <= 1 or not shardable:
@@ -186,12 +199,12 @@ def plan(requested: str, inp: MemoryInputs, device_bytes: float, method: str = "
     else:
         chosen, reason = requested, "as requested"
     inp = dataclasses.replace(inp, sharding=chosen)
-    est = estimate(inp)
+    est = estimate_of(inp)
     if est.total <= limit:
         return Plan(chosen, est, device_bytes, reason)
     hints = []
     for field, value, alt in _alternatives(inp, method, shardable):
-        after = estimate(alt).total
+        after = estimate_of(alt).total
         if after <= limit:
             hints.append(f"set {field} to {value} (about {after / GB:.2f} GB)")
             break
@@ -205,7 +218,7 @@ def plan(requested: str, inp: MemoryInputs, device_bytes: float, method: str = "
 
 
 def for_job(spec: FineTuneJobSpec, shape: ModelShape, processes: int, precision: str, device: str,
-            device_bytes: float) -> Plan:
+            device_bytes: float, adjust: Adjust | None = None) -> Plan:
     """The job's plan: its batch size, configured sequence length, method, quantization and activation
     checkpointing on `processes` devices of `device_bytes` each."""
     hp = spec.hyperparameters
@@ -213,8 +226,8 @@ def for_job(spec: FineTuneJobSpec, shape: ModelShape, processes: int, precision:
     inp = MemoryInputs(shape=shape, sharding="none", processes=processes, batch_size=hp.batch_size,
                        seq_length=hp.max_seq_length, precision=precision, device=device, quantization=quantization,
                        activation_checkpointing=hp.activation_checkpointing)
-    shardable = quantization == "none" and spec.task.type != "seq2seq"
-    return plan(spec.resources.sharding, inp, device_bytes, spec.method.type, shardable)
+    shardable = quantization == "none" and TASKS[spec.task.type].no_fsdp is None
+    return plan(spec.resources.sharding, inp, device_bytes, spec.method.type, shardable, adjust)
 
 
 # --------------------------------------------------------------------------------------------- from the machine

@@ -23,7 +23,7 @@ METRICS_FILE = "metrics.json"
 
 def metrics_document(job: str, spec: FineTuneJobSpec, result: TrainResult, *, precision: str, processes: int,
                      train_examples: int, validation_examples: int,
-                     memory: dict[str, Any] | None = None) -> dict[str, Any]:
+                     memory: dict[str, Any] | None = None, dropped: dict[str, int] | None = None) -> dict[str, Any]:
     """What metrics.json says: the final metrics and their extras (the confusion matrix), the loss curve,
     throughput, the step reached and where the run resumed from."""
     state = result.state
@@ -45,6 +45,8 @@ def metrics_document(job: str, spec: FineTuneJobSpec, result: TrainResult, *, pr
         doc["output"] = result.choice.wire()  # which step's weights the model is, and why
     if result.last_metrics is not None:
         doc["lastMetrics"] = result.last_metrics
+    if dropped:
+        doc["droppedExamples"] = dropped  # over-long examples left out per split (dataset.overLong drop)
     if memory:
         doc["memory"] = memory  # the memory plan and what each rank measured (finetune_trainer.job.memory_report)
     doc.update(result.extras)
