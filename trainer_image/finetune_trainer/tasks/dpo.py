@@ -6,7 +6,7 @@ beginning of chosen and rejected (text, or whole conversations); the hosted fine
 prompt and the two answers; a batch of B pairs is one forward pass over 2B rows (chosen rows, then rejected rows),
 padded on the right, with the loss only on the answers' tokens.
 
-The loss of a pair, with log-probabilities summed over the answer's tokens (averaged per token for IPO):
+The loss of a pair, with log-probabilities summed over the answer's tokens (IPO: averaged per token):
     logits = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))
     sigmoid: -log sigmoid(beta * logits) (1 - eps) - log sigmoid(-beta * logits) eps     (label smoothing eps)
     ipo:     (logits - 1 / (2 beta))^2
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -36,7 +37,7 @@ from finetune_trainer.data import IGNORE_INDEX, Encoded, Split, column, eos_ids
 from finetune_trainer.errors import DataError
 from finetune_trainer.evaluation import Evaluation, Evaluator
 from finetune_trainer.memory import MemoryEstimate, MemoryInputs, estimate
-from finetune_trainer.sharding import shard
+from finetune_trainer.sharding import base_model, shard
 from finetune_trainer.tasks.base import RunContext, Task
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 # The hosted fine-tuning APIs' preference rows, read as they are when the data has these columns instead.
 HOSTED = {"prompt": "input", "chosen": "preferred_output", "rejected": "non_preferred_output"}
 REF = "ref_logps"  # the batch key of precomputed reference log-probabilities (chosen rows, then rejected rows)
+KEEP = "logits_to_keep"  # the batch key of how many last positions need logits
 
 
 # ------------------------------------------------------------------------------------------------------ the loss
@@ -65,23 +67,28 @@ class Settings:
 
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the sum of the log-probabilities of the labelled tokens (a decoder predicts token t+1 at t) and how
-    many there are. Cross-entropy per token: the same fused kernel as the model's own loss, no full log-softmax kept
-    beyond what its backward needs."""
+    many there are. `logits` may cover only the last K positions (the model's `logits_to_keep`). Cross-entropy per
+    token: the same fused kernel as the model's own loss, no full log-softmax kept beyond what its backward needs."""
     # Labels shifted left instead of logits shifted right: the logits stay one contiguous view, never copied.
-    target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    keep = logits.shape[1]
+    target = torch.cat([labels[:, labels.shape[1] - keep + 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
     per_token = -F.cross_entropy(logits.float().view(-1, logits.shape[-1]), target.view(-1),
                                  ignore_index=IGNORE_INDEX, reduction="none").view(target.shape)
     return per_token.sum(-1), (target != IGNORE_INDEX).sum(-1)
 
 
-def pair_losses(policy: torch.Tensor, reference: torch.Tensor, s: Settings) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                     torch.Tensor]:
-    """Per-pair losses and the chosen and rejected rewards, from [2B] log-probabilities (chosen rows first)."""
+def pair_losses(policy: torch.Tensor, reference: torch.Tensor, counts: torch.Tensor,
+                s: Settings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses and the chosen and rejected rewards, from [2B] summed log-probabilities and answer lengths
+    (chosen rows first). IPO compares per-token averages of the log-ratios (as TRL does, with its authors'
+    agreement); the rewards are always the summed ones."""
     n = policy.shape[0] // 2
-    chosen, rejected = policy[:n] - reference[:n], policy[n:] - reference[n:]
+    ratios = policy - reference
+    chosen, rejected = ratios[:n], ratios[n:]
     logits = chosen - rejected
     if s.loss_type == "ipo":
-        losses = (logits - 1 / (2 * s.beta)) ** 2
+        per_token = ratios / counts.clamp(min=1)
+        losses = (per_token[:n] - per_token[n:] - 1 / (2 * s.beta)) ** 2
     elif s.loss_type == "hinge":
         losses = torch.relu(1 - s.beta * logits)
     else:
@@ -126,6 +133,7 @@ class Dpo(Task):
         super().__init__(*args, **kwargs)
         self.s = Settings.of(self.info.settings.get("dpo"))
         self.reference: torch.nn.Module | None = None  # a frozen copy (full fine-tuning without precomputation)
+        self._keeps_logits: bool | None = None  # whether the model's forward takes logits_to_keep
 
     # ---------------------------------------------------------------------------------------------- columns
     def _columns(self, split: Split) -> tuple[str | None, str, str]:
@@ -265,13 +273,15 @@ class Dpo(Task):
                 rows.append(np.concatenate([p, a]))
                 labels.append(np.concatenate([np.full(len(p), IGNORE_INDEX), a]))
         width = max(len(r) for r in rows)
+        # Logits are needed from the last prompt token on: the positions before the shortest prompt's end are skipped.
+        keep = width - min(len(data.row("input_ids", int(i))) for i in idx) + 1
         ids = np.full((len(rows), width), pad_id, dtype=np.int64)
         lab = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)
         for k, (r, y) in enumerate(zip(rows, labels, strict=True)):
             ids[k, :len(r)], lab[k, :len(r)], mask[k, :len(r)] = r, y, 1
         batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-                 "labels": torch.from_numpy(lab)}
+                 "labels": torch.from_numpy(lab), KEEP: torch.tensor(min(keep, width))}
         if "ref_chosen" in data.scalars:
             batch[REF] = torch.from_numpy(np.concatenate([data.scalars["ref_chosen"][idx],
                                                           data.scalars["ref_rejected"][idx]]))
@@ -330,7 +340,7 @@ class Dpo(Task):
         """The reference's summed log-probabilities of the batch's answers [2B]."""
         if REF in batch:
             return batch[REF]
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs = self._inputs(model, batch)
         with torch.no_grad():
             if self.reference is not None:
                 logits = self.reference(**inputs).logits
@@ -340,17 +350,24 @@ class Dpo(Task):
                     logits = inner(**inputs).logits
             return answer_logps(logits, batch["labels"])[0]
 
+    def _inputs(self, model: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The model's inputs; logits only for the positions that predict answer tokens where the model can."""
+        inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self._keeps_logits is None:
+            forward = type(base_model(getattr(model, "module", model))).forward
+            self._keeps_logits = "logits_to_keep" in inspect.signature(forward).parameters
+        if self._keeps_logits and KEEP in batch:
+            inputs[KEEP] = int(batch[KEEP])
+        return inputs
+
     def scores(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
                                                                           torch.Tensor]:
         """Per pair: the loss, the chosen reward and the rejected reward. The reference pass comes first, so that
         nothing runs between the policy's forward and its backward."""
         reference = self._reference_logps(model, batch)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**self._inputs(model, batch)).logits
         policy, counts = answer_logps(logits, batch["labels"])
-        reference = reference.to(policy.dtype)
-        if self.s.loss_type == "ipo":  # IPO on per-token averages, as TRL computes it
-            policy, reference = policy / counts, reference / counts
-        return pair_losses(policy, reference, self.s)
+        return pair_losses(policy, reference.to(policy.dtype), counts, self.s)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.scores(model, batch)[0].mean()
