@@ -1,6 +1,8 @@
 """Pinned dependencies, one constraints file per image plus one for development and CI, all from pyproject.toml.
 
-    python requirements/lock.py            write operator.txt, trainer.txt and dev.txt (uv pip compile; needs PyPI)
+    python requirements/lock.py            write operator.txt, trainer.txt and dev.txt (uv pip compile; needs PyPI),
+                                           keeping the current pins that still fit pyproject.toml
+    python requirements/lock.py --upgrade  the same with the newest versions of everything
     python requirements/lock.py --check    fail when a file is stale: pyproject.toml changed since it was written
     python requirements/lock.py --floors DIR   resolve every extra with each direct requirement at the floor it
                                            declares (`>=x` taken as `==x`): floors that cannot be installed
@@ -117,12 +119,17 @@ def header(name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write() -> None:
+def write(upgrade: bool = False) -> None:
+    """Re-pin from pyproject.toml. The current pins are kept where they still satisfy it (uv reads them from the output
+    file as preferences), so a change to one requirement moves only what it needs; `upgrade` takes the newest of
+    everything instead."""
     with tempfile.TemporaryDirectory() as tmp:
         torch_pin = Path(tmp) / "torch.txt"
         torch_pin.write_text(f"torch=={base_torch()}\n")
         for name, how in LOCKS.items():
             out = Path(tmp) / f"{name}.txt"
+            if (HERE / f"{name}.txt").exists() and not upgrade:
+                shutil.copy(HERE / f"{name}.txt", out)
             constraints = [HERE / f"{c}.txt" for c in how.get("constraints", [])]  # type: ignore[attr-defined]
             if how.get("drop_torch"):
                 constraints.append(torch_pin)
@@ -179,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="fail when a file is stale; write nothing")
     mode.add_argument("--floors", metavar="DIR", type=Path, help="resolve the floors into DIR and check them")
+    mode.add_argument("--upgrade", action="store_true", help="take the newest versions instead of keeping the "
+                      "current pins that still fit")
     args = parser.parse_args(argv)
     if args.check:
         for path in stale():
@@ -187,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.floors is not None:
         args.floors.mkdir(parents=True, exist_ok=True)
         return floors(args.floors)
-    write()
+    write(upgrade=args.upgrade)
     return 0
 
 
