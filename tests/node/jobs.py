@@ -3,8 +3,9 @@ adjusted, and what the tests read back (pods as the kubelet reported them, ``kub
 
 Storage: one local PersistentVolume on the node per claim that examples/sentiment.yaml names (``models``,
 ``datasets``, ``runs``), of a StorageClass the suite creates, each a folder on the host that examples/stage_demo.py
-fills as a platform team pre-loads a claim (the packaged all-MiniLM-L6-v2 and the example data, copied). ``runs``
-belongs to the trainer's uid (the operator's security context), the inputs are read-only to it.
+fills as a platform team pre-loads a claim (the packaged all-MiniLM-L6-v2 and SmolLM2-135M-Instruct and the examples'
+data, copied). ``runs`` belongs to the trainer's uid (the operator's security context), the inputs are read-only to
+it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ WRITABLE = "runs"
 STAGE_DEMO = REPO / "examples" / "stage_demo.py"
 BAD_DATA = "sentiment-bad"  # datasets/<BAD_DATA>/train.jsonl: the example's data with one label outside the set
 BAD_ROW = 3
+DPO_EXAMPLE = REPO / "examples" / "assistant-dpo.yaml"
+SHORT_VALIDATION = "assistant-short"  # datasets/<this>/preference-validation.jsonl: the first rows of the example's
+SHORT_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -61,14 +65,18 @@ def stage_storage(root: Path) -> None:
     """The example's inputs as examples/stage_demo.py stages them (copies, not links: the pods see only the claim),
     one bad data file beside them, and an empty ``runs`` owned by the trainer's uid; each claim's folder belongs to
     the pods' group (their fsGroup)."""
-    subprocess.run([sys.executable, str(STAGE_DEMO), "--pvc-root", str(root), "--copy"], check=True,
-                   capture_output=True, text=True, timeout=300)
+    subprocess.run([sys.executable, str(STAGE_DEMO), "--pvc-root", str(root), "--copy", "--examples",
+                    "sentiment,assistant"], check=True, capture_output=True, text=True, timeout=900)
     rows = (root / "datasets" / "sentiment" / "train.jsonl").read_text().splitlines(keepends=True)
     bad = json.loads(rows[BAD_ROW - 1])
     bad["label"] = "neutral"
     rows[BAD_ROW - 1] = json.dumps(bad) + "\n"
     (root / "datasets" / BAD_DATA).mkdir(parents=True)
     (root / "datasets" / BAD_DATA / "train.jsonl").write_text("".join(rows))
+    validation = (root / "datasets" / "assistant" / "preference-validation.jsonl").read_text().splitlines(True)
+    (root / "datasets" / SHORT_VALIDATION).mkdir(parents=True)
+    (root / "datasets" / SHORT_VALIDATION / "preference-validation.jsonl").write_text("".join(
+        validation[:SHORT_ROWS]))
     (root / WRITABLE).mkdir()
     shutil.chown(root / WRITABLE, RUN_AS_USER, RUN_AS_USER)
     for claim in CLAIMS:  # the pods' fsGroup: the kubelet warns about a shared volume of another group
@@ -141,6 +149,23 @@ def sentiment_job(name: str, namespace: str, *, samples: int, checkpoint_every: 
     body["resources"].update(node_scheduling())
     body["dataset"]["maxSamples"] = samples
     body["checkpointing"]["everySteps"] = checkpoint_every
+    manifest["spec"] = merge_patch(body, copy.deepcopy(spec))
+    return manifest
+
+
+def dpo_job(name: str, namespace: str, *, steps: int, **spec: Any) -> dict[str, Any]:
+    """examples/assistant-dpo.yaml (SmolLM2-135M-Instruct, LoRA, the hosted APIs' preference rows) on the real node,
+    shortened: ``steps`` optimizer steps of 2 pairs, an evaluation and a checkpoint every 2, SHORT_ROWS validation
+    pairs; ``cpu`` dropped and ``memory`` lowered to what the node has to spare."""
+    manifest = yaml.safe_load(DPO_EXAMPLE.read_text())
+    manifest["metadata"] = {"name": name, "namespace": namespace}
+    body = manifest["spec"]
+    body["output"]["storage"] = f"pvc://runs/{name}"
+    body["resources"].pop("cpu")
+    body["resources"].update(node_scheduling(), memory="3Gi")
+    body["dataset"]["validation"] = f"pvc://datasets/{SHORT_VALIDATION}/preference-validation.jsonl"
+    body["hyperparameters"].update(maxSteps=steps, batchSize=2, evalEverySteps=2)
+    body["checkpointing"]["everySteps"] = 2
     manifest["spec"] = merge_patch(body, copy.deepcopy(spec))
     return manifest
 

@@ -256,11 +256,13 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
     train_enc, val_enc = _data_everywhere(spec, cfg, task, tok, where, dist)
     model = load_trainable(spec, task, source, tok, dist, precision)
     layout = Layout(plan.sharding, precision.autocast_dtype, precision.grad_scaling, hp.activation_checkpointing)
+    prepared = time.perf_counter(), time.process_time()
     task.attach(RunContext(
         model=model, method=spec.method.type, layout=layout, dist=dist, pad_id=tok.pad_token_id,
         load_frozen=functools.partial(load_frozen, spec, task, source, tok, precision),
         data=[e for e in (train_enc, val_enc) if e is not None], batch_size=hp.batch_size * 2,
         autocast=lambda: precision.autocast(dist.device)))
+    prepared = time.perf_counter() - prepared[0], time.process_time() - prepared[1]
     dropped = {name: enc.dropped for name, enc in (("train", train_enc), ("validation", val_enc))
                if enc is not None and enc.dropped}
 
@@ -284,7 +286,7 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
         used = memory_report(plan, trainer.optimizer_step.measured)
         dist.on_main(lambda: write_output(where.output, spec, model, tok, lambda: metrics_document(
             name, spec, result, precision=precision.name, processes=dist.world, train_examples=len(train_enc),
-            validation_examples=len(val_enc) if val_enc else 0, memory=used, dropped=dropped),
+            validation_examples=len(val_enc) if val_enc else 0, memory=used, dropped=dropped, prepared=prepared),
             describe=lambda folder, doc: describe_output(folder, job, task, doc, result, run_log), **saving))
         output: dict[str, Any] = {"path": spec.output.storage, "metrics": result.metrics}
         if result.choice is not None:
