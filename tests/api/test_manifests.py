@@ -232,6 +232,8 @@ MALFORMED = [
                                                                                  "labelSmoothing": 0.1}}),
      "spec.task.dpo", "labelSmoothing applies only to lossType sigmoid"),
     ("dpo beta 0", mutate("spec.task", {"type": "dpo", "dpo": {"beta": 0}}), "spec.task.dpo.beta", "greater than 0"),
+    ("dpo label smoothing 0.5", mutate("spec.task", {"type": "dpo", "dpo": {"labelSmoothing": 0.5}}), "spec.task.dpo",
+     "labelSmoothing must be below 0.5"),
     ("dpo unknown loss", mutate("spec.task", {"type": "dpo", "dpo": {"lossType": "kto"}}),
      "spec.task.dpo.lossType", "sigmoid"),
     ("dpo prompt limit not below the total", _with(mutate("spec.task", {"type": "dpo", "dpo": {

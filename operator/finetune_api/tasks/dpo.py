@@ -26,8 +26,10 @@ class DpoSpec(SpecModel):
         default="sigmoid", description="sigmoid: -log sigmoid(reward margin), the DPO paper's loss; ipo: the "
         "squared distance of the log-ratio margin from 1/(2 beta), averaged per token (IPO: does not push the "
         "margin to infinity on deterministic preferences); hinge: max(0, 1 - reward margin) (SLiC).")
+    # Below 0.5 as a rule, not as an exclusive maximum: the API server checks an integral value (the default 0)
+    # against the bound truncated to an integer, and would refuse 0 < 0.
     label_smoothing: float = Field(default=0.0, description="Assumed share of pairs whose preference is flipped "
-                                   "(conservative DPO); sigmoid loss only.", ge=0, lt=0.5)
+                                   "(conservative DPO), below 0.5; sigmoid loss only.", ge=0)
     max_prompt_length: int | None = Field(
         default=None, description="Longest prompt in tokens: a longer prompt loses its beginning (the end, next to "
         "the answers, is kept). Must be below hyperparameters.maxSeqLength, which limits prompt plus answer. Unset: "
@@ -39,6 +41,8 @@ class DpoSpec(SpecModel):
         "forward pass over the data at every start.")
 
     rules = (
+        Rule(cel="self.labelSmoothing < 0.5", message="task.dpo.labelSmoothing must be below 0.5 (with half the pairs "
+             "flipped there is no preference left to learn)", check=lambda d: d.label_smoothing < 0.5),
         Rule(cel="self.labelSmoothing == 0.0 || self.lossType == 'sigmoid'",
              message="task.dpo.labelSmoothing applies only to lossType sigmoid",
              check=lambda d: d.label_smoothing == 0.0 or d.loss_type == "sigmoid"),

@@ -134,6 +134,7 @@ class Dpo(Task):
         self.s = Settings.of(self.info.settings.get("dpo"))
         self.reference: torch.nn.Module | None = None  # a frozen copy (full fine-tuning without precomputation)
         self._keeps_logits: bool | None = None  # whether the model's forward takes logits_to_keep
+        self._told: set[str] = set()  # splits whose format was logged
 
     # ---------------------------------------------------------------------------------------------- columns
     def _columns(self, split: Split) -> tuple[str | None, str, str]:
@@ -142,8 +143,10 @@ class Dpo(Task):
         mapped = set(self.info.mapped)
         if not mapped & {"chosen", "rejected"} and cols["chosen"] not in present and {
                 HOSTED["chosen"], HOSTED["rejected"]} <= present:
-            log.info("dataset.%s: preference rows in the hosted fine-tuning format (%s)", split.name,
-                     ", ".join(HOSTED.values()))
+            if split.name not in self._told:
+                self._told.add(split.name)
+                log.info("dataset.%s: preference rows in the hosted fine-tuning format (%s)", split.name,
+                         ", ".join(HOSTED.values()))
             return (HOSTED["prompt"] if HOSTED["prompt"] in present else None), HOSTED["chosen"], HOSTED["rejected"]
         prompt = cols["prompt"] if ("prompt" in mapped or cols["prompt"] in present) else None
         return prompt, cols["chosen"], cols["rejected"]
