@@ -263,8 +263,8 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
         data=[e for e in (train_enc, val_enc) if e is not None], batch_size=hp.batch_size * 2,
         autocast=lambda: precision.autocast(dist.device)))
     prepared = time.perf_counter() - prepared[0], time.process_time() - prepared[1]
-    dropped = {name: enc.dropped for name, enc in (("train", train_enc), ("validation", val_enc))
-               if enc is not None and enc.dropped}
+    dropped = {split: enc.dropped for split, enc in (("train", train_enc), ("validation", val_enc))
+               if enc is not None and enc.dropped}  # over-long examples left out (dataset.overLong drop)
 
     ckpt = CheckpointManager(where.checkpoints, spec.checkpointing.keep_last)
     progress = Progress(push_url=cfg.progress_url, push_token=cfg.progress_token,
