@@ -9,7 +9,8 @@ LLM user would pick instead, TRL:
   DPO on examples/data/assistant/preference-*.jsonl (the hosted APIs' preference rows; TRL gets them as
   prompt/chosen/rejected messages):
     (d) TRL DPOTrainer, defaults (a frozen reference copy)
-    (e) TRL DPOTrainer, tuned by hand: fp32, length-grouped batches
+    (e) TRL DPOTrainer, tuned by hand: fp32 (transformers' length-grouped sampler cannot read TRL's tokenised
+        preference rows, which have no input_ids)
     (f) finetune_trainer, task dpo, defaults (a frozen reference copy)
   Precomputing the reference log-probabilities (TRL's precompute_ref_log_probs, this trainer's
   precomputeReferenceLogProbs) costs a forward pass over the whole data set before the first step: it pays off
@@ -154,7 +155,7 @@ def run_trl(kind: str, tuned: bool, args: argparse.Namespace, source: Path) -> d
         "logging_steps": 10_000, "use_cpu": True, "max_length": args.max_len, "dataloader_num_workers": 0,
     }
     if tuned:
-        common.update(bf16=False, train_sampling_strategy="group_by_length")
+        common.update(bf16=False, **({"train_sampling_strategy": "group_by_length"} if kind == "sft" else {}))
 
     class Clock(TrainerCallback):
         """Training time only: from the first step's start to the last step's end."""
@@ -317,8 +318,8 @@ def main() -> None:
     results = {}
     for name in names:
         r = results[name] = run_setup(name, args)
-        print(f"  {SETUPS[name]}: {r['examples'] / r['seconds']:.2f}/s (load {r['load_before']:.1f} before)",
-              flush=True)
+        print(f"  {SETUPS[name]}: {r['examples'] / r['seconds']:.2f}/s (load {r['load_before']:.1f} before): "
+              f"{json.dumps(r)}", flush=True)  # every result as it comes: a later set-up's failure loses none
     print()
     print("| set-up | examples or pairs/s | per CPU-s x threads | padding | peak RSS | bf16 | quality |")
     print("|---|---|---|---|---|---|---|")
