@@ -82,6 +82,9 @@ KUBELET_SYSCTLS = ("vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic", "k
                    "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes")
 BRIDGE = "ftnode0"
 FORWARD_CHAIN = "FINETUNE-NODE-FWD"
+# The kubelet evicts every pod once less than this share of the node's disk (nodefs, imagefs) is free; images are
+# imported only when they leave more than that (images.disk_shortfall).
+EVICT_PERCENT = 1.0
 NODE_DIR = CACHE / "node"  # containerd's root (images) persists; run/ is wiped at every start
 CNI_BIN_DIR = Path("/usr/lib/cni")
 NEEDED_PROGRAMS = ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "iptables", "iptables-save", "ip", "mount",
@@ -432,7 +435,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     def load_images(self, tags: Iterable[str]) -> None:
         """Imports images (from Docker) that the node's containerd does not have yet."""
-        load_into_containerd(self.ctr(), tags, self.steps)
+        load_into_containerd(self.ctr(), tags, self.steps, self.containerd_root, EVICT_PERCENT)
 
     def _node_images(self) -> None:
         assert self.binaries.coredns is not None and self.binaries.pause is not None
@@ -482,8 +485,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "maxPods": 30,
             # A shared disk may be fuller than the defaults allow: never evict test pods or collect the imported
             # images (which cannot be pulled back) for disk pressure.
-            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%",
-                             "nodefs.inodesFree": "1%"},
+            "evictionHard": {"memory.available": "100Mi", "nodefs.available": f"{EVICT_PERCENT:g}%",
+                             "imagefs.available": f"{EVICT_PERCENT:g}%", "nodefs.inodesFree": "1%"},
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
             "serializeImagePulls": False,

@@ -243,16 +243,25 @@ def phase_is(phase: str) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
 class PodRecorder:
     """Every state the API server held for the pods of a namespace, from a watch: a pod that is deleted once its
     container ended (a deleted pod, a suspended Job's pods) is gone within moments, and polling could miss the
-    container's last state; the watch delivers each update."""
+    container's last state; the watch delivers each update.
+
+    The watch resumes where it stopped after a transient failure (a dropped connection, a 5xx or 429 answer), so no
+    update is lost and a recovered watch carries no error. One that cannot go on (another 4xx, or ``RETRIES``
+    transient failures in a row) is dead: every read of the recorder then fails at once, naming the cause, instead
+    of a wait running into its deadline."""
 
     cp: ControlPlane
     namespace: str
+    kubeconfig: Path | None = None  # the control plane's own by default
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> the last state seen
     first_seen: dict[tuple[str, str], float] = field(default_factory=dict)  # (uid, waiting reason) -> when
+    transient: BaseException | None = None  # the failure the watch is recovering from, None once it is back
+    dead: BaseException | None = None  # the failure that ended the watch
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
-    _error: BaseException | None = None
+
+    RETRIES = 5
 
     def __enter__(self) -> PodRecorder:
         self._thread = threading.Thread(target=self._run, name=f"pods-{self.namespace}", daemon=True)
@@ -265,10 +274,11 @@ class PodRecorder:
             self._thread.join(timeout=70)
 
     def _run(self) -> None:
-        from kubernetes import client, watch
+        from kubernetes import client, config, watch
 
-        api = client.CoreV1Api(self.cp.api_client())
+        api = client.CoreV1Api(config.new_client_from_config(config_file=str(self.kubeconfig or self.cp.kubeconfig)))
         version = None
+        failures = 0
         while not self._stop.is_set():
             try:
                 if version is None:
@@ -277,25 +287,45 @@ class PodRecorder:
                     for pod in body["items"]:
                         self._record(pod)
                     version = body["metadata"]["resourceVersion"]
+                    failures, self.transient = 0, None
                 for event in watch.Watch().stream(api.list_namespaced_pod, self.namespace, resource_version=version,
                                                   timeout_seconds=5, allow_watch_bookmarks=True):
-                    raw = event["raw_object"]
+                    failures, self.transient = 0, None
+                    raw = event["raw_object"]  # (an ERROR event is raised by the client as an ApiException)
                     version = raw["metadata"]["resourceVersion"]
                     if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
                         self._record(raw)
                     if self._stop.is_set():
                         return
+                failures, self.transient = 0, None  # the stream ended at its own timeout: healthy
             except client.ApiException as exc:
                 if exc.status == 410:  # too old: list again
                     version = None
                     continue
-                self._error = exc
-                return
-            except Exception as exc:
+                if exc.status is None or not (exc.status >= 500 or exc.status == 429):
+                    self.dead = exc
+                    return
+                failures = self._retry(exc, failures)
+            except Exception as exc:  # a dropped connection, a truncated stream
                 if self._stop.is_set():
                     return
-                self._error = exc
-                time.sleep(1)
+                failures = self._retry(exc, failures)
+            if failures > self.RETRIES:
+                return
+
+    def _retry(self, exc: BaseException, failures: int) -> int:
+        """Counts a transient failure; past RETRIES in a row the watch is dead, else it waits before going on."""
+        failures += 1
+        if failures > self.RETRIES:
+            self.dead = exc
+        else:
+            self.transient = exc
+            self._stop.wait(min(0.25 * 2 ** failures, 4.0))
+        return failures
+
+    def _alive(self) -> None:
+        if self.dead is not None:
+            raise AssertionError(f"the pod watch of namespace {self.namespace} is dead: {self.dead!r}")
 
     def _record(self, pod: dict[str, Any]) -> None:
         uid = pod["metadata"]["uid"]
@@ -309,8 +339,7 @@ class PodRecorder:
 
     def of_job(self, name: str) -> list[dict[str, Any]]:
         """The job's pods as last seen, oldest first (deleted ones included)."""
-        if self._error is not None:
-            raise AssertionError(f"the pod watch broke: {self._error!r}")
+        self._alive()
         with self._lock:
             pods = [p for p in self.pods.values() if p["metadata"].get("labels", {}).get("finetune.dev/job-name")
                     == name]
@@ -318,6 +347,7 @@ class PodRecorder:
 
     def terminated(self, uid: str) -> dict[str, Any] | None:
         """The trainer container's ``state.terminated`` as last seen (exitCode, reason, message), or None."""
+        self._alive()
         with self._lock:
             pod = self.pods.get(uid) or {}
         for cs in pod.get("status", {}).get("containerStatuses") or []:

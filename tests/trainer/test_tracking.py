@@ -261,7 +261,7 @@ def test_no_duplicates_after_sigkill_and_resume(models: dict[str, Path], tmp_pat
 
     proc = support.start_trainer([str(job)], env, log)
     try:
-        support.wait_for(past_checkpoint, 180, "steps logged past a checkpoint", proc, log, interval=0.005)
+        support.wait_for(past_checkpoint, 180, "steps logged past a checkpoint", proc, log)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

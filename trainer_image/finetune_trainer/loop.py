@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from finetune_api.spec import FineTuneJobSpec
+from finetune_trainer import START_LOGGER
 from finetune_trainer.checkpoint import CheckpointInfo, CheckpointManager, TrainState
 from finetune_trainer.data import Encoded, collate, epoch_batches
 from finetune_trainer.distributed import Dist
@@ -295,8 +296,9 @@ class Trainer:
             log.warning("the training data had %d examples at the checkpoint and has %d now",
                         state.train_examples, len(self.train_data))
         self.state = state
-        log.info("resuming from %s (step %d of %d, epoch %d)", self.checkpoints.manager.path(step), step,
-                 self.total_steps, state.epoch)
+        logging.getLogger(START_LOGGER).info(  # every rank, not only rank 0
+            "resuming from %s (step %d of %d, epoch %d)", self.checkpoints.manager.path(step), step, self.total_steps,
+            state.epoch)
         return step
 
     def save_checkpoint(self) -> CheckpointInfo | None:
