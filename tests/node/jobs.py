@@ -1,10 +1,6 @@
-"""FineTuneJobs as real pods on the real node: the storage the example expects, the example with names and storage
-adjusted, and what the tests read back (pods as the kubelet reported them, ``kubectl get ftj``, trainer logs).
-
-Storage: one local PersistentVolume on the node per claim that examples/sentiment.yaml names (``models``,
-``datasets``, ``runs``), of a StorageClass the suite creates, each a folder on the host that examples/stage_demo.py
-fills as a platform team pre-loads a claim (the packaged all-MiniLM-L6-v2 and the example data, copied). ``runs``
-belongs to the trainer's uid (the operator's security context), the inputs are read-only to it.
+"""FineTuneJobs as real pods on the real node: the example with names and storage adjusted, and what the tests read
+back (pods as the kubelet reported them, ``kubectl get ftj``, trainer logs). The storage the example expects is
+tests/controlplane/storage.py's, as ``make cluster`` stages it, plus one bad data file.
 """
 
 from __future__ import annotations
@@ -12,9 +8,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,95 +17,28 @@ from typing import Any, TypeVar
 
 import yaml
 
-from finetune_operator.builders import PVC_ROOT, RUN_AS_USER
-from tests.controlplane.cluster import ApiError, ControlPlane
-from tests.controlplane.node import NODE_NAME, node_scheduling
+from tests.controlplane.cluster import ControlPlane
+from tests.controlplane.node import node_scheduling
+from tests.controlplane.storage import stage_demo_claims
 from tests.operator.helpers import merge_patch
 
-from .support import EXAMPLE, REPO, logs
+from .support import EXAMPLE, logs
 
 T = TypeVar("T")
 FTJ = "/apis/finetune.dev/v1alpha1"
-CLAIMS = ("models", "datasets", "runs")  # the claims examples/sentiment.yaml reads and writes
-WRITABLE = "runs"
-STAGE_DEMO = REPO / "examples" / "stage_demo.py"
 BAD_DATA = "sentiment-bad"  # datasets/<BAD_DATA>/train.jsonl: the example's data with one label outside the set
 BAD_ROW = 3
 
 
-@dataclass(frozen=True)
-class NodeStorage:
-    """The claims of one namespace, each a local PersistentVolume in a folder ``root/<claim>`` of the host."""
-
-    root: Path
-    namespace: str
-    storage_class: str
-    volumes: tuple[str, ...]
-
-    def host_path(self, location: str) -> Path:
-        """Where a ``pvc://claim/path`` (or the pod's ``/mnt/pvc/claim/path``) lies on the host."""
-        for prefix in ("pvc://", f"{PVC_ROOT}/"):
-            if location.startswith(prefix):
-                return self.root / location.removeprefix(prefix)
-        raise AssertionError(f"{location} is not on a claim")
-
-
 def stage_storage(root: Path) -> None:
-    """The example's inputs as examples/stage_demo.py stages them (copies, not links: the pods see only the claim),
-    one bad data file beside them, and an empty ``runs`` owned by the trainer's uid; each claim's folder belongs to
-    the pods' group (their fsGroup)."""
-    subprocess.run([sys.executable, str(STAGE_DEMO), "--pvc-root", str(root), "--copy"], check=True,
-                   capture_output=True, text=True, timeout=300)
+    """The demo's claims (``make cluster`` stages the same), and one bad data file beside the example's."""
+    stage_demo_claims(root)
     rows = (root / "datasets" / "sentiment" / "train.jsonl").read_text().splitlines(keepends=True)
     bad = json.loads(rows[BAD_ROW - 1])
     bad["label"] = "neutral"
     rows[BAD_ROW - 1] = json.dumps(bad) + "\n"
     (root / "datasets" / BAD_DATA).mkdir(parents=True)
     (root / "datasets" / BAD_DATA / "train.jsonl").write_text("".join(rows))
-    (root / WRITABLE).mkdir()
-    shutil.chown(root / WRITABLE, RUN_AS_USER, RUN_AS_USER)
-    for claim in CLAIMS:  # the pods' fsGroup: the kubelet warns about a shared volume of another group
-        shutil.chown(root / claim, group=RUN_AS_USER)
-
-
-def provide_storage(cp: ControlPlane, namespace: str, root: Path, name: str) -> NodeStorage:
-    """A StorageClass ``name`` (no provisioner, bound when a pod needs it, as local volumes are), one local PV per claim
-    pinned to the real node, and the claims in ``namespace`` bound to them."""
-    cp.request("POST", "/apis/storage.k8s.io/v1/storageclasses", {
-        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": name},
-        "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": "WaitForFirstConsumer"})
-    volumes = []
-    for claim in CLAIMS:
-        pv = f"{name}-{claim}"
-        cp.request("POST", "/api/v1/persistentvolumes", {
-            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
-            "spec": {
-                "capacity": {"storage": "2Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": name,
-                "persistentVolumeReclaimPolicy": "Retain", "local": {"path": str(root / claim)},
-                "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-                    {"key": "kubernetes.io/hostname", "operator": "In", "values": [NODE_NAME]}]}]}},
-                "claimRef": {"namespace": namespace, "name": claim},
-            }})
-        cp.request("POST", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims", {
-            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
-            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": name, "volumeName": pv,
-                     "resources": {"requests": {"storage": "2Gi"}}}})
-        volumes.append(pv)
-    for claim in CLAIMS:
-        cp.wait_for(lambda c=claim: cp.request(  # type: ignore[misc]
-            "GET", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{c}").get("status", {}).get("phase")
-            == "Bound", timeout=60, desc=f"claim {namespace}/{claim} bound")
-    return NodeStorage(root, namespace, name, tuple(volumes))
-
-
-def remove_storage(cp: ControlPlane, storage: NodeStorage) -> None:
-    for path in [f"/api/v1/persistentvolumes/{pv}" for pv in storage.volumes] + [
-            f"/apis/storage.k8s.io/v1/storageclasses/{storage.storage_class}"]:
-        try:
-            cp.request("DELETE", path)
-        except ApiError as exc:
-            if exc.status != 404:
-                raise
 
 
 # ------------------------------------------------------------------------------------------------ the manifest
