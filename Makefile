@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+export PYTEST_ARGS  # make test: extra pytest options, read by tests/suite.sh
 # make cluster: the control plane plus the real node with both images loaded; CLUSTER_ARGS= gives kwok nodes only.
 CLUSTER_ARGS ?= --node --images
 
@@ -50,9 +51,9 @@ host-setup:
 images: $(STAMP) host-setup
 	$(PY) -m tests.controlplane.images
 
-test: $(STAMP) controlplane-bin host-setup
-	$(VENV)/bin/ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+# Everything, overlapped where a cold run allows and each step timed (tests/suite.sh; CI runs this too).
+test:
+	bash tests/suite.sh
 
 # Everything that needs neither the control plane nor a trainer run.
 test-fast: $(STAMP)

@@ -49,12 +49,16 @@ class Ledger:
     outcome: dict[str, str] = field(default_factory=dict)  # nodeid -> passed, failed or skipped
     deselected: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
-    def collect(self, nodeid: str, names: Iterable[str]) -> None:
+    def collect(self, nodeid: str, names: Iterable[str] | None) -> None:
+        """A collected test, with its markers (None: not known yet, an xdist worker collected it)."""
+        if names is None:
+            self.markers.setdefault(nodeid, ())
+            return
         present = set(names)
         self.markers[nodeid] = tuple(m for m in MARKERS if m in present) or (UNMARKED,)
 
     def record(self, report: pytest.TestReport) -> None:
-        if report.nodeid not in self.markers:
+        if not self.markers.get(report.nodeid):
             self.collect(report.nodeid, report.keywords)
         if report.failed:
             self.outcome[report.nodeid] = "failed"
@@ -66,7 +70,7 @@ class Ledger:
     def table(self) -> dict[str, Counter[str]]:
         rows: dict[str, Counter[str]] = {name: Counter() for name in (*MARKERS, UNMARKED, "all")}
         for nodeid, markers in self.markers.items():
-            for row in (*markers, "all"):
+            for row in (*(markers or (UNMARKED,)), "all"):
                 rows[row]["collected"] += 1
                 if nodeid in self.outcome:
                     rows[row][self.outcome[nodeid]] += 1
@@ -131,9 +135,19 @@ class SuiteGuard:
                                     + ", ".join(undeadlined))
 
     def pytest_deselected(self, items: Sequence[pytest.Item]) -> None:
+        if ci_mode() and items and not _is_controller(self.config):  # an xdist worker's ledger is never read
+            raise pytest.UsageError(f"{CI_ENV}=1: CI runs every test, and these were deselected: "
+                                    + ", ".join(item.nodeid for item in items))
         for item in items:
             self.ledger.deselected[item.nodeid] = tuple(m for m in MARKERS if item.get_closest_marker(m)) or (
                 UNMARKED,)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node: object, ids: Sequence[str]) -> None:
+        """xdist: what a worker collected (the controller collects nothing itself), so that a test no worker ran
+        still counts as never run; its markers come with its reports."""
+        for nodeid in ids:
+            self.ledger.collect(nodeid, None)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.ledger.record(report)

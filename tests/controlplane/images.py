@@ -34,6 +34,8 @@ from typing import IO, Any
 
 import yaml
 
+from .cluster import ControlPlaneError
+
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune-operator"))
 HOST_SETUP = Path(__file__).resolve().parent / "host-setup.sh"
@@ -481,12 +483,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.controlplane.images", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tags-only", action="store_true", help="print this tree's tags; build nothing")
+    parser.add_argument("--into-node", action="store_true",
+                        help="also import them into the real node's containerd (make test: beside the Go builds)")
     args = parser.parse_args(argv)
     steps = Steps()
     start = time.monotonic()
     try:
         tags = product_tags() if args.tags_only else build_product_images(steps)
-    except ImageError as exc:
+        if args.into_node:
+            from .node import preload_images  # the node module builds on this one
+
+            with steps.step("import into the real node's containerd"):
+                preload_images([tags.operator, tags.trainer], steps)
+    except (ImageError, ControlPlaneError) as exc:
         print(f"images: {exc}", file=sys.stderr)
         return 1
     if not args.tags_only:
