@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -30,6 +30,8 @@ NARROWING = (("keyword", "-k"), ("markexpr", "-m"), ("deselect", "--deselect"), 
              ("stepwise_skip", "--sw-skip"), ("collectonly", "--collect-only"), ("setuponly", "--setup-only"),
              ("setupplan", "--setup-plan"))
 OUTCOMES = ("collected", "passed", "failed", "skipped", "deselected")
+MARKERS_PROPERTY = "finetune-markers"  # a report's user property: the markers of its test
+DESELECTED_OUTPUT = "finetune-deselected"  # what an xdist worker deselected, in the output it hands the controller
 
 
 def ci_mode() -> bool:
@@ -59,7 +61,7 @@ class Ledger:
 
     def record(self, report: pytest.TestReport) -> None:
         if not self.markers.get(report.nodeid):
-            self.collect(report.nodeid, report.keywords)
+            self.collect(report.nodeid, dict(report.user_properties).get(MARKERS_PROPERTY, ()))
         if report.failed:
             self.outcome[report.nodeid] = "failed"
         elif report.skipped or hasattr(report, "wasxfail"):
@@ -135,12 +137,16 @@ class SuiteGuard:
                                     + ", ".join(undeadlined))
 
     def pytest_deselected(self, items: Sequence[pytest.Item]) -> None:
-        if ci_mode() and items and not _is_controller(self.config):  # an xdist worker's ledger is never read
-            raise pytest.UsageError(f"{CI_ENV}=1: CI runs every test, and these were deselected: "
-                                    + ", ".join(item.nodeid for item in items))
         for item in items:
             self.ledger.deselected[item.nodeid] = tuple(m for m in MARKERS if item.get_closest_marker(m)) or (
                 UNMARKED,)
+        if not _is_controller(self.config):  # an xdist worker: its ledger goes to the controller when it ends
+            self.config.workeroutput[DESELECTED_OUTPUT] = self.ledger.deselected  # type: ignore[attr-defined]
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: object, error: object) -> None:
+        """xdist: what a worker deselected (every worker collects, and deselects, the same tests)."""
+        self.ledger.deselected.update(getattr(node, "workeroutput", {}).get(DESELECTED_OUTPUT, {}))
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node: object, ids: Sequence[str]) -> None:
@@ -148,6 +154,15 @@ class SuiteGuard:
         still counts as never run; its markers come with its reports."""
         for nodeid in ids:
             self.ledger.collect(nodeid, None)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[
+            None, pytest.TestReport, pytest.TestReport]:
+        """The test's markers travel with its report (from an xdist worker too; a report's keywords would also hold
+        the names of its folders, and tests/node is not the ``node`` marker)."""
+        report = yield
+        report.user_properties.append((MARKERS_PROPERTY, tuple(m.name for m in item.iter_markers())))
+        return report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.ledger.record(report)

@@ -103,8 +103,9 @@ def _table(output: str) -> dict[str, list[int]]:
     return rows
 
 
-def test_a_whole_run_passes_and_reports_every_marker(tmp_path: Path) -> None:
-    result = _inner(tmp_path)
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one process", "two xdist workers"])
+def test_a_whole_run_passes_and_reports_every_marker(tmp_path: Path, workers: list[str]) -> None:
+    result = _inner(tmp_path, *workers)
     assert result.returncode == 0, result.stdout + result.stderr
     assert _table(result.stdout) == {"cluster": [1, 1, 0, 0, 0], "e2e": [1, 1, 0, 0, 0], "slow": [1, 1, 0, 0, 0],
                                      "unmarked": [1, 1, 0, 0, 0], "all": [3, 3, 0, 0, 0]}
@@ -167,6 +168,19 @@ def test_ci_fails_a_run_that_skipped_or_deselected_a_test(tmp_path: Path, case: 
     assert result.returncode == pytest.ExitCode.TESTS_FAILED, result.stdout + result.stderr
     assert f"{CI_ENV}=1: FAILED, the run did not cover the whole suite" in result.stdout
     assert said in result.stdout, result.stdout
+
+
+def test_ci_fails_a_skip_under_xdist_workers_too(tmp_path: Path) -> None:
+    result = _inner(tmp_path, "-n", "2", tests=TESTS + "\ndef test_skipped():\n    pytest.skip('not today')\n")
+    assert result.returncode == pytest.ExitCode.TESTS_FAILED, result.stdout + result.stderr
+    assert "1 test(s) skipped or xfailed:\n      suite/test_inner.py::test_skipped" in result.stdout
+    deselected = _inner(tmp_path, "-n", "2", conftest=(
+        "def pytest_collection_modifyitems(config, items):\n"
+        "    dropped = [i for i in items if i.name == 'test_cluster']\n"
+        "    items[:] = [i for i in items if i not in dropped]\n"
+        "    config.hook.pytest_deselected(items=dropped)\n"))
+    assert deselected.returncode == pytest.ExitCode.TESTS_FAILED, deselected.stdout + deselected.stderr
+    assert "1 test(s) deselected:\n      suite/test_inner.py::test_cluster" in deselected.stdout
 
 
 def test_outside_ci_a_run_may_be_narrowed_and_the_table_shows_what_it_left_out(tmp_path: Path) -> None:

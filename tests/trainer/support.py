@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
@@ -180,7 +180,8 @@ def start_trainer(args: list[str], env: dict[str, str], log: Path, module: str =
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
     output = _Output()
     _OUTPUTS[proc.pid] = output
-    threading.Thread(target=output.drain, args=(proc, log), name=f"trainer-{proc.pid}-output", daemon=True).start()
+    sink = log.open("wb")  # exists before start_trainer returns: a test may read it at once
+    threading.Thread(target=output.drain, args=(proc, sink), name=f"trainer-{proc.pid}-output", daemon=True).start()
     return proc
 
 
@@ -191,9 +192,9 @@ class _Output:
         self.lines = 0
         self.changed = threading.Condition()
 
-    def drain(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+    def drain(self, proc: subprocess.Popen[bytes], sink: BinaryIO) -> None:
         assert proc.stdout is not None
-        with log.open("wb") as out:
+        with sink as out:
             for line in iter(proc.stdout.readline, b""):
                 out.write(line)
                 out.flush()
