@@ -211,16 +211,14 @@ class _Output:
 
 
 _OUTPUTS: dict[int, _Output] = {}
-# A process started by start_trainer logs every step, checkpoint and evaluation: the predicate is checked after each
-# line. This bound only covers a state that changes without a line (the log line comes after the file it announces).
-_QUIET = 0.5
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None,
              log: Path | None = None, interval: float = 0.2) -> Any:
-    """Until predicate() is truthy; fails with the trainer's log if the deadline passes or the process exits. For a
-    process of start_trainer the predicate is checked each time the process writes a line (no busy polling that
-    would take CPU from the processes under test), otherwise every ``interval`` seconds."""
+    """Until predicate() is truthy; fails with the trainer's log if the deadline passes or the process exits. The
+    predicate is checked every ``interval`` seconds, and for a process of start_trainer also as soon as it writes a
+    line (a checkpoint, an evaluation, a step): waits are short without polling so fast that the checks take CPU from
+    the processes under test."""
     deadline = time.monotonic() + timeout
     output = _OUTPUTS.get(proc.pid) if proc is not None else None
     while time.monotonic() < deadline:
@@ -235,7 +233,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, proc: subp
             raise AssertionError(f"trainer exited ({proc.returncode}) before {what}:\n{tail(log)}")
         remaining = max(0.0, deadline - time.monotonic())
         if output is not None:
-            output.wait_past(seen, min(_QUIET, remaining))
+            output.wait_past(seen, min(interval, remaining))
         else:
             time.sleep(min(interval, remaining))
     raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{tail(log)}")

@@ -5,7 +5,4 @@ It reads a FineTuneJob manifest and fine-tunes for real with transformers, datas
 
 from finetune_api import __version__
 
-# The logger of what every rank says at INFO, not only rank 0 (the others log warnings only): where it starts.
-START_LOGGER = "finetune_trainer.start"
-
-__all__ = ["START_LOGGER", "__version__"]
+__all__ = ["__version__"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from finetune_api import exitcodes
 from finetune_api import trainer_env as var
-from finetune_trainer import START_LOGGER
+from finetune_trainer.progress import START_LOGGER
 
 
 def _setup_logging() -> None:

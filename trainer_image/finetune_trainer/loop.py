@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from finetune_api.spec import FineTuneJobSpec
-from finetune_trainer import START_LOGGER
 from finetune_trainer.checkpoint import CheckpointInfo, CheckpointManager, TrainState
 from finetune_trainer.data import Encoded, collate, epoch_batches
 from finetune_trainer.distributed import Dist
@@ -33,7 +32,7 @@ from finetune_trainer.errors import DataError, Interrupted
 from finetune_trainer.evaluation import Evaluation, EvaluationStopped, Evaluator
 from finetune_trainer.history import RunLog
 from finetune_trainer.modeling import Precision
-from finetune_trainer.progress import Display, Progress
+from finetune_trainer.progress import START_LOGGER, Display, Progress
 from finetune_trainer.selection import Choice, Selection, load_chosen
 from finetune_trainer.sharded_checkpoint import checkpointer
 from finetune_trainer.sharding import Layout, SavedTensorBytes, resident_bytes
