@@ -1,0 +1,211 @@
+"""The pre-flight's two promises, measured with the real trainer on CPU:
+
+1. The memory plan is trustworthy: the plan the trainer makes (the widest batch of the real data, the process itself
+   counted on CPU; metrics.json `memory.perDeviceBytes`) against the peak RSS of the largest training process, for
+   the demo (examples/sentiment.yaml, shortened), the LoRA example's settings (examples/instruction-lora.yaml: chat
+   messages, LoRA r 16 on q/k/v/o, batch 8, maxSeqLength 1024; on a Llama-shaped decoder built from a config, as the
+   example's Qwen cannot be downloaded here) and a 2-process FSDP run. Beside them, the plan as it was before (every
+   batch maxSeqLength long, logits over the vocabulary for every task, no process baseline).
+2. Its work is not wasted: seconds from the trainer process's start to its first optimizer step, without the token
+   cache (the trainer tokenises) and after a pre-flight wrote it (the trainer logs that it read the cache).
+
+    python benchmarks/preflight.py            # about 10 minutes on 2 busy cores
+
+The last line is machine-readable: RESULT plan_over_peak_min=... plan_over_peak_max=... old_plan_over_peak_max=...
+first_step_speedup_demo=... first_step_speedup_lora=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.trainer_memory import PEAK_RSS  # noqa: E402
+
+GB = 1e9
+STEP = re.compile(r"finetune_trainer\.progress: step 1/")
+CACHE = re.compile(r"using tokenised \w+ from cache")
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+def demo_job(tmp: Path, samples: int) -> dict[str, Any]:
+    job = yaml.safe_load((REPO / "examples" / "sentiment.yaml").read_text())
+    spec = job["spec"]
+    spec["dataset"]["maxSamples"] = samples
+    spec["output"]["storage"] = str(tmp / "demo-out")
+    spec["checkpointing"] = {"everySteps": 1000, "keepLast": 1}
+    spec["hyperparameters"].pop("evalEverySteps")
+    spec["dataset"].pop("validation")
+    return job
+
+
+def build_chat_model(path: Path, vocab: int, hidden: int, layers: int) -> None:
+    """A Llama-shaped decoder from a config and a word-level tokenizer with a chat template."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "<s>", "</s>"] + [f"w{i}" for i in range(vocab - 4)]
+    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>",
+                                  eos_token="</s>")
+    tok.chat_template = CHAT
+    tok.save_pretrained(path)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.6875),
+                      num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                      num_key_value_heads=max(1, hidden // 128), max_position_embeddings=1024, pad_token_id=0,
+                      bos_token_id=2, eos_token_id=3)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+
+
+def write_chats(path: Path, rows: int, vocab: int, longest: int) -> None:
+    """Conversations of varying length (most short, a few long): the length histogram real chat data has."""
+    rng = random.Random(0)
+    with path.open("w") as f:
+        for i in range(rows):
+            words = longest if i == rows // 2 else min(longest, int(rng.lognormvariate(4.0, 0.6)))
+            turns = [{"role": "user", "content": " ".join(f"w{rng.randrange(vocab - 4)}" for _ in range(words // 2))},
+                     {"role": "assistant",
+                      "content": " ".join(f"w{rng.randrange(vocab - 4)}" for _ in range(words - words // 2))}]
+            f.write(json.dumps({"messages": turns}) + "\n")
+
+
+def lora_job(tmp: Path, steps: int) -> dict[str, Any]:
+    ex = yaml.safe_load((REPO / "examples" / "instruction-lora.yaml").read_text())["spec"]
+    hp = {**ex["hyperparameters"], "maxSteps": steps, "gradientAccumulationSteps": 1, "precision": "fp32"}
+    hp.pop("epochs"), hp.pop("evalEverySteps")
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "lora"}, "spec": {
+        "task": ex["task"], "model": {"source": str(tmp / "chat-model")},
+        "dataset": {"train": str(tmp / "chats.jsonl"), "columns": ex["dataset"]["columns"]},
+        "method": ex["method"] | {"lora": {**ex["method"]["lora"], "dropout": 0.0}},
+        "hyperparameters": hp, "checkpointing": {"everySteps": 1000, "everyEpoch": False},
+        "output": {"storage": str(tmp / "lora-out")}, "resources": {"workers": 1, "gpusPerWorker": 0}}}
+
+
+def fsdp_job(tmp: Path, steps: int) -> dict[str, Any]:
+    job = lora_job(tmp, steps)
+    spec = job["spec"]
+    spec["method"] = {"type": "full"}
+    spec["hyperparameters"].update(batchSize=4, maxSeqLength=512)
+    spec["resources"] = {"workers": 2, "gpusPerWorker": 0, "sharding": "fsdp"}
+    spec["output"]["storage"] = str(tmp / "fsdp-out")
+    job["metadata"]["name"] = "fsdp"
+    return job
+
+
+def run(tmp: Path, job: dict[str, Any], processes: int = 1, preflight: bool = False) -> dict[str, Any]:
+    """One trainer run (or pre-flight) as a subprocess: seconds to the first step, peak RSS, what it logged."""
+    path = tmp / f"{job['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    env = {**os.environ, "FINETUNE_THREADS": str(max(1, (os.cpu_count() or 2) // processes)),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "FINETUNE_CACHE_DIR": str(tmp / "cache"),
+           "FINETUNE_PVC_ROOT": str(REPO / "runs" / "pvc")}
+    trainer = [sys.executable, "-m", "finetune_trainer", str(path), "--no-progress-bar"]
+    if preflight:
+        trainer.append("--preflight")
+    elif processes > 1:
+        trainer = [sys.executable, "-m", "finetune_trainer.launch", "--standalone", "--nproc_per_node",
+                   str(processes), "-m", "finetune_trainer", str(path), "--no-progress-bar"]
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", PEAK_RSS, *trainer], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first_step, lines = None, []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if first_step is None and STEP.search(line):
+            first_step = time.monotonic() - start
+    code = proc.wait()
+    text = "".join(lines)
+    if code != 0:
+        raise SystemExit(f"{job['metadata']['name']} failed ({code}):\n{text[-4000:]}")
+    out: dict[str, Any] = {"first_step": first_step, "seconds": time.monotonic() - start, "log": text,
+                           "peak_rss": int(text.rsplit("PEAK_RSS ", 1)[1].split()[0]), "cached": bool(CACHE.search(text))}
+    metrics = Path(job["spec"]["output"]["storage"]) / "metrics.json"
+    if not preflight and metrics.exists():
+        out["memory"] = json.loads(metrics.read_text())["memory"]
+    return out
+
+
+def old_plan(job: dict[str, Any], processes: int) -> float:
+    """The estimate as the trainer made it before: batchSize x maxSeqLength for every batch, vocabulary logits for
+    every task, no process baseline."""
+    from finetune_api.manifest import FineTuneJob
+    from finetune_trainer import job as job_mod
+    from finetune_trainer import memory, tasks
+    from finetune_trainer.config import RunConfig
+
+    spec = FineTuneJob.model_validate(job).spec
+    task = tasks.for_spec(spec)
+    cfg = RunConfig(manifest=Path("x"), pvc_root=REPO / "runs" / "pvc")
+    shape = job_mod.model_shape(spec, task, job_mod.model_source(spec, cfg, Path(tempfile.gettempdir())))
+    hp = spec.hyperparameters
+    inp = memory.MemoryInputs(shape, "fsdp" if spec.resources.sharding == "fsdp" else "none", processes,
+                              hp.batch_size, hp.max_seq_length, "fp32", "cpu")
+    return memory.estimate(inp).total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo-samples", type=int, default=320)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--chats", type=int, default=200)
+    args = ap.parse_args()
+    subprocess.run([sys.executable, str(REPO / "examples" / "stage_demo.py")], check=True, capture_output=True)
+    rows: list[tuple[str, float, float, float]] = []
+    starts: dict[str, tuple[float, float, bool]] = {}
+    with tempfile.TemporaryDirectory(prefix="preflight-bench-") as name:
+        tmp = Path(name)
+        build_chat_model(tmp / "chat-model", vocab=8000, hidden=512, layers=4)
+        write_chats(tmp / "chats.jsonl", args.chats, vocab=8000, longest=900)
+        for key, job, procs in (("demo", demo_job(tmp, args.demo_samples), 1), ("lora", lora_job(tmp, args.steps), 1),
+                                ("fsdp", fsdp_job(tmp, args.steps), 2)):
+            cold = run(tmp, job, procs)  # no token cache: the trainer tokenises
+            plan = cold["memory"]["perDeviceBytes"]
+            rows.append((key, plan, old_plan(job, procs), cold["peak_rss"]))
+            if procs == 1:
+                shutil.rmtree(job["spec"]["output"]["storage"])  # its checkpoints and token cache
+                run(tmp, job, procs, preflight=True)  # writes the token cache
+                warm = run(tmp, job, procs)
+                starts[key] = (cold["first_step"], warm["first_step"], warm["cached"])
+            print(f"  {key} done", file=sys.stderr, flush=True)
+    labels = {"demo": "demo (MiniLM, sequence-classification, batch 32, maxSeqLength 128)",
+              "lora": "LoRA example's settings (chat messages, r 16, batch 8, maxSeqLength 1024)",
+              "fsdp": "2-process FSDP (full, batch 4, maxSeqLength 512), largest process"}
+    print("| set-up | plan now | plan before | peak RSS measured | plan / peak now | before / peak |")
+    print("|---|---|---|---|---|---|")
+    for key, plan, old, peak in rows:
+        print(f"| {labels[key]} | {plan / GB:.2f} GB | {old / GB:.2f} GB | {peak / GB:.2f} GB | {plan / peak:.2f} | "
+              f"{old / peak:.2f} |")
+    print("\n| set-up | trainer start to first step, tokenising | after a pre-flight (token cache) | cache read |")
+    print("|---|---|---|---|")
+    for key, (cold_s, warm_s, cached) in starts.items():
+        print(f"| {key} | {cold_s:.1f} s | {warm_s:.1f} s | {'yes' if cached else 'NO'} |")
+    ratios = [plan / peak for _, plan, _, peak in rows]
+    old_ratios = [old / peak for _, _, old, peak in rows]
+    speed = {k: c / w for k, (c, w, _) in starts.items()}
+    print(f"RESULT plan_over_peak_min={min(ratios):.2f} plan_over_peak_max={max(ratios):.2f} "
+          f"old_plan_over_peak_max={max(old_ratios):.2f} first_step_speedup_demo={speed.get('demo', 0):.2f} "
+          f"first_step_speedup_lora={speed.get('lora', 0):.2f} cache_read={int(all(c for *_, c in starts.values()))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
