@@ -137,7 +137,8 @@ def run(tmp: Path, job: dict[str, Any], processes: int = 1, preflight: bool = Fa
     if code != 0:
         raise SystemExit(f"{job['metadata']['name']} failed ({code}):\n{text[-4000:]}")
     out: dict[str, Any] = {"first_step": first_step, "seconds": time.monotonic() - start, "log": text,
-                           "peak_rss": int(text.rsplit("PEAK_RSS ", 1)[1].split()[0]), "cached": bool(CACHE.search(text))}
+                           "peak_rss": int(text.rsplit("PEAK_RSS ", 1)[1].split()[0]),
+                           "cached": bool(CACHE.search(text))}
     metrics = Path(job["spec"]["output"]["storage"]) / "metrics.json"
     if not preflight and metrics.exists():
         out["memory"] = json.loads(metrics.read_text())["memory"]
