@@ -254,6 +254,8 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
     source = model_source(spec, cfg, where.cache)
     precision = choose_precision(hp.precision, dist.device)
     shape = model_shape(spec, task, source)  # a configuration that cannot be read fails before the data is read
+    device_bytes = memory.device_memory(dist.device, memory.local_processes())
+    memory.state_fits(spec, shape, dist.world, precision.name, dist.device.type, device_bytes)  # before the data
     tok = load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code, task)
     train_enc, val_enc = _data_everywhere(spec, cfg, task, tok, where, dist)
     plan = plan_memory(spec, shape, memory.DataShape.of(train_enc), dist, precision)

@@ -275,6 +275,14 @@ def for_job(spec: FineTuneJobSpec, shape: ModelShape, processes: int, precision:
     return plan(spec.resources.sharding, inp, device_bytes, spec.method.type, shardable, check=check)
 
 
+def state_fits(spec: FineTuneJobSpec, shape: ModelShape, processes: int, precision: str, device: str,
+               device_bytes: float) -> None:
+    """The plan with the smallest possible batch (one token per example) and without the process: a lower bound,
+    checked before any data is read, so that a job whose training state alone cannot fit (a 70B full fine-tune on
+    one device) fails at once instead of after reading its data. ConfigError as `plan` raises it."""
+    for_job(spec, shape, processes, precision, device, device_bytes, DataShape(longest=1, longest_target=1))
+
+
 # --------------------------------------------------------------------------------------------- from the machine
 def device_memory(device: Any, local_processes: int = 1) -> float:
     """Bytes one process may use: the GPU's memory, or on CPU its share of the pod's memory limit (cgroup) or of

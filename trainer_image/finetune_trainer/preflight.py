@@ -66,6 +66,9 @@ def check(job: FineTuneJob, cfg: RunConfig) -> PreflightStatus:
     task = tasks.for_spec(spec)
     source = job_mod.model_source(spec, cfg, where.cache)
     shape = job_mod.model_shape(spec, task, source)
+    device, precision = _precision(spec)
+    if (device_bytes := device_memory(spec)[0]) is not None:  # the training state alone: before the data
+        memory.state_fits(spec, shape, processes(spec), precision, device, device_bytes)
     tok = load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code, task)
     train, val = job_mod.load_splits(spec, cfg, task, where.cache)
     limit = max_examples()
