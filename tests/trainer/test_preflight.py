@@ -84,6 +84,10 @@ BAD = {
                                    exitcodes.CONFIG_ERROR, ["model.source", "cannot load the tokenizer"]),
     "memory plan that cannot fit": (support.sentiment_rows(8), None, {"gpu": "1Mi"}, exitcodes.CONFIG_ERROR,
                                     ["the training state would not fit", "GB usable"]),
+    "a pod whose memory the process alone exceeds": (support.sentiment_rows(8), None, {"memory": "300Mi"},
+                                                     exitcodes.CONFIG_ERROR,
+                                                     ["the training process would not fit", "is the process itself",
+                                                      "set spec.resources.memory to at least"]),
 }
 
 
@@ -99,6 +103,8 @@ def test_each_failure_class_fails_the_preflight_with_the_trainers_code_and_messa
         model = isolated / "broken-tokenizer"
         shutil.copytree(models["bert"], model)
         (model / "tokenizer.json").write_text("{not json")
+    if how.get("memory"):
+        extra["resources"] = {"gpusPerWorker": 0, "memory": how["memory"]}
     if how.get("gpu"):
         extra["resources"] = {"gpusPerWorker": 1}
         extra["preflight"] = {"gpuMemory": how["gpu"]}

@@ -210,25 +210,27 @@ def plan(requested: str, inp: MemoryInputs, device_bytes: float, method: str = "
     est = estimate(inp)
     if est.total <= limit:
         return Plan(chosen, est, device_bytes, reason)
-    if inp.baseline and inp.device == "cpu" and estimate(dataclasses.replace(inp, baseline=0.0)).total <= limit:
-        raise ConfigError(f"the training process would not fit: estimated {est.total / GB:.2f} GB per process "
-                          f"({est.summary()}), of which {inp.baseline / GB:.2f} GB is the process itself (Python, "
-                          f"torch, transformers and the data), and the pod has {limit / GB:.2f} GB usable of "
-                          f"{device_bytes / GB:.2f} GB; set spec.resources.memory to at least "
-                          f"{est.total / USABLE_FRACTION / 2**30 + 0.05:.1f}Gi")
     hints = []
     for field, value, alt in _alternatives(inp, method, shardable):
         after = estimate(alt).total
         if after <= limit:
             hints.append(f"set {field} to {value} (about {after / GB:.2f} GB)")
             break
-    advice = hints[0] if hints else ("no single change fits: combine spec.resources.sharding fsdp with more "
-                                     "processes (spec.resources.gpusPerWorker, spec.resources.workers), "
-                                     "spec.hyperparameters.activationCheckpointing, a smaller "
-                                     "spec.hyperparameters.batchSize, or spec.method.type lora")
-    raise ConfigError(f"the training state would not fit: estimated {est.total / GB:.2f} GB per device "
-                      f"({est.summary()}) with spec.resources.sharding {chosen}, and the device has "
-                      f"{limit / GB:.2f} GB usable of {device_bytes / GB:.2f} GB; {advice}")
+    process = est.baseline if inp.device == "cpu" else 0.0
+    if hints:
+        advice = hints[0]
+    elif process:
+        advice = f"set spec.resources.memory to at least {est.total / USABLE_FRACTION / 2**30 + 0.05:.1f}Gi"
+    else:
+        advice = ("no single change fits: combine spec.resources.sharding fsdp with more processes "
+                  "(spec.resources.gpusPerWorker, spec.resources.workers), "
+                  "spec.hyperparameters.activationCheckpointing, a smaller spec.hyperparameters.batchSize, or "
+                  "spec.method.type lora")
+    what, itself = ("training process", f", of which {process / GB:.2f} GB is the process itself (Python, torch, "
+                    "transformers and the data)") if process else ("training state", "")
+    raise ConfigError(f"the {what} would not fit: estimated {est.total / GB:.2f} GB per device ({est.summary()})"
+                      f"{itself} with spec.resources.sharding {chosen}, and the device has {limit / GB:.2f} GB usable "
+                      f"of {device_bytes / GB:.2f} GB; {advice}")
 
 
 @dataclass(frozen=True)
