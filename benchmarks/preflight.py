@@ -103,7 +103,7 @@ def fsdp_job(tmp: Path, steps: int) -> dict[str, Any]:
     job = lora_job(tmp, steps)
     spec = job["spec"]
     spec["method"] = {"type": "full"}
-    spec["hyperparameters"].update(batchSize=4, maxSeqLength=512)
+    spec["hyperparameters"].update(batchSize=4)
     spec["resources"] = {"workers": 2, "gpusPerWorker": 0, "sharding": "fsdp"}
     spec["output"]["storage"] = str(tmp / "fsdp-out")
     job["metadata"]["name"] = "fsdp"
@@ -186,10 +186,11 @@ def main() -> int:
                 run(tmp, job, procs, preflight=True)  # writes the token cache
                 warm = run(tmp, job, procs)
                 starts[key] = (cold["first_step"], warm["first_step"], warm["cached"])
-            print(f"  {key} done", file=sys.stderr, flush=True)
+            print(f"  {key} done: plan {plan / GB:.2f} GB, peak RSS {cold['peak_rss'] / GB:.2f} GB, first step "
+                  f"{starts.get(key)}", file=sys.stderr, flush=True)
     labels = {"demo": "demo (MiniLM, sequence-classification, batch 32, maxSeqLength 128)",
               "lora": "LoRA example's settings (chat messages, r 16, batch 8, maxSeqLength 1024)",
-              "fsdp": "2-process FSDP (full, batch 4, maxSeqLength 512), largest process"}
+              "fsdp": "2-process FSDP (full, the same data, batch 4), largest process"}
     print("| set-up | plan now | plan before | peak RSS measured | plan / peak now | before / peak |")
     print("|---|---|---|---|---|---|")
     for key, plan, old, peak in rows:
