@@ -31,6 +31,7 @@ from finetune_operator.labels import KUEUE_QUEUE, PREFLIGHT, SPEC_HASH
 from finetune_operator.observe import JobView, PodView
 
 BACKOFF_LIMIT = 1  # a crash (a storage hiccup) is tried once more; bad data or configuration fails at once
+DEADLINE_SECONDS = 3600  # a pre-flight that hangs (an unreachable store) fails the job instead of waiting for ever
 RUNNING, PASSED, FAILED, STALE, SUSPENDED = "Running", "Passed", "Failed", "Stale", "Suspended"
 
 
@@ -92,6 +93,7 @@ def build_job(owner: builders.Owner, spec: FineTuneJobSpec, ctx: builders.BuildC
         "metadata": meta,
         "spec": {
             "backoffLimit": BACKOFF_LIMIT,
+            "activeDeadlineSeconds": DEADLINE_SECONDS,
             "podFailurePolicy": builders.pod_failure_policy(),
             "template": {"metadata": {"labels": builders.labels(owner, PREFLIGHT)}, "spec": pod},
         },

@@ -69,6 +69,7 @@ def test_the_preflight_job_is_the_trainer_pod_without_gpus_with_its_own_requests
         },
         "spec": {
             "backoffLimit": 1,
+            "activeDeadlineSeconds": 3600,
             "podFailurePolicy": builders.pod_failure_policy(),
             "template": {"metadata": {"labels": builders.labels(owner, "preflight")}, "spec": {
                 "restartPolicy": "Never",
