@@ -171,3 +171,18 @@ def test_the_plan_uses_the_widest_real_batch_head_logits_and_the_process() -> No
     assert before.activations > 2.5e9, "vocabulary logits for every token of a classifier"
     assert now.estimate.activations < 0.6e9
     assert now.estimate.baseline == 0.9e9 and now.report().breakdown["process"] == 900_000_000  # type: ignore[index]
+
+
+def test_finetune_validate_data_runs_the_preflight_locally(isolated: Path, models: dict[str, Path],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from finetune_cli.main import main as cli
+
+    good = _job(isolated, models["bert"], support.sentiment_rows(8))
+    assert cli(["validate", "--data", str(good)]) == exitcodes.OK
+    said = capsys.readouterr().out
+    assert f"{good}: valid\n{good}: pre-flight\ntrain: 8 examples, " in said, said
+    assert "memory plan: sharding none" in said and "; fits" in said
+
+    bad = _job(isolated / "bad", models["bert"], [{"text": "the dog", "label": "neutral"}])
+    assert cli(["validate", "--data", str(bad)]) == exitcodes.DATA_ERROR
+    assert "train.jsonl, row 1: field 'label' has label 'neutral'" in capsys.readouterr().err
