@@ -43,8 +43,10 @@ def _preflight(path: Path, tmp: Path) -> tuple[int, str]:
     return code, log.read_text() if log.exists() else ""
 
 
+@pytest.mark.slow
 def test_a_good_job_passes_and_the_training_run_reads_its_token_cache(isolated: Path, models: dict[str, Path],
-                                                                      capfd: pytest.CaptureFixture[str]) -> None:
+                                                                      capfd: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     rows = support.sentiment_rows(24)
     job = _job(isolated, models["bert"], rows)
     code, message = _preflight(job, isolated)
@@ -63,6 +65,9 @@ def test_a_good_job_passes_and_the_training_run_reads_its_token_cache(isolated: 
     capfd.readouterr()
 
     (isolated / "termination-log").unlink()
+    # Another pod: its own caches (the datasets cache is per pod); only the checkpoint storage is shared.
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(isolated / "trainer-pod-cache"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(isolated / "trainer-pod-hf"))
     assert main([str(job), "--no-progress-bar"]) == exitcodes.OK
     said = capfd.readouterr().err
     assert "using tokenised train from cache" in said, said[-3000:]
@@ -173,6 +178,7 @@ def test_the_plan_uses_the_widest_real_batch_head_logits_and_the_process() -> No
     assert now.estimate.baseline == 0.9e9 and now.report().breakdown["process"] == 900_000_000  # type: ignore[index]
 
 
+@pytest.mark.slow
 def test_finetune_validate_data_runs_the_preflight_locally(isolated: Path, models: dict[str, Path],
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     from finetune_cli.main import main as cli
