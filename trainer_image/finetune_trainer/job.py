@@ -164,11 +164,9 @@ def load_splits(spec: FineTuneJobSpec, cfg: RunConfig, task: Task,
 
 def prepare_data(spec: FineTuneJobSpec, cfg: RunConfig, task: Task, tok: Any, where: Places,
                  write_cache: bool) -> tuple[data_mod.Encoded, data_mod.Encoded | None]:
-    """Load, check and tokenise both splits (reusing the token cache)."""
+    """Load, check and tokenise both splits; a split in the token cache (the pre-flight's, or an earlier pod's) was
+    checked when it was tokenised, and is neither checked nor tokenised again."""
     train, val = load_splits(spec, cfg, task, where.cache)
-    for split in (train, val):
-        if split is not None:
-            task.check(split)
     fp = data_mod.tokenizer_fingerprint(tok)
     train_enc = encode_split(train, task, tok, where, fp, write_cache)
     val_enc = encode_split(val, task, tok, where, fp, write_cache) if val is not None else None
@@ -186,7 +184,10 @@ def model_shape(spec: FineTuneJobSpec, task: Task, source: str) -> memory.ModelS
 
 def encode_split(split: data_mod.Split, task: Task, tok: Any, where: Places, tok_fp: str,
                  write_cache: bool) -> data_mod.Encoded:
-    """A checked split tokenised, through the token cache (the pre-flight writes it, the trainer pods read it)."""
+    """A split checked and tokenised, through the token cache (the pre-flight writes it, the trainer pods read it)."""
+    if (enc := data_mod.cached_tokens(split, task.info, where.tokens, tok_fp)) is not None:
+        return enc
+    task.check(split)
     return data_mod.encode_cached(split, task.info, lambda: task.encode(split, tok), where.tokens, tok_fp, write_cache)
 
 

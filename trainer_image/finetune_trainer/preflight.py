@@ -106,7 +106,6 @@ def _split(split: data_mod.Split, task: Task, tok: Any, where: job_mod.Places, f
         task.check(sample)
         enc = task.encode(sample, tok)
     else:
-        task.check(split)
         enc = job_mod.encode_split(split, task, tok, where, fp, write_cache=True)
     cost = enc.cost()
     tokens = int(cost.sum()) if len(enc) == total else round(float(cost.mean()) * total)
