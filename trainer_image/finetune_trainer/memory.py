@@ -34,6 +34,10 @@ ADAMW_BYTES = 8  # two fp32 moments per trainable parameter
 # q/k/v, attention output, projections' inputs) and 5 intermediate-sized ones (gate, up, activation, product).
 ACT_HIDDEN, ACT_INTERMEDIATE = 8, 5
 CUDA_RESERVED = 1.0 * GB  # CUDA context, cuBLAS workspaces, allocator slack
+# The backward pass of one block on CPU: attention with a padding mask runs torch's math kernel, which materialises
+# the scores, the probabilities and their gradient, batch x heads x length^2 each (GPU kernels stream them). Measured
+# against the peak RSS of whole epochs (benchmarks/preflight.py).
+ATTENTION_TRANSIENTS = 3
 USABLE_FRACTION = 0.92  # fragmentation of the caching allocator
 
 
@@ -49,6 +53,7 @@ class ModelShape:
     hidden: int
     intermediate: int
     vocab: int
+    heads: int = 0  # attention heads per block
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,8 @@ class MemoryEstimate:
     gradients: float
     optimizer: float
     activations: float  # kept from the forward pass for the backward pass
-    working: float  # transients: FSDP's gathered blocks, DDP's gradient buckets, a checkpointed block's recompute
+    working: float  # transients: FSDP's gathered blocks, DDP's gradient buckets, a checkpointed block's recompute,
+    #                the loss's log-softmax, on CPU a block's attention matrices in the backward pass
     baseline: float = 0.0  # the process itself (CPU): interpreter, libraries, data
 
     @property
@@ -129,6 +135,11 @@ def estimate(inp: MemoryInputs) -> MemoryEstimate:
     predicting = {"tokens": tokens, "decoder": decoder}.get(inp.logits, 0)
     logits = predicting * s.vocab * (c + 4 + 4) + inp.batch_size * inp.outputs * (c + 4 + 4)
     activations = kept + logits + tokens * s.hidden * c
+    # Transients of the backward pass: the loss's log-softmax over the vocabulary (fp32), and on CPU one block's
+    # attention matrices.
+    longest = max(inp.seq_length, inp.decoder_length if inp.logits == "decoder" else 0)
+    attention = ATTENTION_TRANSIENTS * inp.batch_size * s.heads * longest**2 * c if inp.device == "cpu" else 0
+    recompute += predicting * s.vocab * 4 + attention
     n = max(1, inp.processes)
     if inp.sharding == "fsdp" and n > 1:
         trainable_share = s.trainable / max(1, s.parameters)
@@ -341,7 +352,8 @@ def model_shape(model: Any) -> ModelShape:
     inter = pick("intermediate_size", "n_inner", "d_ff") or 4 * hidden
     return ModelShape(parameters=total, trainable=trainable, embedding=embedding, largest_block=largest,
                       layers=len(blocks) or pick("num_hidden_layers", "n_layer", "num_layers"), hidden=hidden,
-                      intermediate=inter, vocab=pick("vocab_size"))
+                      intermediate=inter, vocab=pick("vocab_size"),
+                      heads=pick("num_attention_heads", "n_head", "num_heads"))
 
 
 def shape_from_config(config: Any, lora_r: int | None = None, lora_targets: list[str] | None = None) -> ModelShape:
