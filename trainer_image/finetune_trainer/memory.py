@@ -205,7 +205,10 @@ def plan(requested: str, inp: MemoryInputs, device_bytes: float, method: str = "
     possible for this job at all (not with a quantized base, nor for seq2seq, whose evaluation generates text).
     `check` false: the device's memory is not known (a pre-flight without it); the plan is made, not judged."""
     limit = usable(device_bytes, inp.device) if check else float("inf")
-    if requested == "auto":
+    if requested == "auto" and not check:
+        chosen, reason = "none", ("auto: the device's memory is unknown, so a full copy per device is planned; the "
+                                  "trainer pods decide on the real device")
+    elif requested == "auto":
         single = estimate(dataclasses.replace(inp, sharding="none"))
         if single.total <= limit:
             chosen, reason = "none", "auto: a full copy fits on each device"
