@@ -50,7 +50,8 @@ CANCELLED = "Cancelled"
 OOM_KILLED = "OOMKilled"
 VALIDATING = "Validating"  # the pre-flight runs
 PREFLIGHT_PASSED = "PreflightPassed"
-PREFLIGHT_SUSPENDED = "PreflightSuspended"  # someone else (Kueue) holds the pre-flight Job suspended
+PREFLIGHT_SUSPENDED = "PreflightSuspended"  # someone else (Kueue without a queue for it) holds the pre-flight Job
+PREFLIGHT_QUEUED = "PreflightQueued"  # the pre-flight waits for Kueue to admit it through its own (CPU) LocalQueue
 OOM_KILLS_TO_FAIL = 2  # the first OOM kill is retried (a leak or one long batch may not recur), the second fails
 EXIT_REASONS = {
     exitcodes.DATA_ERROR: "DataError",
@@ -325,10 +326,13 @@ def _validating(st: FineTuneJobStatus, view: pf.PreflightView, obs: Observation)
     pod = next((p.name for p in _live(obs.pods)), None)
     if problem is not None:
         reason, message = problem[0], f"pre-flight {problem[1]}"
+    elif view.state == pf.SUSPENDED and view.queue_name:
+        reason = PREFLIGHT_QUEUED
+        message = (f"the pre-flight waits for Kueue to admit it through LocalQueue {view.queue_name} (CPU only; no "
+                   "GPU quota is held)")
     elif view.state == pf.SUSPENDED:
         reason = PREFLIGHT_SUSPENDED
-        message = (f"Kueue holds the pre-flight Job in LocalQueue {view.queue_name}" if view.queue_name else
-                   "the pre-flight Job was suspended by someone else (Kueue's manageJobsWithoutQueueName?), and no "
+        message = ("the pre-flight Job was suspended by someone else (Kueue's manageJobsWithoutQueueName?), and no "
                    "GPU Job is made until it passes: give pre-flights a CPU LocalQueue (FINETUNE_PREFLIGHT_QUEUE, "
                    "chart preflight.queueName) or set spec.preflight.enabled to false")
     elif view.state == pf.STALE:

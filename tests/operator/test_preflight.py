@@ -277,3 +277,27 @@ def test_settings_parse_the_preflight_knobs() -> None:
     assert (s.preflight, s.preflight_cpu, s.preflight_memory, s.preflight_node_selector, s.preflight_queue) == (
         False, "1", "4Gi", (("pool", "cpu"), ("zone", "a")), "cpu-queue")
     assert copy.copy(Settings.from_env({})).preflight is True
+
+
+def test_a_preflight_in_its_own_kueue_queue_waits_for_admission_quietly() -> None:
+    async def body() -> None:
+        w = world(FINETUNE_PREFLIGHT_QUEUE="cpu-only")
+        w.apply()
+        await w.reconcile()
+        job = w.kube.objects[("Job", NS, PREFLIGHT_JOB)]
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "cpu-only"
+        job["spec"]["suspend"] = True  # Kueue's webhook suspends it at creation
+        w.sync_caches()
+        w.clock.now += 1
+        await w.reconcile()
+        running = condition_of(w.ftj(), "Running")
+        assert running["reason"] == "PreflightQueued" and "LocalQueue cpu-only" in running["message"]
+        assert [kind for kind, _, _ in w.kube.events] == ["Normal"]
+        job["spec"]["suspend"] = False  # admitted: it runs
+        w.sync_caches()
+        w.clock.now += 1
+        await w.reconcile()
+        assert condition_of(w.ftj(), "Running")["reason"] == "Validating"
+        assert not [c for c in w.kube.writes() if c[0] == "PATCH" and c[1] == "Job"], "suspend is Kueue's"
+
+    asyncio.run(body())
