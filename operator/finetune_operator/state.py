@@ -352,6 +352,9 @@ def _preflight_failure(view: pf.PreflightView, obs: Observation) -> tuple[str, s
         message = (f"the pre-flight pod exceeded its memory ({obs.preflight_memory or 'the operator setting'}, "
                    "FINETUNE_PREFLIGHT_MEMORY): raise the chart's preflight.memory, or set spec.preflight.enabled to "
                    "false")
+    elif reason == DEADLINE:
+        message = (f"it did not finish within {humanize_eta(pf.DEADLINE_SECONDS)} (is the data or the model "
+                   "reachable?); set spec.preflight.enabled to false to skip it")
     return reason, f"pre-flight: {message}"
 
 
