@@ -62,16 +62,6 @@ def _data_output(parser: argparse.ArgumentParser, extra: tuple[str, ...] = ()) -
                         (f" ({', '.join(extra)}: see below)" if extra else ""))
 
 
-def _logs_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-f", "--follow", action="store_true", help="stream the logs until the trainers exit")
-    parser.add_argument("--tail", type=int, default=None, metavar="LINES", help="only the last LINES lines per worker")
-    parser.add_argument("--previous", action="store_true",
-                    help="each worker's previous attempt: its newest pod that has ended (after a restart)")
-    parser.add_argument("--worker", type=int, default=None, metavar="INDEX", help="only this worker (0 is the first)")
-    parser.add_argument("--prefix", action=argparse.BooleanOptionalAction, default=None,
-                    help="prefix lines with [worker-N] (default: when the job has several workers)")
-
-
 def build_parser(prog: str = FINETUNE) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Fine-tune language models with FineTuneJobs: check "
                                      "manifests, train locally, and follow and steer jobs on a cluster.",
@@ -90,6 +80,11 @@ def build_parser(prog: str = FINETUNE) -> argparse.ArgumentParser:
 
     v = command("validate", "check manifests with the API server's rules; print every problem with its field path")
     v.add_argument("files", nargs="+", metavar="FILE", help="manifest files; - reads standard input")
+    v.add_argument("--data", action="store_true", help="also run each job's pre-flight on this machine (the trainer "
+                   "extra): read and check its data, tokenise it, plan memory for the requested devices and estimate "
+                   "the time, as the operator's pre-flight pod does before any GPU is requested")
+    v.add_argument("--pvc-root", metavar="DIR", help="where pvc://<claim>/<path> is read from with --data "
+                   "(default ./runs/pvc)")
     command("run", "fine-tune on this machine from a manifest (the pods' code path; `finetune run --help`)",
             add_help=False).add_argument("trainer_args", nargs=argparse.REMAINDER)
     command("crd", "print the generated CustomResourceDefinition")
@@ -114,7 +109,13 @@ def build_parser(prog: str = FINETUNE) -> argparse.ArgumentParser:
                    help="give up after this long (exit 1); 0 waits for the end")
     lg = command("logs", "print the trainer logs of every worker", cluster=True)
     _name(lg)
-    _logs_options(lg)
+    lg.add_argument("-f", "--follow", action="store_true", help="stream the logs until the trainers exit")
+    lg.add_argument("--tail", type=int, default=None, metavar="LINES", help="only the last LINES lines per worker")
+    lg.add_argument("--previous", action="store_true",
+                    help="each worker's previous attempt: its newest pod that has ended (after a restart)")
+    lg.add_argument("--worker", type=int, default=None, metavar="INDEX", help="only this worker (0 is the first)")
+    lg.add_argument("--prefix", action=argparse.BooleanOptionalAction, default=None,
+                    help="prefix lines with [worker-N] (default: when the job has several workers)")
     for name, help_ in (
         ("suspend", "stop a job's pods after a checkpoint (sets runPolicy.suspend)"),
         ("resume", "resume a suspended job from its latest checkpoint (clears runPolicy.suspend)"),
@@ -142,7 +143,19 @@ def _validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return 1
     for path in args.files:
         out.write(f"{'<stdin>' if path == '-' else path}: valid\n")
-    return 0
+    if not args.data:
+        return 0
+    worst = 0
+    for path in args.files:
+        if path == "-":
+            err.write("--data needs manifest files, not standard input\n")
+            return exitcodes.CONFIG_ERROR
+        out.write(f"{path}: pre-flight\n")
+        out.flush()
+        code = _run([path, "--preflight", "--no-progress-bar", *(["--pvc-root", args.pvc_root] if args.pvc_root
+                                                                  else [])], "finetune")
+        worst = worst or code
+    return worst
 
 
 def _run(trainer_args: list[str], prog: str) -> int:

@@ -18,7 +18,7 @@ README = PACKAGE.parent / "README.md"
 API = REPO / "operator" / "finetune_api"
 TRAINER = REPO / "trainer_image" / "finetune_trainer"
 PURE = ("builders", "conditions", "state", "progress", "ledger", "observe", "workqueue", "settings", "labels",
-        "image_policy", "record", "caches")
+        "image_policy", "record", "caches", "preflight")
 IO_MODULES = {"kopf", "aiohttp", "kubernetes", "urllib", "http", "socket", "requests", "finetune_operator.k8s",
               "finetune_operator.controller", "finetune_operator.handlers", "finetune_operator.children",
               "finetune_operator.reconcile", "finetune_operator.runner", "finetune_operator.create_failures"}
@@ -92,7 +92,7 @@ def test_operator_and_trainer_do_not_import_each_other() -> None:
 TRAINER_LEVELS: tuple[tuple[str, ...], ...] = (
     ("errors", "signals", "launch"),
     ("sharding", "quantization"),
-    ("config", "locations", "distributed", "progress", "memory"),
+    ("config", "locations", "distributed", "progress", "memory", "throughput"),
     ("data",),
     ("checkpoint", "evaluation", "chat"),
     ("sharded_checkpoint",),
@@ -103,6 +103,7 @@ TRAINER_LEVELS: tuple[tuple[str, ...], ...] = (
     ("loop",),
     ("output", "model_card"),
     ("job",),
+    ("preflight",),
     ("__main__",),
 )
 

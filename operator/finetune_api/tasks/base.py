@@ -67,6 +67,9 @@ class TaskDefinition:
     methods: tuple[str, ...] = ("full", "lora")
     no_fsdp: str | None = None  # why resources.sharding fsdp is not available (None: it is)
     rejects_over_long: bool = False  # examples longer than maxSeqLength are never truncated (dataset.overLong)
+    logits: str = "tokens"  # for the memory plan: every input token over the vocabulary (tokens), every target token
+    #                         (decoder), or one row of a small head per example (head)
+    head_width: Callable[[Any], int] | None = None  # the head's outputs for these task settings (logits head)
     position: int = 100  # order in enums and messages
 
     def metric_names(self) -> tuple[str, ...]:

@@ -43,6 +43,8 @@ DEFINITION = TaskDefinition(
                       "integers 0..n-1; 1 means regression (float targets, MSE loss). Exclusive with labels.",
                       ge=1, le=10000)),
     ),
+    logits="head",
+    head_width=lambda t: len(t.labels) if t.labels else int(t.num_labels or 1),
     task_rules=(
         Rule(cel="has(self.labels) != has(self.numLabels)",
              message="sequence-classification needs exactly one of task.labels or task.numLabels",

@@ -18,4 +18,5 @@ DEFINITION = TaskDefinition(
                       "to German: ' for T5.", max_length=512)),
     ),
     no_fsdp="its evaluation generates text, which sharded models do not do in lockstep",
+    logits="decoder",
 )
