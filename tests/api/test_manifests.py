@@ -80,6 +80,12 @@ SELECTION_OK = [
         **BASE["spec"], "task": {"type": "causal-lm"}, "dataset": {"train": "t.jsonl", "validationSplit": 0.1},
         "hyperparameters": {"maxSteps": 100, "evalEverySteps": 10},
         "checkpointing": {"selectBest": {"metric": "perplexity"}}}}),
+    ("dpo by reward accuracy, over-long pairs dropped", {**BASE, "spec": {
+        **BASE["spec"], "task": {"type": "dpo", "dpo": {"beta": 0.2, "lossType": "ipo", "maxPromptLength": 64}},
+        "dataset": {"train": "t.jsonl", "validationSplit": 0.1, "overLong": "drop",
+                    "columns": {"prompt": "question", "chosen": "good", "rejected": "bad"}},
+        "method": {"type": "lora"}, "hyperparameters": {"maxSteps": 100, "evalEverySteps": 10},
+        "checkpointing": {"selectBest": {"metric": "rewardAccuracy"}}}}),
     ("mlflow with login, tensorboard off", mutate("spec.tracking", {"tensorboard": False, "mlflow": {
         "trackingUri": {"name": "mlflow", "key": "uri"}, "username": {"name": "mlflow", "key": "user"},
         "password": {"name": "mlflow", "key": "password"}, "experiment": "sentiment"}})),
@@ -220,6 +226,27 @@ MALFORMED = [
      "spec.method.lora.targetModules", "at least 1"),
     ("secret key '..'", mutate("spec.credentials", {"hubToken": {"name": "hf", "key": "..token"}}),
      "spec.credentials.hubToken", "may not be '.' or start with '..'"),
+    ("dpo settings on a classifier", mutate("spec.task.dpo", {"beta": 0.1}), "spec.task",
+     "task.dpo applies only to type dpo"),
+    ("dpo label smoothing with ipo", mutate("spec.task", {"type": "dpo", "dpo": {"lossType": "ipo",
+                                                                                 "labelSmoothing": 0.1}}),
+     "spec.task.dpo", "labelSmoothing applies only to lossType sigmoid"),
+    ("dpo beta 0", mutate("spec.task", {"type": "dpo", "dpo": {"beta": 0}}), "spec.task.dpo.beta", "greater than 0"),
+    ("dpo label smoothing 0.5", mutate("spec.task", {"type": "dpo", "dpo": {"labelSmoothing": 0.5}}), "spec.task.dpo",
+     "labelSmoothing must be below 0.5"),
+    ("dpo unknown loss", mutate("spec.task", {"type": "dpo", "dpo": {"lossType": "kto"}}),
+     "spec.task.dpo.lossType", "sigmoid"),
+    ("dpo prompt limit not below the total", _with(mutate("spec.task", {"type": "dpo", "dpo": {
+        "maxPromptLength": 256}}), "spec.hyperparameters.maxSeqLength", 256), "spec",
+     "task.dpo.maxPromptLength must be below hyperparameters.maxSeqLength"),
+    ("dpo column on a classifier", mutate("spec.dataset.columns", {"chosen": "good"}), "spec",
+     "dataset.columns names a column that the task does not use"),
+    ("overLong on a classifier", mutate("spec.dataset.overLong", "drop"), "spec",
+     "dataset.overLong applies only to the tasks that never truncate"),
+    ("overLong neither fail nor drop", _with(mutate("spec.task", {"type": "causal-lm"}), "spec.dataset.overLong",
+                                             "truncate"), "spec.dataset.overLong", "'fail' or 'drop'"),
+    ("selectBest by reward accuracy for a classifier", evaluated(checkpointing={"selectBest": {
+        "metric": "rewardAccuracy"}}), "spec", "dpo: evalLoss, rewardAccuracy"),
 ]
 
 
@@ -228,10 +255,10 @@ def test_examples_validate(path: Path) -> None:
     assert validate_files([str(path)]) == []
 
 
-def test_there_are_four_realistic_examples() -> None:
+def test_there_are_realistic_examples_of_every_task() -> None:
     tasks = {yaml.safe_load(p.read_text())["spec"]["task"]["type"] for p in EXAMPLES}
-    assert tasks == {"sequence-classification", "causal-lm", "seq2seq"}
-    assert len(EXAMPLES) >= 4
+    assert tasks == {"sequence-classification", "causal-lm", "seq2seq", "dpo"}
+    assert len(EXAMPLES) >= 6
 
 
 @pytest.mark.parametrize(("doc", "field", "words"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])

@@ -9,6 +9,8 @@ import copy
 import json
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,10 +22,10 @@ import yaml
 
 from tests.controlplane.cluster import ControlPlane
 from tests.controlplane.node import node_scheduling
-from tests.controlplane.storage import stage_demo_claims
+from tests.controlplane.storage import STAGE_DEMO, stage_demo_claims
 from tests.operator.helpers import merge_patch
 
-from .support import EXAMPLE, logs
+from .support import EXAMPLE, REPO, logs
 
 T = TypeVar("T")
 FTJ = "/apis/finetune.dev/v1alpha1"
@@ -33,6 +35,9 @@ CHAT_MODEL = "tiny-llama"  # models/<CHAT_MODEL>: a tiny Llama with a word-level
 BROKEN_TOKENIZER = "tiny-llama-broken"  # the same with a tokenizer.json that is not one
 # datasets/<name>/train.jsonl: one file per kind of bad data the pre-flight meets (and the row that is bad)
 BAD_FILES = ("no-text-column", "too-long", "no-assistant", "empty")
+DPO_EXAMPLE = REPO / "examples" / "assistant-dpo.yaml"
+SHORT_VALIDATION = "assistant-short"  # datasets/<this>/preference-validation.jsonl: the example's first pairs
+SHORT_ROWS = 8
 
 
 def stage_storage(root: Path) -> None:
@@ -46,6 +51,18 @@ def stage_storage(root: Path) -> None:
     (root / "datasets" / BAD_DATA).mkdir(parents=True)
     (root / "datasets" / BAD_DATA / "train.jsonl").write_text("".join(rows))
     _stage_bad_inputs(root, rows)
+    _stage_assistant(root)
+
+
+def _stage_assistant(root: Path) -> None:
+    """examples/assistant-dpo.yaml's inputs as examples/stage_demo.py stages them (SmolLM2-135M-Instruct, converted
+    once from its wheel's GGUF, and the assistant data, copied), and a short validation file."""
+    subprocess.run([sys.executable, str(STAGE_DEMO), "--pvc-root", str(root), "--copy", "--examples", "assistant"],
+                   check=True, capture_output=True, text=True, timeout=900)
+    validation = (root / "datasets" / "assistant" / "preference-validation.jsonl").read_text().splitlines(True)
+    (root / "datasets" / SHORT_VALIDATION).mkdir(parents=True)
+    (root / "datasets" / SHORT_VALIDATION / "preference-validation.jsonl").write_text("".join(
+        validation[:SHORT_ROWS]))
 
 
 def _stage_bad_inputs(root: Path, rows: list[str]) -> None:
@@ -96,6 +113,23 @@ def sentiment_job(name: str, namespace: str, *, samples: int, checkpoint_every: 
     body["resources"].update(node_scheduling())
     body["dataset"]["maxSamples"] = samples
     body["checkpointing"]["everySteps"] = checkpoint_every
+    manifest["spec"] = merge_patch(body, copy.deepcopy(spec))
+    return manifest
+
+
+def dpo_job(name: str, namespace: str, *, steps: int, **spec: Any) -> dict[str, Any]:
+    """examples/assistant-dpo.yaml (SmolLM2-135M-Instruct, LoRA, the hosted APIs' preference rows) on the real node,
+    shortened: ``steps`` optimizer steps of 2 pairs, an evaluation and a checkpoint every 2, SHORT_ROWS validation
+    pairs; ``cpu`` dropped and ``memory`` lowered to what the node has to spare."""
+    manifest = yaml.safe_load(DPO_EXAMPLE.read_text())
+    manifest["metadata"] = {"name": name, "namespace": namespace}
+    body = manifest["spec"]
+    body["output"]["storage"] = f"pvc://runs/{name}"
+    body["resources"].pop("cpu")
+    body["resources"].update(node_scheduling(), memory="3Gi")
+    body["dataset"]["validation"] = f"pvc://datasets/{SHORT_VALIDATION}/preference-validation.jsonl"
+    body["hyperparameters"].update(maxSteps=steps, batchSize=2, evalEverySteps=2)
+    body["checkpointing"]["everySteps"] = 2
     manifest["spec"] = merge_patch(body, copy.deepcopy(spec))
     return manifest
 

@@ -42,6 +42,7 @@ from .jobs import (
     checkpoint_steps,
     condition,
     condition_reason,
+    dpo_job,
     events_of,
     get_ftj,
     get_ftj_row,
@@ -240,6 +241,34 @@ def test_the_cpu_example_trains_in_a_real_pod_learns_and_keeps_its_best_evaluati
     keep = spec["checkpointing"]["keepLast"]
     assert {*written_steps[-keep:], best["step"]} <= set(on_disk) <= set(written_steps), on_disk
     assert condition(done, "Succeeded")["status"] == "True"
+
+
+@pytest.mark.timeout(900)
+def test_a_dpo_job_on_a_real_instruct_model_succeeds_with_its_reward_metrics_in_status(
+    control_plane: ControlPlane, release: Release, storage: NodeStorage, recorder: PodRecorder,
+) -> None:
+    """examples/assistant-dpo.yaml, shortened: preference tuning of SmolLM2-135M-Instruct with LoRA (the reference is
+    the model with its adapters disabled) in a real pod, to Succeeded, with the reward metrics in status (the last
+    evaluation's, and the output's as selectBest chose it), metrics.json and the model card on the volume."""
+    cp, ns, name, steps = control_plane, release.watched[0], "assistant-dpo", 4
+    apply(cp, dpo_job(name, ns, steps=steps))
+    done = wait_ftj(cp, ns, name, lambda f: f if status(f).get("phase") in ("Succeeded", "Failed") else None,
+                    timeout=TRAIN, desc="finished", interval=1.0)
+    st = status(done)
+    assert st["phase"] == "Succeeded", json.dumps(st, indent=1)
+    assert st["progress"]["step"] == st["progress"]["totalSteps"] == steps
+    rewards = ("evalLoss", "rewardAccuracy", "rewardMargin", "rewardChosen", "rewardRejected")
+    assert set(rewards) <= set(st["metrics"]) and set(rewards) <= set(st["output"]["metrics"])
+    assert 0 <= st["output"]["metrics"]["rewardAccuracy"] <= 1
+    assert st["memoryPlan"]["sharding"] == "none" and "reference" not in st["memoryPlan"]["breakdown"]  # LoRA
+    [pod] = recorder.of_job(name)
+    assert recorder.wait_terminated(pod["metadata"]["uid"], timeout=30)["exitCode"] == 0
+    out = storage.host_path(st["output"]["path"])
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["task"] == "dpo" and written["metrics"] == pytest.approx(st["output"]["metrics"])
+    assert (st["output"]["model"], st["output"]["step"]) == (written["output"]["model"], written["output"]["step"])
+    assert (out / "adapter_config.json").exists()
+    assert "Direct preference optimisation" in (out / "README.md").read_text()
 
 
 def _first_checkpoint(cp: ControlPlane, storage: NodeStorage, ns: str, name: str) -> int:

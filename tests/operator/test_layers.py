@@ -5,6 +5,7 @@ lives in the one module the README's map names for it."""
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import sys
 from pathlib import Path
@@ -93,7 +94,7 @@ TRAINER_LEVELS: tuple[tuple[str, ...], ...] = (
     ("sharding", "quantization"),
     ("config", "locations", "distributed", "progress", "memory", "throughput"),
     ("data",),
-    ("checkpoint", "evaluation"),
+    ("checkpoint", "evaluation", "chat"),
     ("sharded_checkpoint",),
     ("tasks",),
     ("modeling", "tracking", "plots"),
@@ -148,6 +149,46 @@ def test_tasks_are_one_module_each() -> None:
             continue
         specific = {m for m in _trainer_imports(path) if m.startswith("tasks.")} - {"tasks.base"}
         assert not specific, f"{path.relative_to(TRAINER)} imports {sorted(specific)}"
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    return {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and n.body and isinstance(n.body[0], ast.Expr)}
+
+
+def test_only_the_objective_plugins_switch_on_the_task_type() -> None:
+    """An objective lives in its two modules (finetune_api/tasks/<name>.py, finetune_trainer/tasks/<name>.py): no
+    other module of the API, the operator, the CLI or the trainer names a task type (a comparison, a table keyed by
+    it), so adding an objective changes nothing else. Docstrings may mention them."""
+    from finetune_api.tasks import TASKS
+
+    names = set(TASKS)
+    plugins = {API / "tasks", TRAINER / "tasks"}
+    for root in (API, PACKAGE, REPO / "operator" / "finetune_cli", TRAINER):
+        for path in root.rglob("*.py"):
+            if path.parent in plugins and path.stem not in ("__init__", "base"):
+                continue
+            tree = ast.parse(path.read_text())
+            docs = _docstrings(tree)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                    named = {n for n in names if n == node.value or f"'{n}'" in node.value or f'"{n}"' in node.value}
+                    assert not named, f"{path.relative_to(REPO)}:{node.lineno} names task type(s) {sorted(named)}"
+
+
+def test_each_objective_is_an_api_definition_and_a_trainer_module_of_the_same_name() -> None:
+    from finetune_api.tasks import TASKS as DEFINITIONS
+    from finetune_trainer.tasks import TASKS
+
+    api = {p.stem for p in (API / "tasks").glob("*.py")} - {"__init__", "base"}
+    trainer = {p.stem for p in (TRAINER / "tasks").glob("*.py")} - {"__init__", "base"}
+    assert api == trainer
+    assert set(DEFINITIONS) == set(TASKS)
+    for name, task in TASKS.items():
+        module = task.__module__.rsplit(".", 1)[-1]
+        assert DEFINITIONS[name].__class__ is not None and module in api
+        assert importlib.import_module(f"finetune_api.tasks.{module}").DEFINITION.name == name
 
 
 def test_only_children_py_touches_children_on_the_api() -> None:

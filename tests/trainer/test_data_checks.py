@@ -139,3 +139,31 @@ def test_termination_message_has_no_secret(isolated: Path, models: dict[str, Pat
     monkeypatch.setenv("FINETUNE_PROGRESS_TOKEN", secret)
     code, msg = _run(isolated, models["bert"], [{"text": "x", "label": "maybe"}])
     assert code == exitcodes.DATA_ERROR and secret not in msg
+
+
+@pytest.mark.parametrize(("message", "words"), [
+    ({"role": "bot", "content": "hello"}, "message 1 has role 'bot'; the roles a chat template renders are"),
+    ({"role": "user", "content": [{"type": "text", "text": "hello"}]}, "message 1 (user) has content list"),
+    ({"role": "user"}, "message 1 (user) has content nothing (null)"),
+    ("hello", "message 1 is str, not a {role, content} object"),
+])
+def test_chat_rows_are_checked_structurally(isolated: Path, models: dict[str, Path], message: Any,
+                                            words: str) -> None:
+    """A role the template does not know, content that is not text, a message that is not an object: the row is
+    refused before training, naming file, row and field, not trained on silently."""
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]},
+            {"messages": [message, {"role": "assistant", "content": "yes"}]}]
+    code, msg = _run(isolated, models["gpt2"], rows, task={"type": "causal-lm"},
+                     dataset={"train": str(isolated / "data" / "train.jsonl"), "columns": {"messages": "messages"}})
+    assert code == exitcodes.DATA_ERROR, msg
+    assert "train.jsonl, row 2: field 'messages'" in msg and words in msg
+    _no_training(isolated)
+
+
+def test_over_long_causal_examples_can_be_dropped_and_counted(isolated: Path, models: dict[str, Path]) -> None:
+    rows = [*support.qa_rows(7), {"prompt": "question : " + "what " * 20, "response": "the cat is red"}]
+    code, msg = _run(isolated, models["gpt2"], rows, task={"type": "causal-lm"},
+                     dataset={"train": str(isolated / "data" / "train.jsonl"), "overLong": "drop"})
+    assert code == 0, msg
+    doc = json.loads((isolated / "out" / "metrics.json").read_text())
+    assert doc["droppedExamples"] == {"train": 1} and doc["trainExamples"] == 7

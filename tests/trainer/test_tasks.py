@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from finetune_api.spec import REGRESSION_METRICS, TASK_METRICS
+from finetune_api.spec import TASK_METRICS
+from finetune_api.tasks.classification import REGRESSION_METRICS
 from finetune_trainer.__main__ import main
 from tests.trainer import support
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from finetune_trainer import config
+from finetune_trainer.chat import chat_segments
 from finetune_trainer.checkpoint import CheckpointManager
 from finetune_trainer.data import (
     IGNORE_INDEX,
@@ -22,7 +23,6 @@ from finetune_trainer.launch import worker_exit_code
 from finetune_trainer.locations import Storage, resolve
 from finetune_trainer.loop import lr_factor
 from finetune_trainer.progress import Progress
-from finetune_trainer.tasks.causal_lm import chat_segments
 from finetune_trainer.tasks.classification import classification_metrics, confusion_matrix
 from tests.trainer import support
 
@@ -190,4 +190,5 @@ def test_every_task_type_of_the_api_is_one_task_module() -> None:
     from finetune_trainer.tasks import TASKS
 
     assert set(TASKS) == set(get_args(TaskType)) == set(TASK_COLUMNS)
-    assert {cls.__module__.rsplit(".", 1)[-1] for cls in TASKS.values()} == {"classification", "causal_lm", "seq2seq"}
+    assert {cls.__module__.rsplit(".", 1)[-1] for cls in TASKS.values()} == {"classification", "causal_lm", "seq2seq",
+                                                                             "dpo"}

@@ -26,7 +26,7 @@ from finetune_trainer.locations import DATA_SUFFIXES
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-CACHE_VERSION = 3
+CACHE_VERSION = 5
 TOKENIZE_CHUNK = 1000
 MEGA_BATCH_FACTOR = 50  # batches per length-sorted group: ~4% padding, order still random at the group level
 
@@ -186,11 +186,13 @@ class Encoded:
 
     ragged: dict[str, tuple[np.ndarray, np.ndarray]]
     scalars: dict[str, np.ndarray] = field(default_factory=dict)
+    dropped: int = 0  # rows of the split left out as longer than maxSeqLength (dataset.overLong drop)
 
     @classmethod
-    def from_rows(cls, rows: dict[str, list[list[int]]], scalars: dict[str, np.ndarray] | None = None) -> Encoded:
+    def from_rows(cls, rows: dict[str, list[list[int]]], scalars: dict[str, np.ndarray] | None = None,
+                  dropped: int = 0) -> Encoded:
         """From token lists per example, e.g. {"input_ids": [[...], ...], "labels": [[...], ...]}."""
-        return cls({name: _ragged(r) for name, r in rows.items()}, scalars or {})
+        return cls({name: _ragged(r) for name, r in rows.items()}, scalars or {}, dropped)
 
     def __len__(self) -> int:
         return len(self.ragged["input_ids"][1]) - 1
@@ -199,7 +201,10 @@ class Encoded:
         return np.diff(self.ragged[name][1])
 
     def cost(self) -> np.ndarray:
-        """Per-example work estimate used to group batches (decoder tokens count too for seq2seq)."""
+        """Per-example work estimate used to group batches: the objective's own ("cost"), else the input length
+        (decoder tokens count too for seq2seq)."""
+        if "cost" in self.scalars:
+            return self.scalars["cost"].astype(np.int64)
         c = self.lengths().astype(np.int64)
         if "labels" in self.ragged and "decoder" in self.scalars:
             c = c + self.lengths("labels")
@@ -213,6 +218,7 @@ class Encoded:
         arrays = {f"r.{k}.flat": v[0] for k, v in self.ragged.items()}
         arrays |= {f"r.{k}.off": v[1] for k, v in self.ragged.items()}
         arrays |= {f"s.{k}": v for k, v in self.scalars.items()}
+        arrays["m.dropped"] = np.array(self.dropped)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
@@ -223,7 +229,8 @@ class Encoded:
             ragged = {k[2:-5]: (z[k], z[f"{k[:-5]}.off"]) for k in z.files if k.startswith("r.") and
                       k.endswith(".flat")}
             scalars = {k[2:]: z[k] for k in z.files if k.startswith("s.")}
-        return cls(ragged, scalars)
+            dropped = int(z["m.dropped"]) if "m.dropped" in z.files else 0
+        return cls(ragged, scalars, dropped)
 
 
 def _ragged(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -276,7 +283,7 @@ def cached_tokens(split: Split, settings: Any, cache_dir: Path | None, tok_fp: s
     except (OSError, ValueError, KeyError) as exc:
         log.warning("ignoring unreadable token cache %s: %s", path, exc)
         return None
-    if len(enc) != len(split):
+    if len(enc) + enc.dropped != len(split):
         return None
     log.info("using tokenised %s from cache %s", split.name, path)
     return enc

@@ -1,5 +1,6 @@
-"""Evaluation: running the model over the validation data on every rank; the metrics themselves are the task's
-(finetune_trainer.tasks). Metric keys are camelCase, as the progress contract and the status use them.
+"""Evaluation: running the model over the validation data on every rank; the batches, the forward pass and the
+metrics themselves are the task's (finetune_trainer.tasks). Metric keys are camelCase, as the progress contract and
+the status use them.
 
 Each rank evaluates a shard (length-sorted, so little padding) and the per-example results are gathered, so the
 numbers do not depend on the number of processes. With a sharded model (FSDP) every forward pass is a collective,
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 
 from finetune_trainer.data import IGNORE_INDEX, Encoded, collate, eval_batches
+
+Collate = Callable[[Encoded, np.ndarray, int], tuple[dict[str, torch.Tensor], int]]
 
 
 @dataclass
@@ -38,8 +41,12 @@ class Evaluator:
 
     def __init__(self, metrics: Callable[[Evaluator, Any], Evaluation], enc: Encoded, tok: Any, batch_size: int,
                  device: torch.device, autocast: Callable[[], Any], rank: int = 0, world: int = 1,
-                 gather: Callable[[Any], list[Any]] | None = None, lockstep: bool = False) -> None:
+                 gather: Callable[[Any], list[Any]] | None = None, lockstep: bool = False,
+                 collate: Collate = collate, forward: Callable[[Any, dict[str, torch.Tensor]], Any] | None = None,
+                 ) -> None:
         self.metrics = metrics  # the task's evaluate(evaluator, model)
+        self.collate = collate  # the task's batches
+        self.step = forward or (lambda model, batch: model(**batch))  # the task's forward pass
         self.enc, self.tok = enc, tok
         self.batch_size = max(1, batch_size)
         self.device, self.autocast = device, autocast
@@ -77,10 +84,10 @@ class Evaluator:
         """The model's output on one batch, and the batch as it went in."""
         if self._should_stop is not None and self._should_stop():
             raise EvaluationStopped
-        batch, _ = collate(self.enc, idx, self.tok.pad_token_id)
+        batch, _ = self.collate(self.enc, idx, self.tok.pad_token_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with self.autocast():
-            out = model(**batch)
+            out = self.step(model, batch)
         return out, batch
 
     def token_loss(self, model: Any, shifted: bool,

@@ -52,7 +52,7 @@ from finetune_trainer.selection import Selection
 from finetune_trainer.sharded_checkpoint import full_state_dict
 from finetune_trainer.sharding import Layout, Wrapped
 from finetune_trainer.signals import StopSignal
-from finetune_trainer.tasks.base import Task
+from finetune_trainer.tasks.base import RunContext, Task
 from finetune_trainer.tracking import for_job
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,13 @@ def prepare_data(spec: FineTuneJobSpec, cfg: RunConfig, task: Task, tok: Any, wh
     fp = data_mod.tokenizer_fingerprint(tok)
     train_enc = encode_split(train, task, tok, where, fp, write_cache)
     val_enc = encode_split(val, task, tok, where, fp, write_cache) if val is not None else None
+    for name, enc in (("train", train_enc), ("validation", val_enc)):
+        if enc is not None and enc.dropped:
+            log.warning("dataset.%s: %d example(s) longer than hyperparameters.maxSeqLength %d left out "
+                        "(dataset.overLong drop)", name, enc.dropped, spec.hyperparameters.max_seq_length)
+        if enc is not None and len(enc) == 0:
+            raise DataError(f"dataset.{name}: every example is longer than hyperparameters.maxSeqLength "
+                            f"{spec.hyperparameters.max_seq_length}, so dataset.overLong drop left none")
     log.info("data: %d training and %d validation examples, %.1f tokens per training example on average",
              len(train_enc), len(val_enc) if val_enc is not None else 0, float(train_enc.lengths().mean()))
     return train_enc, val_enc
@@ -192,13 +199,14 @@ def encode_split(split: data_mod.Split, task: Task, tok: Any, where: Places, tok
 
 
 def plan_memory(spec: FineTuneJobSpec, shape: memory.ModelShape, data: memory.DataShape, dist: Dist,
-                precision: Precision) -> memory.Plan:
+                precision: Precision, adjust: memory.Adjust | None = None) -> memory.Plan:
     """The sharding and per-device estimate for this job, for the widest batch of its data and, on CPU, with this
     process as it is now (libraries imported, data read) counted; ConfigError (exit 78) naming the field to change
     when it cannot fit."""
     device_bytes = memory.device_memory(dist.device, memory.local_processes())
     baseline = memory.process_baseline() if dist.device.type == "cpu" else 0.0
-    plan = memory.for_job(spec, shape, dist.world, precision.name, dist.device.type, device_bytes, data, baseline)
+    plan = memory.for_job(spec, shape, dist.world, precision.name, dist.device.type, device_bytes, data, baseline,
+                          adjust=adjust)
     log.info("%s", plan.describe())
     return plan
 
@@ -256,18 +264,30 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
     precision = choose_precision(hp.precision, dist.device)
     shape = model_shape(spec, task, source)  # a configuration that cannot be read fails before the data is read
     device_bytes = memory.device_memory(dist.device, memory.local_processes())
-    memory.state_fits(spec, shape, dist.world, precision.name, dist.device.type, device_bytes)  # before the data
+    memory.state_fits(spec, shape, dist.world, precision.name, dist.device.type, device_bytes,  # before the data
+                      adjust=task.memory)
     tok = load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code, task)
     train_enc, val_enc = _data_everywhere(spec, cfg, task, tok, where, dist)
-    plan = plan_memory(spec, shape, memory.DataShape.of(train_enc), dist, precision)
+    plan = plan_memory(spec, shape, memory.DataShape.of(train_enc), dist, precision, task.memory)
     model = load_trainable(spec, task, source, tok, dist, precision)
     layout = Layout(plan.sharding, precision.autocast_dtype, precision.grad_scaling, hp.activation_checkpointing)
+    prepared = time.perf_counter(), time.process_time()
+    task.attach(RunContext(
+        model=model, method=spec.method.type, layout=layout, dist=dist, pad_id=tok.pad_token_id,
+        load_frozen=functools.partial(load_frozen, spec, task, source, tok, precision),
+        data=[e for e in (train_enc, val_enc) if e is not None], batch_size=hp.batch_size * 2,
+        autocast=lambda: precision.autocast(dist.device)))
+    prepared = time.perf_counter() - prepared[0], time.process_time() - prepared[1]
+    dropped = {split: enc.dropped for split, enc in (("train", train_enc), ("validation", val_enc))
+               if enc is not None and enc.dropped}  # over-long examples left out (dataset.overLong drop)
 
     ckpt = CheckpointManager(where.checkpoints, spec.checkpointing.keep_last)
     progress = Progress(push_url=cfg.progress_url, push_token=cfg.progress_token,
                         push_interval=cfg.progress_interval, enabled=dist.main,
                         on_write=lambda doc, final: ckpt.write_progress(doc, upload=final))
     progress.update(memory_plan=plan.report())
+    if dropped:
+        progress.update(metrics={"droppedExamples": float(sum(dropped.values()))})
     progress.start(cfg.metrics_port)
     evaluator = _evaluator(task, val_enc, tok, hp.batch_size * 2, dist, precision, lockstep=plan.sharding == "fsdp")
     status: str | None = "FAILED"  # the trackers' end of the run
@@ -275,14 +295,14 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
         trainer = Trainer(model=model, train=train_enc, pad_id=tok.pad_token_id, settings=LoopSettings.of(spec),
                           precision=precision, dist=dist, checkpoints=ckpt, evaluator=evaluator, progress=progress,
                           stop=stop, progress_bar=cfg.progress_bar, log_interval=cfg.progress_interval,
-                          run_log=run_log, selection=Selection.of(spec), layout=layout)
+                          run_log=run_log, selection=Selection.of(spec), layout=layout, task=task)
         result = trainer.run()
         saving = output_saving(spec, task, source, tok, trainer.optimizer_step.wrapped)  # collective under FSDP
         used = memory_report(plan, trainer.optimizer_step.measured)
         dist.on_main(lambda: write_output(where.output, spec, model, tok, lambda: metrics_document(
             name, spec, result, precision=precision.name, processes=dist.world, train_examples=len(train_enc),
-            validation_examples=len(val_enc) if val_enc else 0, memory=used),
-            describe=lambda folder, doc: describe_output(folder, job, doc, result, run_log), **saving))
+            validation_examples=len(val_enc) if val_enc else 0, memory=used, dropped=dropped, prepared=prepared),
+            describe=lambda folder, doc: describe_output(folder, job, task, doc, result, run_log), **saving))
         output: dict[str, Any] = {"path": spec.output.storage, "metrics": result.metrics}
         if result.choice is not None:
             output.update(step=result.choice.step, model=result.choice.model, reason=result.choice.reason[:1024])
@@ -316,7 +336,7 @@ def _evaluator(task: Task, val_enc: data_mod.Encoded | None, tok: Any, batch_siz
     if val_enc is None:
         return None
     return Evaluator(task.evaluate, val_enc, tok, batch_size, dist.device, lambda: precision.autocast(dist.device),
-                     dist.rank, dist.world, dist.gather, lockstep=lockstep)
+                     dist.rank, dist.world, dist.gather, lockstep=lockstep, collate=task.collate, forward=task.forward)
 
 
 def _listing(folder: Path) -> list[str]:
@@ -324,7 +344,8 @@ def _listing(folder: Path) -> list[str]:
     return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if not p.name.startswith("."))
 
 
-def describe_output(folder: Path, job: FineTuneJob, doc: dict[str, Any], result: TrainResult, run_log: RunLog) -> None:
+def describe_output(folder: Path, job: FineTuneJob, task: Task, doc: dict[str, Any], result: TrainResult,
+                    run_log: RunLog) -> None:
     """Beside the model, before metrics.json: metrics.jsonl as the state has it, loss.png and the model card. The
     plot and the card are descriptions: one that cannot be made is reported, and the output is still written."""
     state, spec = result.state, job.spec
@@ -335,7 +356,7 @@ def describe_output(folder: Path, job: FineTuneJob, doc: dict[str, Any], result:
     for what, make in (
             (PLOT_FILE, lambda: plot_history(state.history, folder / PLOT_FILE, f"{job.metadata.name}: "
                                              f"{spec.task.type} on {spec.model.source}", metric, model_step)),
-            (CARD_FILE, lambda: write_model_card(folder, job, doc))):
+            (CARD_FILE, lambda: write_model_card(folder, job, doc, task))):
         try:
             make()
         except Exception as exc:
@@ -353,6 +374,14 @@ def output_saving(spec: FineTuneJobSpec, task: Task, source: str, tok: Any, wrap
     if lora and spec.output.merge_adapter and (wrapped.sharded or quantization_of(spec) != "none"):
         saving["merge"] = functools.partial(merge_into_fresh_base, spec, task, source, tok)
     return saving
+
+
+def load_frozen(spec: FineTuneJobSpec, task: Task, source: str, tok: Any, precision: Precision) -> Any:
+    """Another copy of the starting weights, frozen, in the compute precision (a reference model)."""
+    model = load_model(task, source, spec.model.revision, spec.model.trust_remote_code, tok,
+                       precision.autocast_dtype or torch.float32)
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def merge_into_fresh_base(spec: FineTuneJobSpec, task: Task, source: str, tok: Any, adapter: Path) -> Any:

@@ -2,6 +2,8 @@
 gradient accumulation, autocast where it helps, DDP or FSDP2 (`Dist.wrap`, finetune_trainer.sharding), periodic
 evaluation, checkpoints (sharded under FSDP) and SIGTERM handling.
 
+The objective (finetune_trainer.tasks) makes the batches and computes the loss from the model and a batch.
+
 Our own loop rather than transformers.Trainer: every batch comes pre-tokenised and length-grouped from `data`, so
 the per-step overhead is a pad and a forward/backward; resume restores model, optimizer, scheduler, RNG and the
 exact data position (finetune_trainer.checkpoint); and preemption is a first-class path (checkpoint, then exit 75).
@@ -37,6 +39,7 @@ from finetune_trainer.selection import Choice, Selection, load_chosen
 from finetune_trainer.sharded_checkpoint import checkpointer
 from finetune_trainer.sharding import Layout, SavedTensorBytes, resident_bytes
 from finetune_trainer.signals import StopSignal
+from finetune_trainer.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +197,11 @@ class OptimizerStep:
     of the first micro-batch."""
 
     def __init__(self, model: torch.nn.Module, dist: Dist, settings: LoopSettings, precision: Precision,
-                 total_steps: int, layout: Layout | None = None) -> None:
+                 total_steps: int, layout: Layout | None = None, task: Task | None = None) -> None:
         layout = layout or Layout(compute_dtype=precision.autocast_dtype, grad_scaling=precision.grad_scaling)
+        # The objective's batches and loss (the model's own loss when none is given).
+        self.collate = task.collate if task is not None else collate
+        self.loss = task.loss if task is not None else (lambda model, batch: model(**batch).loss)
         self.wrapped = dist.wrap(model, layout)
         self.model = self.wrapped.module
         self.dist = dist
@@ -211,13 +217,12 @@ class OptimizerStep:
         loss_total, samples, tokens = 0.0, 0, 0
         activations = SavedTensorBytes() if self.measured is None else None
         for j, idx in enumerate(micro):
-            batch, n_tokens = collate(data, idx, pad_id)
+            batch, n_tokens = self.collate(data, idx, pad_id)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.wrapped.accumulating(last=j == len(micro) - 1):
                 measure = activations if activations is not None and j == 0 else contextlib.nullcontext()
                 with measure, self.wrapped.autocast(self.device):
-                    out = self.model(**batch)
-                loss = out.loss / len(micro)
+                    loss = self.loss(self.model, batch) / len(micro)
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 else:
@@ -256,7 +261,7 @@ class Trainer:
                  precision: Precision, dist: Dist, checkpoints: CheckpointManager, evaluator: Evaluator | None,
                  progress: Progress, stop: StopSignal, progress_bar: bool = False, log_interval: float = 5.0,
                  run_log: RunLog | None = None, selection: Selection | None = None,
-                 layout: Layout | None = None) -> None:
+                 layout: Layout | None = None, task: Task | None = None) -> None:
         self.raw_model = model
         self.train_data = train
         self.pad_id = pad_id
@@ -276,7 +281,7 @@ class Trainer:
             raise DataError(f"dataset.train has {len(train)} examples: too few for one batch on each of "
                             f"{dist.world} processes")
         self.total_steps = settings.total_steps(self.batches_per_epoch)
-        step = self.optimizer_step = OptimizerStep(model, dist, settings, precision, self.total_steps, layout)
+        step = self.optimizer_step = OptimizerStep(model, dist, settings, precision, self.total_steps, layout, task)
         self.checkpoints = checkpointer(checkpoints, step.wrapped, step.optimizer, step.scheduler, dist)
         self.state = TrainState(world=dist.world, train_examples=len(train))
         self.extras: dict[str, Any] = {}

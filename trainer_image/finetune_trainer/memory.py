@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finetune_api.progress import MemoryPlanReport
 from finetune_api.spec import FineTuneJobSpec, quantization_of
+from finetune_api.tasks import TASKS
 from finetune_trainer.errors import ConfigError
 
 GB = 1e9
@@ -85,14 +87,18 @@ class MemoryEstimate:
     working: float  # transients: FSDP's gathered blocks, DDP's gradient buckets, a checkpointed block's recompute,
     #                the loss's log-softmax, on CPU a block's attention matrices in the backward pass
     baseline: float = 0.0  # the process itself (CPU): interpreter, libraries, data
+    reference: float = 0.0  # a frozen reference model the objective keeps beside the trained one (its shard)
 
     @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.activations + self.working + self.baseline
+        return (self.parameters + self.gradients + self.optimizer + self.activations + self.working + self.baseline
+                + self.reference)
 
     def parts(self) -> dict[str, float]:
         parts = {"parameters": self.parameters, "gradients": self.gradients, "optimizer": self.optimizer,
                  "activations": self.activations, "working": self.working}
+        if self.reference:
+            parts["reference"] = self.reference
         if self.baseline:
             parts["process"] = self.baseline
         return {**parts, "total": self.total}
@@ -152,6 +158,9 @@ def estimate(inp: MemoryInputs) -> MemoryEstimate:
     return MemoryEstimate(float(params), grads, optim, float(activations), float(working + recompute), baseline)
 
 
+base_estimate = estimate  # what plan's own `estimate` adds the objective's terms to
+
+
 # ------------------------------------------------------------------------------------------------------ planning
 @dataclass(frozen=True)
 class Plan:
@@ -198,12 +207,21 @@ def _alternatives(inp: MemoryInputs, method: str, shardable: bool) -> list[tuple
     return out
 
 
+# The objective's own terms (finetune_trainer.tasks: a reference model, two sequences per example) on an estimate.
+Adjust = Callable[[MemoryInputs, MemoryEstimate], MemoryEstimate]
+
+
 def plan(requested: str, inp: MemoryInputs, device_bytes: float, method: str = "full",
-         shardable: bool = True, check: bool = True) -> Plan:
+         shardable: bool = True, check: bool = True, adjust: Adjust | None = None) -> Plan:
     """Resolve `resources.sharding` (auto, none, fsdp) for this job and check that it fits; ConfigError (exit 78)
     naming the field to change when it does not, before any weights are loaded. `shardable`: whether fsdp is
-    possible for this job at all (not with a quantized base, nor for seq2seq, whose evaluation generates text).
-    `check` false: the device's memory is not known (a pre-flight without it); the plan is made, not judged."""
+    possible for this job at all (not with a quantized base, nor for an objective that cannot shard).
+    `check` false: the device's memory is not known (a pre-flight without it); the plan is made, not judged.
+    `adjust` adds the objective's terms to every estimate."""
+
+    def estimate(i: MemoryInputs) -> MemoryEstimate:
+        return adjust(i, base_estimate(i)) if adjust is not None else base_estimate(i)
+
     limit = usable(device_bytes, inp.device) if check else float("inf")
     if requested == "auto" and not check:
         chosen, reason = "none", ("auto: the device's memory is unknown, so a full copy per device is planned; the "
@@ -258,21 +276,23 @@ class DataShape:
     @classmethod
     def of(cls, encoded: Any) -> DataShape:
         """From a tokenised split (`data.Encoded`)."""
-        lengths = encoded.lengths()
+        # An objective's own row width where it has one (dpo: prompt plus the longer answer), else the input's.
+        lengths = encoded.scalars["cost"] if "cost" in encoded.scalars else encoded.lengths()
         target = encoded.lengths("labels") if "decoder" in encoded.scalars else None
         return cls(int(lengths.max()) if len(lengths) else 0,
                    int(target.max()) if target is not None and len(target) else 0)
 
 
 def _logits(spec: FineTuneJobSpec) -> tuple[str, int]:
-    """How the task's logits scale: every token over the vocabulary, or one small head row per example."""
-    if spec.task.type == "sequence-classification":
-        return "head", len(spec.task.labels) if spec.task.labels else int(spec.task.num_labels or 1)
-    return ("decoder", 0) if spec.task.type == "seq2seq" else ("tokens", 0)
+    """How the task's logits scale (its API definition says): every token over the vocabulary, every target token,
+    or one small head row per example."""
+    definition = TASKS[spec.task.type]
+    return definition.logits, definition.head_width(spec.task) if definition.head_width else 0
 
 
 def for_job(spec: FineTuneJobSpec, shape: ModelShape, processes: int, precision: str, device: str,
-            device_bytes: float, data: DataShape | None = None, baseline: float = 0.0, check: bool = True) -> Plan:
+            device_bytes: float, data: DataShape | None = None, baseline: float = 0.0, check: bool = True,
+            adjust: Adjust | None = None) -> Plan:
     """The job's plan: its batch size, the widest batch of its data (maxSeqLength when the data is not known yet),
     method, quantization and activation checkpointing on `processes` devices of `device_bytes` each; on CPU the
     process `baseline` (interpreter and libraries) and the data count too."""
@@ -287,16 +307,17 @@ def for_job(spec: FineTuneJobSpec, shape: ModelShape, processes: int, precision:
                        activation_checkpointing=hp.activation_checkpointing, logits=logits, outputs=outputs,
                        decoder_length=target if logits == "decoder" else 0,
                        baseline=baseline)
-    shardable = quantization == "none" and spec.task.type != "seq2seq"
-    return plan(spec.resources.sharding, inp, device_bytes, spec.method.type, shardable, check=check)
+    shardable = quantization == "none" and TASKS[spec.task.type].no_fsdp is None
+    return plan(spec.resources.sharding, inp, device_bytes, spec.method.type, shardable, check=check, adjust=adjust)
 
 
 def state_fits(spec: FineTuneJobSpec, shape: ModelShape, processes: int, precision: str, device: str,
-               device_bytes: float) -> None:
+               device_bytes: float, adjust: Adjust | None = None) -> None:
     """The plan with the smallest possible batch (one token per example) and without the process: a lower bound,
     checked before any data is read, so that a job whose training state alone cannot fit (a 70B full fine-tune on
     one device) fails at once instead of after reading its data. ConfigError as `plan` raises it."""
-    for_job(spec, shape, processes, precision, device, device_bytes, DataShape(longest=1, longest_target=1))
+    for_job(spec, shape, processes, precision, device, device_bytes, DataShape(longest=1, longest_target=1),
+            adjust=adjust)
 
 
 # --------------------------------------------------------------------------------------------- from the machine

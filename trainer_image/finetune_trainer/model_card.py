@@ -14,11 +14,10 @@ from typing import Any
 from finetune_api.manifest import FineTuneJob
 from finetune_api.times import humanize_eta
 from finetune_trainer.locations import HUB_ID
+from finetune_trainer.tasks.base import Task
 from finetune_trainer.tracking import flat_params
 
 CARD_FILE = "README.md"
-PIPELINE = {"sequence-classification": "text-classification", "causal-lm": "text-generation",
-            "seq2seq": "text2text-generation"}
 LIBRARY = {"full": "transformers", "lora": "peft"}
 
 TEMPLATE = """---
@@ -78,40 +77,33 @@ def _confusion_table(cm: dict[str, Any]) -> str:
     return "\n".join([head, rule, *rows])
 
 
-def model_card(job: FineTuneJob, doc: dict[str, Any], files: list[str]) -> Any:
-    """The ModelCard for a finished job; `doc` is metrics.json's document, `files` what the output folder holds."""
+def model_card(job: FineTuneJob, doc: dict[str, Any], files: list[str], task: Task) -> Any:
+    """The ModelCard for a finished job; `doc` is metrics.json's document, `files` what the output folder holds,
+    `task` the objective (its pipeline tag and what it says of itself)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     spec, meta = job.spec, job.metadata
     uid = (meta.model_extra or {}).get("uid")
     namespace = meta.namespace
-    task, source = spec.task.type, spec.model.source
+    source = spec.model.source
     ds = spec.dataset
     validation = ds.validation or (f"{ds.validation_split:.0%} of the training data" if ds.validation_split else None)
     metrics: dict[str, float] = doc.get("metrics", {})
-    eval_results = [EvalResult(task_type=PIPELINE[task], dataset_type=validation or ds.train,
+    eval_results = [EvalResult(task_type=task.pipeline_tag, dataset_type=validation or ds.train,
                                dataset_name=f"{meta.name} validation data", dataset_split="validation",
                                metric_type=name, metric_name=name, metric_value=round(value, 6))
                     for name, value in metrics.items() if name != "trainLoss"] if validation else []
-    tags = ["finetune-operator", task, *(["lora"] if spec.method.type == "lora" else [])]
+    tags = ["finetune-operator", task.name, *(["lora"] if spec.method.type == "lora" else [])]
     data = ModelCardData(
-        base_model=_hub_id(source), library_name=LIBRARY[spec.method.type], pipeline_tag=PIPELINE[task], tags=tags,
+        base_model=_hub_id(source), library_name=LIBRARY[spec.method.type], pipeline_tag=task.pipeline_tag, tags=tags,
         datasets=[ds.train] if ds.format == "hub" else None, model_name=meta.name,
         eval_results=eval_results or None, metrics=sorted(k for k in metrics if k != "trainLoss") or None,
     )
     who = f"`{namespace}/{meta.name}`" if namespace else f"`{meta.name}`"
-    intro = (f"Fine-tuned from `{source}`{' (revision `' + spec.model.revision + '`)' if spec.model.revision else ''} "
-             f"for **{task}** by the FineTuneJob {who} (uid `{uid or 'none: run locally'}`) with finetune-operator.")
-    if task == "sequence-classification":
-        labels = spec.task.labels
-        task_text = (f"Labels, in index order: {', '.join(f'`{x}`' for x in labels)}." if labels else
-                     "Regression (one output, mean squared error)." if spec.task.num_labels == 1 else
-                     f"{spec.task.num_labels} classes, labelled 0..{(spec.task.num_labels or 1) - 1}.")
-    elif task == "causal-lm":
-        task_text = "Supervised fine-tuning on prompt/response pairs or chat messages; loss on the responses only."
-    else:
-        task_text = "Source to target generation" + (f" with the prefix `{spec.task.source_prefix}`."
-                                                     if spec.task.source_prefix else ".")
+    revision = f" (revision `{spec.model.revision}`)" if spec.model.revision else ""
+    intro = (f"Fine-tuned from `{source}`{revision} for **{task.name}** by the FineTuneJob {who} (uid "
+             f"`{uid or 'none: run locally'}`) with finetune-operator.")
+    task_text = task.card_text()
     data_rows = [["train", f"`{ds.train}`", str(doc.get("trainExamples", ""))]]
     if validation:
         data_rows.append(["validation", f"`{validation}`", str(doc.get("validationExamples", ""))])
@@ -121,6 +113,9 @@ def model_card(job: FineTuneJob, doc: dict[str, Any], files: list[str]) -> Any:
                 f"{humanize_eta(seconds)} of training time ({seconds:.1f} s), precision {doc.get('precision')}, "
                 f"{doc.get('processes')} process(es); finished {doc.get('finishedAt')}.")
     settings = flat_params("", spec.hyperparameters.model_dump(by_alias=True, exclude_none=True, mode="json"))
+    for block, values in spec.task.model_dump(by_alias=True, exclude={"type"}, exclude_none=True, mode="json").items():
+        if isinstance(values, dict):  # an objective's own settings block (task.dpo)
+            settings.update(flat_params(block, values))
     if spec.method.lora:
         settings.update(flat_params("lora", spec.method.lora.model_dump(by_alias=True, exclude_none=True,
                                                                         mode="json")))
@@ -146,10 +141,10 @@ FILE_NOTES = {
 }
 
 
-def write_model_card(folder: Path, job: FineTuneJob, doc: dict[str, Any]) -> Path:
+def write_model_card(folder: Path, job: FineTuneJob, doc: dict[str, Any], task: Task) -> Path:
     """README.md in `folder` (replacing the one peft writes for adapters)."""
     files = sorted({p.name for p in folder.iterdir() if not p.name.startswith(".") and p.name != "checkpoints"}
                    | {CARD_FILE, "metrics.json"})
     path = folder / CARD_FILE
-    model_card(job, doc, files).save(path)
+    model_card(job, doc, files, task).save(path)
     return path

@@ -23,7 +23,8 @@ METRICS_FILE = "metrics.json"
 
 def metrics_document(job: str, spec: FineTuneJobSpec, result: TrainResult, *, precision: str, processes: int,
                      train_examples: int, validation_examples: int,
-                     memory: dict[str, Any] | None = None) -> dict[str, Any]:
+                     memory: dict[str, Any] | None = None, dropped: dict[str, int] | None = None,
+                     prepared: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
     """What metrics.json says: the final metrics and their extras (the confusion matrix), the loss curve,
     throughput, the step reached and where the run resumed from."""
     state = result.state
@@ -36,6 +37,8 @@ def metrics_document(job: str, spec: FineTuneJobSpec, result: TrainResult, *, pr
         "samplesPerSecond": round(result.samples_per_second, 3),
         "tokensPerSecond": round(result.tokens_per_second, 1),
         "trainSecondsTotal": round(state.train_seconds, 3),
+        # What the objective prepared before the first step of this session (DPO: precomputed reference values).
+        "prepareSeconds": round(prepared[0], 3), "prepareCpuSeconds": round(prepared[1], 3),
         "resumedFrom": result.resumed_from, "lossCurve": state.loss_curve,
         "trainExamples": train_examples,
         "validationExamples": validation_examples,
@@ -45,6 +48,8 @@ def metrics_document(job: str, spec: FineTuneJobSpec, result: TrainResult, *, pr
         doc["output"] = result.choice.wire()  # which step's weights the model is, and why
     if result.last_metrics is not None:
         doc["lastMetrics"] = result.last_metrics
+    if dropped:
+        doc["droppedExamples"] = dropped  # over-long examples left out per split (dataset.overLong drop)
     if memory:
         doc["memory"] = memory  # the memory plan and what each rank measured (finetune_trainer.job.memory_report)
     doc.update(result.extras)

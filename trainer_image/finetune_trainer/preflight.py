@@ -162,7 +162,8 @@ def _plan(spec: FineTuneJobSpec, shape: memory.ModelShape,
     device_bytes, source = device_memory(spec)
     baseline = memory.process_baseline() if device == "cpu" else 0.0
     plan = memory.for_job(spec, shape, processes(spec), precision, device, device_bytes or 0.0,
-                          memory.DataShape.of(train), baseline, check=device_bytes is not None)
+                          memory.DataShape.of(train), baseline, check=device_bytes is not None,
+                          adjust=tasks.for_spec(spec).memory)  # the objective's own terms (a reference model)
     report = plan.report()
     doc = PreflightMemory(sharding=plan.sharding, reason=plan.reason[:512], per_device_bytes=report.per_device_bytes,
                           device_bytes=round(device_bytes) if device_bytes is not None else None,

@@ -185,8 +185,11 @@ def wrap(model: nn.Module, layout: Layout, device: torch.device, world: int) -> 
     return Wrapped(DistributedDataParallel(model, device_ids=ids), model, "ddp", layout)
 
 
-def shard(model: nn.Module, compute_dtype: torch.dtype | None, device: torch.device, world: int) -> nn.Module:
-    """FSDP2: one parameter group per transformer block, then the root for what is left (embeddings, head, norms)."""
+def shard(model: nn.Module, compute_dtype: torch.dtype | None, device: torch.device, world: int,
+          keep_root: bool = True) -> nn.Module:
+    """FSDP2: one parameter group per transformer block, then the root for what is left (embeddings, head, norms).
+    `keep_root`: keep the root's parameters gathered after the forward pass, for a backward pass that needs them
+    at once (a frozen model that only runs forward passes frees them)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -199,7 +202,7 @@ def shard(model: nn.Module, compute_dtype: torch.dtype | None, device: torch.dev
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     # The root's parameters are needed again at once by the backward pass: keep them gathered after the forward.
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=not keep_root)
     log.info("FSDP2 over %d processes: %d blocks of %s", world, len(blocks), type(blocks[0]).__name__)
     return model
 

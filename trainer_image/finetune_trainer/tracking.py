@@ -238,6 +238,8 @@ def for_job(job: FineTuneJob, output: Path) -> Trackers:
         params = {"task": spec.task.type, "model": spec.model.source, "method": spec.method.type,
                   **flat_params("hyperparameters", spec.hyperparameters.model_dump(by_alias=True, exclude_none=True,
                                                                                   mode="json"))}
+        own = spec.task.model_dump(by_alias=True, exclude={"type"}, exclude_none=True, mode="json")
+        params.update(flat_params("task", {k: v for k, v in own.items() if isinstance(v, dict)}))  # task.dpo.beta
         if spec.method.lora:
             params.update(flat_params("lora", spec.method.lora.model_dump(by_alias=True, exclude_none=True,
                                                                           mode="json")))

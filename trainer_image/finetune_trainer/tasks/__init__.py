@@ -1,5 +1,5 @@
-"""The task types the trainer knows, one module each: adding a task is adding a module here that defines `TASK`
-(and the type and its columns in finetune_api.spec, which the CRD is generated from)."""
+"""The objectives the trainer knows, one module each: adding one is adding a module here that defines `TASK`, named
+like its API definition in finetune_api.tasks (from which the CRD is generated)."""
 
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ TASKS = _discover()
 
 
 def for_spec(spec: FineTuneJobSpec) -> Task:
-    """The task object for a job's spec, with its columns, labels and lengths resolved."""
+    """The task object for a job's spec, with its columns, settings and lengths resolved."""
+    own = spec.task.model_dump(by_alias=True, exclude={"type"}, exclude_none=True, mode="json")
     info = TaskInfo(
-        type=spec.task.type, columns=resolved_columns(spec), labels=spec.task.labels,
-        num_labels=spec.task.num_labels, max_seq_length=spec.hyperparameters.max_seq_length,
-        source_prefix=spec.task.source_prefix or "",
+        type=spec.task.type, columns=resolved_columns(spec), max_seq_length=spec.hyperparameters.max_seq_length,
+        over_long=spec.dataset.over_long or "fail",
+        mapped=tuple(sorted(spec.dataset.columns.model_dump(by_alias=True, exclude_none=True))), settings=own,
     )
     return TASKS[spec.task.type](info)

@@ -50,15 +50,19 @@ class SequenceClassification(Task):
     name = "sequence-classification"
     model_class = "AutoModelForSequenceClassification"
     lora_task_type = "SEQ_CLS"
-    metric_names = ("accuracy", "f1Macro", "mse")
+    pipeline_tag = "text-classification"
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.info.settings.get("labels")
 
     @property
     def regression(self) -> bool:
-        return self.info.num_labels == 1
+        return self.info.settings.get("numLabels") == 1
 
     @property
     def n_classes(self) -> int:
-        return len(self.info.labels) if self.info.labels else int(self.info.num_labels or 0)
+        return len(self.labels) if self.labels else int(self.info.settings.get("numLabels") or 0)
 
     def check_rows(self, split: Split) -> None:
         cols = self.info.columns
@@ -82,7 +86,7 @@ class SequenceClassification(Task):
                     raise DataError(f"{split.where(i)}: field {col!r} must be a finite number for regression "
                                     f"(task.numLabels 1), got {v!r}") from None
             return out
-        labels = self.info.labels
+        labels = self.labels
         index = {name: k for k, name in enumerate(labels or [])}
         n = self.n_classes
         ids = np.empty(len(values), dtype=np.int64)
@@ -114,9 +118,9 @@ class SequenceClassification(Task):
     def model_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"num_labels": self.n_classes, "ignore_mismatched_sizes": True,
                                   "problem_type": "regression" if self.regression else "single_label_classification"}
-        if self.info.labels:
-            kwargs["id2label"] = dict(enumerate(self.info.labels))
-            kwargs["label2id"] = {name: i for i, name in enumerate(self.info.labels)}
+        if self.labels:
+            kwargs["id2label"] = dict(enumerate(self.labels))
+            kwargs["label2id"] = {name: i for i, name in enumerate(self.labels)}
         return kwargs
 
     def evaluate(self, ev: Evaluator, model: Any) -> Evaluation:
@@ -137,7 +141,7 @@ class SequenceClassification(Task):
             mse = float(np.mean((pred.astype(np.float64) - gold.astype(np.float64)) ** 2))
             return Evaluation({"mse": mse, "evalLoss": mse})
         cm = confusion_matrix(pred, gold, self.n_classes)
-        names = self.info.labels or [str(i) for i in range(self.n_classes)]
+        names = self.labels or [str(i) for i in range(self.n_classes)]
         # Cross-entropy per example: the validation loss beside the training loss.
         metrics = {**classification_metrics(pred, gold, self.n_classes),
                    "evalLoss": sum(p[2] for p in parts) / max(1, len(idx))}
@@ -150,6 +154,13 @@ class SequenceClassification(Task):
             lines.append("confusion matrix (rows: true label, columns: predicted):")
             lines.append(format_confusion(cm["matrix"], cm["labels"]))
         return lines
+
+    def card_text(self) -> str:
+        if self.labels:
+            return f"Labels, in index order: {', '.join(f'`{x}`' for x in self.labels)}."
+        if self.regression:
+            return "Regression (one output, mean squared error)."
+        return f"{self.n_classes} classes, labelled 0..{self.n_classes - 1}."
 
 
 TASK = SequenceClassification

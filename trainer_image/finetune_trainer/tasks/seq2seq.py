@@ -25,14 +25,18 @@ class Seq2Seq(Task):
     name = "seq2seq"
     model_class = "AutoModelForSeq2SeqLM"
     lora_task_type = "SEQ_2_SEQ_LM"
-    metric_names = ("chrf",)
+    pipeline_tag = "text2text-generation"
+
+    @property
+    def source_prefix(self) -> str:
+        return str(self.info.settings.get("sourcePrefix") or "")
 
     def check_rows(self, split: Split) -> None:
         check_text_columns(split, self.info.columns, ["source", "target"])
 
     def encode(self, split: Split, tok: Any) -> Encoded:
         info = self.info
-        sources = [info.source_prefix + s for s in split.dataset[info.columns["source"]]]
+        sources = [self.source_prefix + s for s in split.dataset[info.columns["source"]]]
         targets = split.dataset[info.columns["target"]]
         ids: list[list[int]] = []
         labels: list[list[int]] = []
@@ -66,6 +70,10 @@ class Seq2Seq(Task):
         loss, generated = ev.token_loss(model, shifted=False, per_batch=generate)
         pairs = sorted(generated)
         return Evaluation({"evalLoss": loss, "chrf": chrf([h for _, h, _ in pairs], [r for _, _, r in pairs])})
+
+    def card_text(self) -> str:
+        prefix = self.source_prefix
+        return "Source to target generation" + (f" with the prefix `{prefix}`." if prefix else ".")
 
 
 TASK = Seq2Seq
