@@ -17,7 +17,7 @@ README = PACKAGE.parent / "README.md"
 API = REPO / "operator" / "finetune_api"
 TRAINER = REPO / "trainer_image" / "finetune_trainer"
 PURE = ("builders", "conditions", "state", "progress", "ledger", "observe", "workqueue", "settings", "labels",
-        "image_policy", "record", "caches")
+        "image_policy", "record", "caches", "sharing")
 IO_MODULES = {"kopf", "aiohttp", "kubernetes", "urllib", "http", "socket", "requests", "finetune_operator.k8s",
               "finetune_operator.controller", "finetune_operator.handlers", "finetune_operator.children",
               "finetune_operator.reconcile", "finetune_operator.runner", "finetune_operator.create_failures"}
@@ -92,7 +92,7 @@ TRAINER_LEVELS: tuple[tuple[str, ...], ...] = (
     ("errors", "signals", "launch"),
     ("sharding", "quantization"),
     ("config", "locations", "distributed", "progress", "memory"),
-    ("data",),
+    ("data", "ownership"),
     ("checkpoint", "evaluation"),
     ("sharded_checkpoint",),
     ("tasks",),
