@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from finetune_api import errors
 from finetune_api.progress import ProgressReport, merge_reports
-from finetune_operator import builders
+from finetune_operator import builders, sharing
 from finetune_operator.caches import Caches
 from finetune_operator.children import Children
 from finetune_operator.k8s import Kube
@@ -67,6 +67,8 @@ class Controller:
 
     def observe_ftj(self, event_type: str | None, body: dict[str, Any]) -> None:
         key = key_of(body)
+        if event_type == "DELETED" or sharing.gone(body):
+            self._wake_held_back(key)  # the jobs it kept from its storage may start now
         if event_type == "DELETED":
             self.forget(key)
             return
@@ -82,6 +84,11 @@ class Controller:
         else:
             record.see(body)
         self.queue.add(key)
+
+    def _wake_held_back(self, key: Key) -> None:
+        for other, record in self.records.items():
+            if other != key and sharing.held_back(record.body):
+                self.queue.add(other)
 
     def observe_child(self, key: Key | None) -> None:
         if key is not None and key in self.records:

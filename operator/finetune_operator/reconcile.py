@@ -21,7 +21,7 @@ from finetune_api import errors
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import TERMINAL_PHASES, FineTuneJobStatus
 from finetune_api.times import format_time, parse_time
-from finetune_operator import builders, gang, image_policy, state
+from finetune_operator import builders, gang, image_policy, sharing, state
 from finetune_operator import conditions as cond
 from finetune_operator.caches import Caches
 from finetune_operator.children import Children
@@ -131,6 +131,9 @@ class Reconciler:
             return await self._observe_job(p, spec, job, tend=True)
         if (problem := image_policy.problem(spec, self.settings.allowed_registries)) is not None:
             return p.seen(invalid=problem)
+        others = [r.body for k, r in self.records.items() if k != p.key]
+        if (shared := sharing.conflict(p.body, others)) is not None:
+            return p.seen(storage_conflict=shared)  # no pods until the older job that writes there is gone
         result = await self.children.create(p.owner, spec)
         if result.refusal is not None:
             if result.refusal.stale:
