@@ -362,13 +362,18 @@ def test_a_pod_that_cannot_start_is_named_at_once_and_fails_the_job_after_the_st
         assert all(part in running["message"] for part in first_named), running
         assert f"the job fails if a pod cannot start for {START_TIMEOUT}s" in running["message"], running
         warnings = [e for e in events_of(cp, ns, name) if e["reason"] == reason and e["message"].startswith("Pending")]
-        assert len(warnings) == 1 and warnings[0]["type"] == "Warning", warnings
+        assert warnings and warnings[0]["type"] == "Warning", warnings
         assert all(part in warnings[0]["message"] for part in first_named), warnings
         # A kubelet may try before the Node authorizer lets it read the Secret at all: "failed to sync secret cache"
         # names no Secret, and the first report lists every Secret and key the pod reads. Its next try, seconds
-        # later, names the missing one.
+        # later, names the missing one, and so does one Warning Event (the first one, if it named it already).
         wait_ftj(cp, ns, name, lambda f, n=named: f if n in condition(f, "Running")["message"] else None,  # type: ignore[misc]
                  timeout=SURFACED + KUBELET_RETRY, desc=f"the condition to say: {named}", failed_ok=True)
+        said = cp.wait_for(lambda n=name, r=reason, m=named: [  # type: ignore[misc]
+            e for e in events_of(cp, ns, n) if e["reason"] == r and e["message"].startswith("Pending")
+            and m in e["message"]] or None, timeout=SURFACED,
+            desc=f"a {reason} Event saying: {named}")
+        assert len(said) == 1 and said[0]["type"] == "Warning", said
 
     for name, (_, reason, _, named) in cases.items():
         pod = recorder.of_job(name)[0]
