@@ -210,10 +210,14 @@ def test_sigkill_sigterm_and_resume_from_sharded_checkpoints_on_two_or_one_proce
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert one["resumedFrom"] == 4 and one["processes"] == 1 and one["output"]["step"] == 4
     assert one["metrics"]["evalLoss"] == pytest.approx(at_4, rel=1e-4)
-    # Another job is refused those shards (the check the trainer runs before it writes anything).
+    # Another job is refused those shards, by the record inside the sharded checkpoint (the check the trainer runs
+    # before it writes anything).
+    copied = tmp_path / "copied"
+    shutil.copytree(ckpts / "checkpoint-4", copied / "checkpoint-4")
     other = ownership.for_job(load_job(support.manifest(tmp_path / "other.yaml", one_spec, name="other")), Path("."))
-    refused = ownership.problem(Storage(str(single), single), *other, "checkpointing.storage")
-    assert refused is not None and "checkpoint-4" in refused and "FineTuneJob killed" in refused
+    refused = ownership.problem(Storage(str(copied), copied), *other, "checkpointing.storage")
+    assert refused is not None and f"{copied}/checkpoint-4 holds the checkpoints or model of FineTuneJob killed" \
+        in refused, refused
 
     # The same two-process job restarted resumes from its newest complete checkpoint; stopped by SIGTERM (what the
     # kubelet sends the launcher) once it has trained a step, every rank writes its shard and it exits 75.
