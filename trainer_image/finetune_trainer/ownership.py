@@ -314,7 +314,7 @@ def _where(field_name: str, storage: Storage, rel: str = "") -> str:
 
 def _refusal(where: str, record: Record, why: str, identity: Identity, field_name: str) -> str:
     writer = record.owner.describe() + (f", written {record.time}" if record.time else "")
-    if why == "another job":
+    if (record.owner.namespace, record.owner.name) != (identity.namespace, identity.name):
         what = (f"{where} holds the checkpoints or model of {writer}, and this job is {identity.describe()}. A job "
                 "resumes only its own checkpoints and never overwrites another job's model")
     else:
