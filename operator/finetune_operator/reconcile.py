@@ -131,8 +131,8 @@ class Reconciler:
             return await self._observe_job(p, spec, job, tend=True)
         if (problem := image_policy.problem(spec, self.settings.allowed_registries)) is not None:
             return p.seen(invalid=problem)
-        others = [r.body for k, r in self.records.items() if k != p.key]
-        if (shared := sharing.conflict(p.body, others)) is not None:
+        others = (r.footprint for k, r in self.records.items() if k != p.key)
+        if (shared := sharing.conflict(p.record.footprint, others)) is not None:
             return p.seen(storage_conflict=shared)  # no pods until the older job that writes there is gone
         result = await self.children.create(p.owner, spec)
         if result.refusal is not None:

@@ -9,11 +9,13 @@ or is deleted (and its trainer then refuses what that job left there, unless it 
 
 Only shared places count: `pvc://` (a claim of the job's own namespace) and remote URLs (per object-store endpoint).
 A plain path is each pod's own file system.
+
+Each record keeps its job's `Footprint` (made once per version of the object), so that the pass before a job's
+children are created compares it with every other job cheaply: about a millisecond with 1,000 jobs.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -33,10 +35,25 @@ class Place:
     parts: tuple[str, ...]  # ("pvc", namespace, claim, *path) or ("url", endpoint, scheme, *path)
 
 
-@functools.lru_cache(maxsize=8192)
+@dataclass(frozen=True)
+class Footprint:
+    """What the check needs of one version of a FineTuneJob."""
+
+    namespace: str
+    name: str
+    created: str  # creationTimestamp: RFC 3339 in UTC, so its text sorts as its time
+    phase: str | None
+    live: bool  # running, pending, queued or suspended: not finished, cancelled or being deleted
+    places: tuple[Place, ...]
+
+    @property
+    def age(self) -> tuple[str, str, str]:
+        """Older first: creationTimestamp, then namespace and name (one second holds many creations)."""
+        return self.created, self.namespace, self.name
+
+
 def _place(field: str, uri: str, namespace: str, endpoint: str) -> Place | None:
-    """A location as path parts; None for a plain path (the pod's own file system). Cached: every pass that may
-    create a job's children compares it with every other live job."""
+    """A location as path parts; None for a plain path (the pod's own file system)."""
     scheme, sep, rest = uri.partition("://")
     if not sep or scheme == "file":
         return None
@@ -44,17 +61,21 @@ def _place(field: str, uri: str, namespace: str, endpoint: str) -> Place | None:
     return Place(field, uri, (*where, *(p for p in rest.split("/") if p not in ("", "."))))
 
 
-def places(body: Body) -> list[Place]:
-    """Where a FineTuneJob writes: output.storage and the checkpoint storage (by default inside the output)."""
-    spec = body.get("spec") or {}
-    namespace = str((body.get("metadata") or {}).get("namespace", ""))
+def footprint(body: Body) -> Footprint:
+    """Where a FineTuneJob writes (output.storage and the checkpoint storage, by default inside the output), how old
+    it is and whether it is live."""
+    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+    namespace, phase = str(meta.get("namespace") or ""), (body.get("status") or {}).get("phase")
     endpoint = str((((spec.get("credentials") or {}).get("s3")) or {}).get("endpointUrl") or "")
-    found = []
+    places = []
     for field, uri in (("output.storage", (spec.get("output") or {}).get("storage")),
                        ("checkpointing.storage", (spec.get("checkpointing") or {}).get("storage"))):
         if uri and (place := _place(field, str(uri), namespace, endpoint)) is not None:
-            found.append(place)
-    return found
+            places.append(place)
+    live = phase not in TERMINAL_PHASES and not meta.get("deletionTimestamp") and not (
+        spec.get("runPolicy") or {}).get("cancel")
+    return Footprint(namespace, str(meta.get("name") or ""), str(meta.get("creationTimestamp") or ""), phase, live,
+                     tuple(places))
 
 
 def _relation(mine: Place, theirs: Place) -> str | None:
@@ -68,52 +89,36 @@ def _relation(mine: Place, theirs: Place) -> str | None:
     return None
 
 
-def _live(body: Body) -> bool:
-    """Running, pending, queued or suspended: not finished, not cancelled, not being deleted."""
-    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
-    return (((body.get("status") or {}).get("phase") not in TERMINAL_PHASES) and not meta.get("deletionTimestamp")
-            and not (spec.get("runPolicy") or {}).get("cancel"))
+def conflict(job: Footprint, others: Iterable[Footprint]) -> str | None:
+    """Why `job` must not start yet: an older live FineTuneJob writes where it would (the oldest such, named with
+    the place they share). None when nothing does."""
+    if not job.places:
+        return None
+    me = job.age
+    found: tuple[Footprint, Place, Place, str] | None = None
+    for other in others:
+        if not other.live or other.age >= me or (found is not None and other.age >= found[0].age):
+            continue
+        for place in job.places:
+            for theirs in other.places:
+                if (relation := _relation(place, theirs)) is not None:
+                    found = (other, place, theirs, relation)
+    if found is None:
+        return None
+    other, place, theirs, relation = found
+    return (f"spec.{place.field} {place.uri} {relation} where FineTuneJob {other.namespace}/{other.name} (created "
+            f"{other.created}, {other.phase or 'Pending'}) writes its {theirs.field} ({theirs.uri}): two jobs there "
+            "would resume each other's checkpoints and overwrite each other's model. This job does not start while "
+            "that one is live; give it its own storage (checkpointing.storage can be edited; output.storage cannot: "
+            "re-create the job), or delete the other job")
 
 
 def gone(body: Body) -> bool:
     """No longer live (finished, cancelled or being deleted): the jobs it held back may start."""
-    return not _live(body)
+    return not footprint(body).live
 
 
 def held_back(body: Body) -> bool:
     """Whether this job is waiting for another one's storage (its last written status says so)."""
     return any(c.get("type") == "Created" and c.get("status") == "False" and c.get("reason") == STORAGE_CONFLICT
                for c in (body.get("status") or {}).get("conditions") or [])
-
-
-def _age_key(body: Body) -> tuple[str, str, str]:
-    meta = body.get("metadata") or {}
-    return str(meta.get("creationTimestamp") or ""), str(meta.get("namespace") or ""), str(meta.get("name") or "")
-
-
-def conflict(job: Body, others: Iterable[Body]) -> str | None:
-    """Why `job` must not start yet: an older live FineTuneJob writes where it would (the oldest such, named with
-    the place they share). None when nothing does."""
-    mine = places(job)
-    if not mine:
-        return None
-    me = _age_key(job)
-    found: tuple[tuple[str, str, str], Body, Place, Place, str] | None = None
-    for other in others:
-        age = _age_key(other)
-        if age >= me or (found is not None and age >= found[0]) or not _live(other):
-            continue
-        for place in mine:
-            for theirs in places(other):
-                if (relation := _relation(place, theirs)) is not None:
-                    found = (age, other, place, theirs, relation)
-    if found is None:
-        return None
-    _, other, place, theirs, relation = found
-    meta = other.get("metadata") or {}
-    phase = (other.get("status") or {}).get("phase") or "Pending"
-    return (f"spec.{place.field} {place.uri} {relation} where FineTuneJob {meta.get('namespace')}/{meta.get('name')} "
-            f"(created {meta.get('creationTimestamp')}, {phase}) writes its {theirs.field} ({theirs.uri}): two jobs "
-            "there would resume each other's checkpoints and overwrite each other's model. This job does not start "
-            "while that one is live; give it its own storage (checkpointing.storage can be edited; output.storage "
-            "cannot: re-create the job), or delete the other job")

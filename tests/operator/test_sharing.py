@@ -32,10 +32,10 @@ def body(name: str, output: str, namespace: str = "ml", created: str = T0, check
 ])
 def test_the_newer_of_two_live_jobs_on_one_storage_is_held(older: dict[str, Any], newer: dict[str, Any],
                                                           relation: str) -> None:
-    message = sharing.conflict(newer, [older])
+    message = sharing.conflict(sharing.footprint(newer), [sharing.footprint(older)])
     assert message is not None and relation in message
     assert f"FineTuneJob ml/a (created {T0}, Pending)" in message
-    assert sharing.conflict(older, [newer]) is None, "the older one runs"
+    assert sharing.conflict(sharing.footprint(older), [sharing.footprint(newer)]) is None, "the older one runs"
 
 
 SHARED = "pvc://runs/shared"
@@ -54,12 +54,12 @@ SHARED = "pvc://runs/shared"
     (SHARED, body("a", SHARED, created=T2)),  # newer than the job asking
 ])
 def test_no_conflict(mine: str, other: dict[str, Any]) -> None:
-    assert sharing.conflict(body("b", mine, created=T1), [other]) is None
+    assert sharing.conflict(sharing.footprint(body("b", mine, created=T1)), [sharing.footprint(other)]) is None
 
 
 def test_the_oldest_is_named_and_a_tie_is_broken_by_namespace_and_name() -> None:
-    jobs = [body("c", "pvc://runs/x", created=T1), body("a", "pvc://runs/x", created=T1),
-            body("z", "pvc://runs/x", created=T2)]
+    jobs = [sharing.footprint(b) for b in (body("c", "pvc://runs/x", created=T1), body("a", "pvc://runs/x", created=T1),
+                                           body("z", "pvc://runs/x", created=T2))]
     assert "FineTuneJob ml/a " in (sharing.conflict(jobs[2], jobs) or "")
     assert "FineTuneJob ml/a " in (sharing.conflict(jobs[0], jobs) or ""), "same second: a before c"
     assert sharing.conflict(jobs[1], jobs) is None
