@@ -11,7 +11,7 @@ Only shared places count: `pvc://` (a claim of the job's own namespace) and remo
 A plain path is each pod's own file system.
 
 Each record keeps its job's `Footprint` (made once per version of the object), so that the pass before a job's
-children are created compares it with every other job cheaply: about a millisecond with 1,000 jobs.
+children are created compares it with every other job cheaply: under a millisecond against 1,000 jobs.
 """
 
 from __future__ import annotations
@@ -80,13 +80,12 @@ def footprint(body: Body) -> Footprint:
 
 def _relation(mine: Place, theirs: Place) -> str | None:
     """How two places overlap: the same folder, or one inside the other; None when they are apart."""
-    if mine.parts == theirs.parts:
-        return "is also"
-    if mine.parts[: len(theirs.parts)] == theirs.parts:
-        return "lies inside"
-    if theirs.parts[: len(mine.parts)] == mine.parts:
-        return "contains"
-    return None
+    a, b = mine.parts, theirs.parts
+    if len(a) == len(b):
+        return "is also" if a == b else None
+    if len(a) > len(b):
+        return "lies inside" if a[: len(b)] == b else None
+    return "contains" if b[: len(a)] == a else None
 
 
 def conflict(job: Footprint, others: Iterable[Footprint]) -> str | None:
