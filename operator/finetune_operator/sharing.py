@@ -44,6 +44,7 @@ class Footprint:
     created: str  # creationTimestamp: RFC 3339 in UTC, so its text sorts as its time
     phase: str | None
     live: bool  # running, pending, queued or suspended: not finished, cancelled or being deleted
+    held: bool  # its written status says it waits for another job's storage (StorageConflict)
     places: tuple[Place, ...]
 
     @property
@@ -74,8 +75,10 @@ def footprint(body: Body) -> Footprint:
             places.append(place)
     live = phase not in TERMINAL_PHASES and not meta.get("deletionTimestamp") and not (
         spec.get("runPolicy") or {}).get("cancel")
+    held = any(c.get("type") == "Created" and c.get("status") == "False" and c.get("reason") == STORAGE_CONFLICT
+               for c in (body.get("status") or {}).get("conditions") or [])
     return Footprint(namespace, str(meta.get("name") or ""), str(meta.get("creationTimestamp") or ""), phase, live,
-                     tuple(places))
+                     held, tuple(places))
 
 
 def _relation(mine: Place, theirs: Place) -> str | None:
@@ -110,14 +113,3 @@ def conflict(job: Footprint, others: Iterable[Footprint]) -> str | None:
             "would resume each other's checkpoints and overwrite each other's model. This job does not start while "
             "that one is live; give it its own storage (checkpointing.storage can be edited; output.storage cannot: "
             "re-create the job), or delete the other job")
-
-
-def gone(body: Body) -> bool:
-    """No longer live (finished, cancelled or being deleted): the jobs it held back may start."""
-    return not footprint(body).live
-
-
-def held_back(body: Body) -> bool:
-    """Whether this job is waiting for another one's storage (its last written status says so)."""
-    return any(c.get("type") == "Created" and c.get("status") == "False" and c.get("reason") == STORAGE_CONFLICT
-               for c in (body.get("status") or {}).get("conditions") or [])

@@ -65,11 +65,11 @@ def test_the_oldest_is_named_and_a_tie_is_broken_by_namespace_and_name() -> None
     assert sharing.conflict(jobs[1], jobs) is None
 
 
-def test_held_back_and_gone_read_the_written_status() -> None:
+def test_held_and_live_are_read_from_the_written_status() -> None:
     held = body("b", "pvc://runs/x", created=T1)
     held["status"] = {"phase": "Pending", "conditions": [
         {"type": "Created", "status": "False", "reason": state.STORAGE_CONFLICT, "message": "m"}]}
-    assert sharing.held_back(held) and not sharing.gone(held)
-    assert not sharing.held_back(body("a", "pvc://runs/x"))
-    assert sharing.gone(body("a", "pvc://runs/x", phase="Succeeded"))
-    assert sharing.gone(body("a", "pvc://runs/x", deletionTimestamp=T1))
+    assert sharing.footprint(held).held and sharing.footprint(held).live
+    assert not sharing.footprint(body("a", "pvc://runs/x")).held
+    assert not sharing.footprint(body("a", "pvc://runs/x", phase="Succeeded")).live
+    assert not sharing.footprint(body("a", "pvc://runs/x", deletionTimestamp=T1)).live
