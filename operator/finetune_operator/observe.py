@@ -14,7 +14,7 @@ from typing import Any
 
 from finetune_api import names
 from finetune_operator.builders import GPU_RESOURCE
-from finetune_operator.labels import JOB_COMPLETION_INDEX, JOB_CONTROLLER_UID, JOB_NAME, KUEUE_QUEUE
+from finetune_operator.labels import JOB_COMPLETION_INDEX, JOB_CONTROLLER_UID, JOB_NAME, KUEUE_QUEUE, SPEC_HASH
 
 
 def controller_uid(meta: dict[str, Any], kind: str | None = None) -> str | None:
@@ -54,6 +54,8 @@ class JobView:
     start_time: str | None = None
     completion_time: str | None = None
     created: str | None = None
+    spec_hash: str | None = None  # the pre-flight Job's: the spec it checked
+    deleting: bool = False
 
     def condition(self, type_: str) -> JobCondition | None:
         for c in self.conditions:
@@ -134,6 +136,8 @@ def summarize_job(body: dict[str, Any]) -> JobView:
         start_time=status.get("startTime"),
         completion_time=status.get("completionTime"),
         created=meta.get("creationTimestamp"),
+        spec_hash=(meta.get("annotations") or {}).get(SPEC_HASH),
+        deleting=bool(meta.get("deletionTimestamp")),
     )
 
 

@@ -17,7 +17,7 @@ README = PACKAGE.parent / "README.md"
 API = REPO / "operator" / "finetune_api"
 TRAINER = REPO / "trainer_image" / "finetune_trainer"
 PURE = ("builders", "conditions", "state", "progress", "ledger", "observe", "workqueue", "settings", "labels",
-        "image_policy", "record", "caches", "sharing")
+        "image_policy", "record", "caches", "preflight", "sharing")
 IO_MODULES = {"kopf", "aiohttp", "kubernetes", "urllib", "http", "socket", "requests", "finetune_operator.k8s",
               "finetune_operator.controller", "finetune_operator.handlers", "finetune_operator.children",
               "finetune_operator.reconcile", "finetune_operator.runner", "finetune_operator.create_failures"}
@@ -91,7 +91,7 @@ def test_operator_and_trainer_do_not_import_each_other() -> None:
 TRAINER_LEVELS: tuple[tuple[str, ...], ...] = (
     ("errors", "signals", "launch"),
     ("sharding", "quantization"),
-    ("config", "locations", "distributed", "progress", "memory"),
+    ("config", "locations", "distributed", "progress", "memory", "throughput"),
     ("data", "ownership"),
     ("checkpoint", "evaluation"),
     ("sharded_checkpoint",),
@@ -102,6 +102,7 @@ TRAINER_LEVELS: tuple[tuple[str, ...], ...] = (
     ("loop",),
     ("output", "model_card"),
     ("job",),
+    ("preflight",),
     ("__main__",),
 )
 

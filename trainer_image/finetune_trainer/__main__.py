@@ -65,6 +65,22 @@ def invoked_as() -> str:
     return "python -m finetune_trainer" if name in ("", "__main__.py", "-c") else name
 
 
+def _preflight(cfg: object, termination: Path | None) -> int:
+    """The pre-flight passed: its findings as one line of JSON in the termination message (what the operator reads,
+    within the kubelet's 4 KB), and for people on stdout."""
+    from finetune_trainer import preflight
+
+    found = preflight.run(cfg)  # type: ignore[arg-type]
+    document = found.model_dump_json(by_alias=True, exclude_none=True)
+    if termination is not None:
+        try:
+            termination.write_text(document + "\n")
+        except OSError as exc:
+            print(f"warning: cannot write the termination message to {termination}: {exc}", file=sys.stderr)
+    print(preflight.summary(found), flush=True)
+    return exitcodes.OK
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run one job; return the exit code (the console scripts pass it to sys.exit). `prog`: the command that runs
     it, for --help (`finetune run` passes its own)."""
@@ -75,6 +91,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         cfg = config.parse(sys.argv[1:] if argv is None else argv, prog=prog or invoked_as())
         termination = cfg.termination_log
+        if cfg.preflight:
+            return _preflight(cfg, termination)
         from finetune_trainer import job
 
         outcome = job.run(cfg)

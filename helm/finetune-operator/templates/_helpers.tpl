@@ -142,3 +142,14 @@ tests/helm/test_cluster.py checks each call, and a few that must stay denied, wi
   resources: ["events"]
   verbs: ["create", "list"]
 {{- end }}
+
+{{/*
+A map as key=value pairs joined by commas, keys sorted (FINETUNE_PREFLIGHT_NODE_SELECTOR).
+*/}}
+{{- define "finetune-operator.pairs" -}}
+{{- $pairs := list -}}
+{{- range $key := keys . | sortAlpha -}}
+{{- $pairs = append $pairs (printf "%s=%s" $key (index $ $key)) -}}
+{{- end -}}
+{{- join "," $pairs -}}
+{{- end -}}
