@@ -280,6 +280,8 @@ def test_a_storage_conflict_is_a_warning_and_clears_when_the_job_is_created() ->
         ("Warning", "StorageConflict", "Pending: spec.output.storage pvc://runs/x ...")]
     ready = cond.find(held.conditions, "Reconciling")
     assert ready is not None and (ready.status, ready.reason) == ("True", "StorageConflict")
+    waiting = state.compute_status(held, obs())  # no longer held, no Job yet (the pre-flight, or children to make)
+    assert cond.find(waiting.conditions, "Created") is None, "a stale StorageConflict would stay the headline"
     started = state.compute_status(held, obs(job=job(active=1), pods=(running(),)))
     created = cond.find(started.conditions, "Created")
     assert started.phase == "Running" and created is not None and (created.status, created.reason) == (
