@@ -131,7 +131,7 @@ def test_plan_reported_before_training(runs: dict[str, dict[str, Any]]) -> None:
     doc = json.loads((runs["fsdp-full"]["out"] / "checkpoints" / "progress.json").read_text())
     assert doc["memoryPlan"]["sharding"] == "fsdp" and doc["memoryPlan"]["perDeviceBytes"] > 0
     plan = runs["fsdp-full"]["memory"]
-    assert set(plan["breakdown"]) == {"parameters", "gradients", "optimizer", "activations", "working"}
+    assert set(plan["breakdown"]) == {"parameters", "gradients", "optimizer", "activations", "working", "process"}
     # The estimate of the state is what the ranks hold (a few bytes of AdamW step counters aside).
     held = plan["measuredPerRank"][0]
     for part in ("parameters", "gradients", "optimizer"):
