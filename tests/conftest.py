@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-pytest_plugins = ["tests.conftest_cluster_plugin"]
+pytest_plugins = ["tests.conftest_cluster_plugin", "tests.conftest_guard_plugin"]
 
 LONG_TIMEOUT = 900  # seconds; the default (--timeout in pyproject.toml) is for everything else
 _TRAINER_TESTS = Path(__file__).resolve().parent / "trainer"

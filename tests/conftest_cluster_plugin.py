@@ -39,6 +39,7 @@ NODE_FIXTURES = ("real_node", "node_images")
 # The first test that asks for a node fixture pays for its set-up: a cold build of the node's programs and of both
 # images, and their import into containerd, take minutes, far beyond one test's deadline (pytest-timeout).
 NODE_SETUP_TIMEOUT = 3600
+NODE_TESTS = "tests/node"  # under pytest-xdist, one worker runs every test here: the machine has one real node
 _LOGS_KEY = pytest.StashKey[Path]()
 
 
@@ -59,9 +60,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "node: runs pods on the real node (kubelet, containerd) with the built images")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection and xdist's grouping read the markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Marks every test that uses the control plane as ``cluster`` and every test that uses the real node as ``node``
-    (so ``-m 'not cluster'`` / ``-m 'not node'`` deselect them), and skips them, visibly, when asked to."""
+    (so ``-m 'not cluster'`` / ``-m 'not node'`` deselect them), and skips them, visibly, when asked to.
+
+    Under pytest-xdist the real-node tests come first (see ``pytest_xdist_make_scheduler``)."""
     skip = pytest.mark.skip(reason=f"{SKIP_ENV}=1: cluster tests disabled explicitly")
     skip_node = pytest.mark.skip(reason=f"{SKIP_NODE_ENV}=1: real-node tests disabled explicitly")
     paying = set(NODE_FIXTURES)
@@ -81,6 +85,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
         elif uses_node and _skip_node_requested():
             item.add_marker(skip_node)
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: every worker orders the same way
+        items.sort(key=lambda i: not i.nodeid.startswith(f"{NODE_TESTS}/"))  # stable: the real-node group first
+
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """pytest-xdist (``make test`` runs two workers, each with its own control plane): every test of a module runs on
+    one worker, in order, so that its module fixtures are made once, and every test of tests/node on one worker, the
+    one that starts the machine's only real node. That group comes first: the longest starts at once, and the rest
+    of the suite runs beside it on the other worker. (xdist's own ``loadgroup`` marks do not group under pytest 9.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RealNodeScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return NODE_TESTS if module.startswith(f"{NODE_TESTS}/") else module
+
+    config.option.loadscopereorder = False  # the collection's order, real-node group first (not the largest first)
+    return RealNodeScheduling(config, log)  # type: ignore[arg-type]
 
 
 def _uncaptured(request: pytest.FixtureRequest) -> contextlib.AbstractContextManager[None]:

@@ -62,16 +62,6 @@ def _data_output(parser: argparse.ArgumentParser, extra: tuple[str, ...] = ()) -
                         (f" ({', '.join(extra)}: see below)" if extra else ""))
 
 
-def _logs_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-f", "--follow", action="store_true", help="stream the logs until the trainers exit")
-    parser.add_argument("--tail", type=int, default=None, metavar="LINES", help="only the last LINES lines per worker")
-    parser.add_argument("--previous", action="store_true",
-                    help="each worker's previous attempt: its newest pod that has ended (after a restart)")
-    parser.add_argument("--worker", type=int, default=None, metavar="INDEX", help="only this worker (0 is the first)")
-    parser.add_argument("--prefix", action=argparse.BooleanOptionalAction, default=None,
-                    help="prefix lines with [worker-N] (default: when the job has several workers)")
-
-
 def build_parser(prog: str = FINETUNE) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Fine-tune language models with FineTuneJobs: check "
                                      "manifests, train locally, and follow and steer jobs on a cluster.",
@@ -119,7 +109,13 @@ def build_parser(prog: str = FINETUNE) -> argparse.ArgumentParser:
                    help="give up after this long (exit 1); 0 waits for the end")
     lg = command("logs", "print the trainer logs of every worker", cluster=True)
     _name(lg)
-    _logs_options(lg)
+    lg.add_argument("-f", "--follow", action="store_true", help="stream the logs until the trainers exit")
+    lg.add_argument("--tail", type=int, default=None, metavar="LINES", help="only the last LINES lines per worker")
+    lg.add_argument("--previous", action="store_true",
+                    help="each worker's previous attempt: its newest pod that has ended (after a restart)")
+    lg.add_argument("--worker", type=int, default=None, metavar="INDEX", help="only this worker (0 is the first)")
+    lg.add_argument("--prefix", action=argparse.BooleanOptionalAction, default=None,
+                    help="prefix lines with [worker-N] (default: when the job has several workers)")
     for name, help_ in (
         ("suspend", "stop a job's pods after a checkpoint (sets runPolicy.suspend)"),
         ("resume", "resume a suspended job from its latest checkpoint (clears runPolicy.suspend)"),

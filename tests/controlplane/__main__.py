@@ -2,8 +2,9 @@
 
 A developer can then point kubectl/helm at it with the printed ``export`` lines; everything stops on Ctrl-C or SIGTERM.
 With ``--node`` the cluster also gets the real node (tests/controlplane/node.py: root, Docker for its first images),
-and ``--images`` builds the operator and trainer images and loads them into it, so that ``helm install`` and
-``kubectl logs`` of real pods work as in README's "Try it on a real cluster".
+and ``--images`` builds the operator and trainer images, loads them into it and stages the demo's claims (models,
+datasets, runs) on local volumes of the node in the ``default`` namespace, so that ``helm install``, ``kubectl apply
+-f examples/sentiment-cpu.yaml`` and ``finetune watch`` train as real pods as in README's "Try it on a real cluster".
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from types import FrameType
 from .cluster import ControlPlane, ControlPlaneError, build_binaries
 from .images import ImageError, build_product_images
 from .node import NODE_LABEL, RealNode, node_scheduling
+from .storage import CLAIMS, provide_storage, stage_demo_claims
+
+DEMO_NAMESPACE = "default"  # where `make cluster` stages the demo's claims (examples/sentiment-cpu.yaml runs there)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,7 +33,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--build-only", action="store_true", help="only build (or check) the cached binaries")
     parser.add_argument("--node", action="store_true", help="add the real node (kubelet, containerd; needs root)")
     parser.add_argument("--images", action="store_true",
-                        help="with --node: build the operator and trainer images and load them into the node")
+                        help="with --node: build the operator and trainer images, load them into the node and stage "
+                             "the demo's claims in the default namespace")
     return parser.parse_args(argv)
 
 
@@ -68,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
                       ' --set image.tag="${OPERATOR_IMAGE##*:}" --set trainer.image.tag="${TRAINER_IMAGE##*:}"'
                       f" --set-json 'nodeSelector={json.dumps(on_node['nodeSelector'])}'"
                       f" --set-json 'tolerations={json.dumps(on_node['tolerations'])}'", file=sys.stderr)
+                assert cp.workdir is not None  # made by start()
+                root = cp.workdir / "demo-pvc"
+                stage_demo_claims(root)
+                provide_storage(cp, DEMO_NAMESPACE, root, "finetune-demo-local")
+                print(f"# the demo's claims {', '.join(CLAIMS)} in namespace {DEMO_NAMESPACE}: local volumes of "
+                      f"{node.name} in {root}\n# then, with the chart installed:\n"
+                      "#   kubectl apply -f examples/sentiment-cpu.yaml && finetune watch sentiment-cpu",
+                      file=sys.stderr)
         print(f"export KUBECONFIG={cp.kubeconfig}")
         print(f'export PATH="{cp.binaries.kubectl.parent}:{cp.binaries.helm.parent}:$PATH"')
         print("# press Ctrl-C to stop", file=sys.stderr)

@@ -34,6 +34,8 @@ from typing import IO, Any
 
 import yaml
 
+from .cluster import ControlPlaneError
+
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune-operator"))
 HOST_SETUP = Path(__file__).resolve().parent / "host-setup.sh"
@@ -393,9 +395,37 @@ def containerd_images(ctr: list[str]) -> set[str]:
     return set(out.split())
 
 
-def load_into_containerd(ctr: list[str], tags: Iterable[str], steps: Steps) -> None:
+GIB = 1024**3
+# While an image is imported it exists three times over on a disk that usually holds both stores: docker save's
+# temporary copy (Docker 20.10 writes the whole image before it streams it), containerd's content store, and the
+# snapshot it unpacks (the content is deleted afterwards, see discard_layer_blobs).
+IMPORT_COPIES = 3
+SPARE_BYTES = 2 * GIB  # for the pods' logs, emptyDirs and the runs the node tests write, beside the images
+
+
+def disk_shortfall(where: Path, free: int, total: int, image_bytes: dict[str, int], evict_percent: float) -> str | None:
+    """Why importing these images would fill the disk, naming the shortfall, or None when they fit. A disk the import
+    fills below the kubelet's eviction threshold (nodefs/imagefs.available) puts the node under DiskPressure, and the
+    kubelet evicts every pod on it."""
+    size = sum(image_bytes.values())
+    kept_free = total * evict_percent / 100
+    need = IMPORT_COPIES * size + kept_free + SPARE_BYTES
+    if free >= need:
+        return None
+    images = ", ".join(f"{tag} ({b / GIB:.2f} GiB)" for tag, b in image_bytes.items())
+    return (f"not enough free disk to import {images} into the real node's containerd: {need / GIB:.1f} GiB needed "
+            f"on the filesystem of {where} ({IMPORT_COPIES} x {size / GIB:.2f} GiB while importing: docker save's "
+            f"copy, containerd's content and its unpacked snapshot; {kept_free / GIB:.1f} GiB that the kubelet keeps "
+            f"free ({evict_percent:g}%) before it evicts pods under DiskPressure; {SPARE_BYTES / GIB:.0f} GiB for the "
+            f"pods), {free / GIB:.1f} GiB free: {(need - free) / GIB:.1f} GiB short. Free that much there, or point "
+            "FINETUNE_CACHE at a larger disk.")
+
+
+def load_into_containerd(ctr: list[str], tags: Iterable[str], steps: Steps, root: Path,
+                         evict_percent: float) -> None:
     """Imports the images containerd lacks (``docker save | ctr images import``) into the CRI's namespace and unpacks
-    them: the kubelet then finds them present, and nothing is pulled."""
+    them: the kubelet then finds them present, and nothing is pulled. First checks that the disk of containerd's
+    ``root`` holds them without falling under the kubelet's eviction threshold (``evict_percent`` free)."""
     missing = [t for t in tags if normalise_ref(t) not in containerd_images(ctr)]
     if not missing:
         return
@@ -403,6 +433,12 @@ def load_into_containerd(ctr: list[str], tags: Iterable[str], steps: Steps) -> N
     for tag in missing:
         if not docker.has(tag):
             raise ImageError(f"image {tag} is neither in the node's containerd nor in Docker")
+    usage = shutil.disk_usage(root)
+    sizes = {tag: int(docker.run("image", "inspect", "--format", "{{.Size}}", tag, what=f"the size of {tag}"))
+             for tag in missing}
+    if problem := disk_shortfall(root, usage.free, usage.total, sizes, evict_percent):
+        raise ImageError(problem)
+    for tag in missing:
         with steps.step(f"load {tag} into the node's containerd"):
             save = subprocess.Popen([docker.cli, "save", tag], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             try:
@@ -447,12 +483,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.controlplane.images", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tags-only", action="store_true", help="print this tree's tags; build nothing")
+    parser.add_argument("--into-node", action="store_true",
+                        help="also import them into the real node's containerd (make test: beside the Go builds)")
     args = parser.parse_args(argv)
     steps = Steps()
     start = time.monotonic()
     try:
         tags = product_tags() if args.tags_only else build_product_images(steps)
-    except ImageError as exc:
+        if args.into_node:
+            from .node import preload_images  # the node module builds on this one
+
+            with steps.step("import into the real node's containerd"):
+                preload_images([tags.operator, tags.trainer], steps)
+    except (ImageError, ControlPlaneError) as exc:
         print(f"images: {exc}", file=sys.stderr)
         return 1
     if not args.tags_only:

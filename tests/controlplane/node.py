@@ -37,6 +37,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterable
@@ -82,6 +84,9 @@ KUBELET_SYSCTLS = ("vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic", "k
                    "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes")
 BRIDGE = "ftnode0"
 FORWARD_CHAIN = "FINETUNE-NODE-FWD"
+# The kubelet evicts every pod once less than this share of the node's disk (nodefs, imagefs) is free; images are
+# imported only when they leave more than that (images.disk_shortfall).
+EVICT_PERCENT = 1.0
 NODE_DIR = CACHE / "node"  # containerd's root (images) persists; run/ is wiped at every start
 CNI_BIN_DIR = Path("/usr/lib/cni")
 NEEDED_PROGRAMS = ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "iptables", "iptables-save", "ip", "mount",
@@ -432,7 +437,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     def load_images(self, tags: Iterable[str]) -> None:
         """Imports images (from Docker) that the node's containerd does not have yet."""
-        load_into_containerd(self.ctr(), tags, self.steps)
+        load_into_containerd(self.ctr(), tags, self.steps, self.containerd_root, EVICT_PERCENT)
 
     def _node_images(self) -> None:
         assert self.binaries.coredns is not None and self.binaries.pause is not None
@@ -482,8 +487,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "maxPods": 30,
             # A shared disk may be fuller than the defaults allow: never evict test pods or collect the imported
             # images (which cannot be pulled back) for disk pressure.
-            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%",
-                             "nodefs.inodesFree": "1%"},
+            "evictionHard": {"memory.available": "100Mi", "nodefs.available": f"{EVICT_PERCENT:g}%",
+                             "imagefs.available": f"{EVICT_PERCENT:g}%", "nodefs.inodesFree": "1%"},
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
             "serializeImagePulls": False,
@@ -594,3 +599,60 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                                 "conditions": p["status"].get("conditions"),
                                 "containers": p["status"].get("containerStatuses")} for p in pods], indent=1)[-3000:]
         return "(unavailable)"
+
+
+def preload_images(tags: Iterable[str], steps: Steps) -> bool:
+    """Imports images into the real node's containerd while no node runs: a containerd of its own on the node's root
+    (no CRI, its own socket and state), stopped afterwards. The node finds them present when it starts, so a cold
+    ``make test`` imports the trainer's 6 GB beside the Go builds instead of inside the first node test. Skipped
+    (False) while a real node runs on this machine: the node imports what it lacks itself."""
+    NODE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(NODE_DIR / "lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            steps.log("a real node runs on this machine: it imports the images it lacks itself")
+            return False
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}, importing images into the node's containerd\n")
+        lock.flush()
+        root = NODE_DIR / "containerd"
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="ftnode-import-") as tmp:
+            socket_path = Path(tmp) / "containerd.sock"
+            config = Path(tmp) / "containerd.toml"
+            config.write_text(f"""version = 2
+root = "{root}"
+state = "{Path(tmp) / 'state'}"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs"]
+[grpc]
+  address = "{socket_path}"
+[ttrpc]
+  address = "{socket_path}.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+""")
+            log = Path(tmp) / "containerd.log"
+            with log.open("wb") as out:
+                proc = subprocess.Popen(["containerd", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            ctr = ["ctr", "--address", str(socket_path)]
+            try:
+                deadline = time.monotonic() + 60
+                while sh(*ctr, "version", check=False, timeout=10).returncode != 0:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise NodeError(f"containerd (image import) did not answer: {log.read_text()[-3000:]}")
+                    time.sleep(0.2)
+                load_into_containerd(ctr, tags, steps, root, EVICT_PERCENT)
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    return True

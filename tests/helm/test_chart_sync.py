@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from finetune_api import crd as crd_module
+from finetune_operator import metrics, settings
 
 from .conftest import CHART, REPO
 
@@ -113,7 +114,6 @@ def test_readme_documents_every_value(chartgen: ModuleType) -> None:
 def test_values_yaml_defaults_match_operator_defaults() -> None:
     """The chart passes every setting explicitly, but its defaults should be the operator's own (no surprise when a
     variable is dropped)."""
-    settings = pytest.importorskip("finetune_operator.settings")
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     defaults = settings.Settings()
     assert values["ports"] == {"metrics": defaults.metrics_port, "health": defaults.health_port,
@@ -140,7 +140,6 @@ def test_readme_covers_install_tenancy_crds_and_gitops() -> None:
 
 
 def test_readme_metric_table_matches_the_operator() -> None:
-    metrics = pytest.importorskip("finetune_operator.metrics")
     source = Path(metrics.__file__).read_text()
     readme = (CHART / "README.md").read_text()
     table = readme.split("## Monitoring", 1)[1].split("## Development", 1)[0]

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from finetune_operator import builders
 from tests.controlplane.cluster import ControlPlane, KubectlError
 
 from .conftest import CHART, REPO, VALUES_DIR
@@ -341,7 +342,6 @@ def test_tenant_with_edit_manages_finetunejobs_in_its_namespace_only(
 
 def _trainer_jobs(namespace: str) -> list[dict[str, Any]]:
     """The trainer Job the operator builds for every example manifest (single-node, LoRA, multi-node, Kueue)."""
-    builders = pytest.importorskip("finetune_operator.builders")
     from finetune_api.manifest import load_job
 
     jobs = []

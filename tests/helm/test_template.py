@@ -16,6 +16,7 @@ import yaml
 
 from finetune_api import __version__
 from finetune_api import crd as crd_module
+from finetune_operator import metrics, settings
 
 from .conftest import CHART, MONITORING_APIS, VALUES_DIR, Helm, env_of, find, one
 from .pss import restricted_violations
@@ -182,7 +183,6 @@ def test_preflight_values_reach_the_operator(helm: Helm) -> None:
 
 def test_env_is_what_the_operator_reads(default: list[dict[str, Any]]) -> None:
     """Every FINETUNE_* variable the chart sets parses with the operator's own settings loader."""
-    settings = pytest.importorskip("finetune_operator.settings")
     env = {k: v for k, v in env_of(one(default, "Deployment")).items() if isinstance(v, str)}
     env["FINETUNE_PROGRESS_KEY"] = "k" * 48
     parsed = settings.Settings.from_env(env)
@@ -461,7 +461,6 @@ def test_dashboard(namespaced: list[dict[str, Any]], default: list[dict[str, Any
 
 def test_metric_names_exist_in_the_operator(namespaced: list[dict[str, Any]]) -> None:
     """Alerts and panels on a metric the operator does not export would stay silent forever."""
-    metrics = pytest.importorskip("finetune_operator.metrics")
     source = metrics.__file__ and open(metrics.__file__).read()  # noqa: SIM115 - read once
     exported = set(re.findall(r"[\"'](finetune_[a-z0-9_]+)[\"']", source))
     used = set().union(*(_metric_names(e) for e in _expressions(namespaced)))

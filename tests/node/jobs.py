@@ -1,10 +1,6 @@
-"""FineTuneJobs as real pods on the real node: the storage the example expects, the example with names and storage
-adjusted, and what the tests read back (pods as the kubelet reported them, ``kubectl get ftj``, trainer logs).
-
-Storage: one local PersistentVolume on the node per claim that examples/sentiment.yaml names (``models``,
-``datasets``, ``runs``), of a StorageClass the suite creates, each a folder on the host that examples/stage_demo.py
-fills as a platform team pre-loads a claim (the packaged all-MiniLM-L6-v2 and the example data, copied). ``runs``
-belongs to the trainer's uid (the operator's security context), the inputs are read-only to it.
+"""FineTuneJobs as real pods on the real node: the example with names and storage adjusted, and what the tests read
+back (pods as the kubelet reported them, ``kubectl get ftj``, trainer logs). The storage the example expects is
+tests/controlplane/storage.py's, as ``make cluster`` stages it, plus one bad data file.
 """
 
 from __future__ import annotations
@@ -13,8 +9,6 @@ import copy
 import json
 import re
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,18 +18,15 @@ from typing import Any, TypeVar
 
 import yaml
 
-from finetune_operator.builders import PVC_ROOT, RUN_AS_USER
-from tests.controlplane.cluster import ApiError, ControlPlane
-from tests.controlplane.node import NODE_NAME, node_scheduling
+from tests.controlplane.cluster import ControlPlane
+from tests.controlplane.node import node_scheduling
+from tests.controlplane.storage import stage_demo_claims
 from tests.operator.helpers import merge_patch
 
-from .support import EXAMPLE, REPO, logs
+from .support import EXAMPLE, logs
 
 T = TypeVar("T")
 FTJ = "/apis/finetune.dev/v1alpha1"
-CLAIMS = ("models", "datasets", "runs")  # the claims examples/sentiment.yaml reads and writes
-WRITABLE = "runs"
-STAGE_DEMO = REPO / "examples" / "stage_demo.py"
 BAD_DATA = "sentiment-bad"  # datasets/<BAD_DATA>/train.jsonl: the example's data with one label outside the set
 BAD_ROW = 3
 CHAT_MODEL = "tiny-llama"  # models/<CHAT_MODEL>: a tiny Llama with a word-level tokenizer and a chat template
@@ -44,29 +35,10 @@ BROKEN_TOKENIZER = "tiny-llama-broken"  # the same with a tokenizer.json that is
 BAD_FILES = ("no-text-column", "too-long", "no-assistant", "empty")
 
 
-@dataclass(frozen=True)
-class NodeStorage:
-    """The claims of one namespace, each a local PersistentVolume in a folder ``root/<claim>`` of the host."""
-
-    root: Path
-    namespace: str
-    storage_class: str
-    volumes: tuple[str, ...]
-
-    def host_path(self, location: str) -> Path:
-        """Where a ``pvc://claim/path`` (or the pod's ``/mnt/pvc/claim/path``) lies on the host."""
-        for prefix in ("pvc://", f"{PVC_ROOT}/"):
-            if location.startswith(prefix):
-                return self.root / location.removeprefix(prefix)
-        raise AssertionError(f"{location} is not on a claim")
-
-
 def stage_storage(root: Path) -> None:
-    """The example's inputs as examples/stage_demo.py stages them (copies, not links: the pods see only the claim),
-    one bad data file beside them, and an empty ``runs`` owned by the trainer's uid; each claim's folder belongs to
-    the pods' group (their fsGroup)."""
-    subprocess.run([sys.executable, str(STAGE_DEMO), "--pvc-root", str(root), "--copy"], check=True,
-                   capture_output=True, text=True, timeout=300)
+    """The demo's claims (``make cluster`` stages the same), one bad data file beside the example's, and what the
+    pre-flight scenarios read."""
+    stage_demo_claims(root)
     rows = (root / "datasets" / "sentiment" / "train.jsonl").read_text().splitlines(keepends=True)
     bad = json.loads(rows[BAD_ROW - 1])
     bad["label"] = "neutral"
@@ -74,10 +46,6 @@ def stage_storage(root: Path) -> None:
     (root / "datasets" / BAD_DATA).mkdir(parents=True)
     (root / "datasets" / BAD_DATA / "train.jsonl").write_text("".join(rows))
     _stage_bad_inputs(root, rows)
-    (root / WRITABLE).mkdir()
-    shutil.chown(root / WRITABLE, RUN_AS_USER, RUN_AS_USER)
-    for claim in CLAIMS:  # the pods' fsGroup: the kubelet warns about a shared volume of another group
-        shutil.chown(root / claim, group=RUN_AS_USER)
 
 
 def _stage_bad_inputs(root: Path, rows: list[str]) -> None:
@@ -100,46 +68,6 @@ def _stage_bad_inputs(root: Path, rows: list[str]) -> None:
     for name, content in files.items():
         (root / "datasets" / name).mkdir(parents=True)
         (root / "datasets" / name / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in content))
-
-
-def provide_storage(cp: ControlPlane, namespace: str, root: Path, name: str) -> NodeStorage:
-    """A StorageClass ``name`` (no provisioner, bound when a pod needs it, as local volumes are), one local PV per claim
-    pinned to the real node, and the claims in ``namespace`` bound to them."""
-    cp.request("POST", "/apis/storage.k8s.io/v1/storageclasses", {
-        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": name},
-        "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": "WaitForFirstConsumer"})
-    volumes = []
-    for claim in CLAIMS:
-        pv = f"{name}-{claim}"
-        cp.request("POST", "/api/v1/persistentvolumes", {
-            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
-            "spec": {
-                "capacity": {"storage": "2Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": name,
-                "persistentVolumeReclaimPolicy": "Retain", "local": {"path": str(root / claim)},
-                "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-                    {"key": "kubernetes.io/hostname", "operator": "In", "values": [NODE_NAME]}]}]}},
-                "claimRef": {"namespace": namespace, "name": claim},
-            }})
-        cp.request("POST", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims", {
-            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
-            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": name, "volumeName": pv,
-                     "resources": {"requests": {"storage": "2Gi"}}}})
-        volumes.append(pv)
-    for claim in CLAIMS:
-        cp.wait_for(lambda c=claim: cp.request(  # type: ignore[misc]
-            "GET", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{c}").get("status", {}).get("phase")
-            == "Bound", timeout=60, desc=f"claim {namespace}/{claim} bound")
-    return NodeStorage(root, namespace, name, tuple(volumes))
-
-
-def remove_storage(cp: ControlPlane, storage: NodeStorage) -> None:
-    for path in [f"/api/v1/persistentvolumes/{pv}" for pv in storage.volumes] + [
-            f"/apis/storage.k8s.io/v1/storageclasses/{storage.storage_class}"]:
-        try:
-            cp.request("DELETE", path)
-        except ApiError as exc:
-            if exc.status != 404:
-                raise
 
 
 # ------------------------------------------------------------------------------------------------ the manifest
@@ -270,16 +198,25 @@ def phase_is(phase: str) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
 class PodRecorder:
     """Every state the API server held for the pods of a namespace, from a watch: a pod that is deleted once its
     container ended (a deleted pod, a suspended Job's pods) is gone within moments, and polling could miss the
-    container's last state; the watch delivers each update."""
+    container's last state; the watch delivers each update.
+
+    The watch resumes where it stopped after a transient failure (a dropped connection, a 5xx or 429 answer), so no
+    update is lost and a recovered watch carries no error. One that cannot go on (another 4xx, or ``RETRIES``
+    transient failures in a row) is dead: every read of the recorder then fails at once, naming the cause, instead
+    of a wait running into its deadline."""
 
     cp: ControlPlane
     namespace: str
+    kubeconfig: Path | None = None  # the control plane's own by default
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> the last state seen
     first_seen: dict[tuple[str, str], float] = field(default_factory=dict)  # (uid, waiting reason) -> when
+    transient: BaseException | None = None  # the failure the watch is recovering from, None once it is back
+    dead: BaseException | None = None  # the failure that ended the watch
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
-    _error: BaseException | None = None
+
+    RETRIES = 5
 
     def __enter__(self) -> PodRecorder:
         self._thread = threading.Thread(target=self._run, name=f"pods-{self.namespace}", daemon=True)
@@ -292,10 +229,11 @@ class PodRecorder:
             self._thread.join(timeout=70)
 
     def _run(self) -> None:
-        from kubernetes import client, watch
+        from kubernetes import client, config, watch
 
-        api = client.CoreV1Api(self.cp.api_client())
+        api = client.CoreV1Api(config.new_client_from_config(config_file=str(self.kubeconfig or self.cp.kubeconfig)))
         version = None
+        failures = 0
         while not self._stop.is_set():
             try:
                 if version is None:
@@ -304,25 +242,45 @@ class PodRecorder:
                     for pod in body["items"]:
                         self._record(pod)
                     version = body["metadata"]["resourceVersion"]
+                    failures, self.transient = 0, None
                 for event in watch.Watch().stream(api.list_namespaced_pod, self.namespace, resource_version=version,
                                                   timeout_seconds=5, allow_watch_bookmarks=True):
-                    raw = event["raw_object"]
+                    failures, self.transient = 0, None
+                    raw = event["raw_object"]  # (an ERROR event is raised by the client as an ApiException)
                     version = raw["metadata"]["resourceVersion"]
                     if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
                         self._record(raw)
                     if self._stop.is_set():
                         return
+                failures, self.transient = 0, None  # the stream ended at its own timeout: healthy
             except client.ApiException as exc:
                 if exc.status == 410:  # too old: list again
                     version = None
                     continue
-                self._error = exc
-                return
-            except Exception as exc:
+                if exc.status is None or not (exc.status >= 500 or exc.status == 429):
+                    self.dead = exc
+                    return
+                failures = self._retry(exc, failures)
+            except Exception as exc:  # a dropped connection, a truncated stream
                 if self._stop.is_set():
                     return
-                self._error = exc
-                time.sleep(1)
+                failures = self._retry(exc, failures)
+            if failures > self.RETRIES:
+                return
+
+    def _retry(self, exc: BaseException, failures: int) -> int:
+        """Counts a transient failure; past RETRIES in a row the watch is dead, else it waits before going on."""
+        failures += 1
+        if failures > self.RETRIES:
+            self.dead = exc
+        else:
+            self.transient = exc
+            self._stop.wait(min(0.25 * 2 ** failures, 4.0))
+        return failures
+
+    def _alive(self) -> None:
+        if self.dead is not None:
+            raise AssertionError(f"the pod watch of namespace {self.namespace} is dead: {self.dead!r}")
 
     def _record(self, pod: dict[str, Any]) -> None:
         uid = pod["metadata"]["uid"]
@@ -336,8 +294,7 @@ class PodRecorder:
 
     def of_job(self, name: str) -> list[dict[str, Any]]:
         """The job's pods as last seen, oldest first (deleted ones included)."""
-        if self._error is not None:
-            raise AssertionError(f"the pod watch broke: {self._error!r}")
+        self._alive()
         with self._lock:
             pods = [p for p in self.pods.values() if p["metadata"].get("labels", {}).get("finetune.dev/job-name")
                     == name]
@@ -345,6 +302,7 @@ class PodRecorder:
 
     def terminated(self, uid: str) -> dict[str, Any] | None:
         """The trainer container's ``state.terminated`` as last seen (exitCode, reason, message), or None."""
+        self._alive()
         with self._lock:
             pod = self.pods.get(uid) or {}
         for cs in pod.get("status", {}).get("containerStatuses") or []:

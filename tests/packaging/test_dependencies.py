@@ -36,6 +36,19 @@ def test_constraints_files_are_current() -> None:
     assert lock.stale() == [], "pyproject.toml changed: run `python requirements/lock.py` (make lock)"
 
 
+def test_a_dev_only_dependency_leaves_the_image_files_as_they_are(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each file's digest covers only what it resolves: a new test tool must not rewrite requirements/trainer.txt,
+    which the trainer image copies first (its 1 GB dependency layer would be rebuilt and imported again)."""
+    before = {name: lock.pyproject_digest(name) for name in lock.LOCKS}
+    changed = tmp_path / "pyproject.toml"
+    changed.write_text((REPO / "pyproject.toml").read_text().replace('dev = [\n', 'dev = [\n  "a-new-tool>=1",\n'))
+    monkeypatch.setattr(lock, "PYPROJECT", changed)
+    after = {name: lock.pyproject_digest(name) for name in lock.LOCKS}
+    assert after["operator"] == before["operator"] and after["trainer"] == before["trainer"]
+    assert after["dev"] != before["dev"]
+
+
 @pytest.mark.parametrize("name", list(lock.LOCKS))
 def test_pins_satisfy_pyproject(name: str) -> None:
     pinned = pins(name)

@@ -8,10 +8,11 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
@@ -173,17 +174,55 @@ def trainer_env(tmp: Path, **extra: str) -> dict[str, str]:
 
 def start_trainer(args: list[str], env: dict[str, str], log: Path, module: str = "finetune_trainer",
                   **popen: Any) -> subprocess.Popen[bytes]:
-    """The trainer as a real process (`python -m finetune_trainer`, or the launcher), output to a log file."""
-    out = log.open("wb")
-    return subprocess.Popen([PYTHON, "-m", module, *args, "--no-progress-bar"], cwd=REPO, env=env,
-                            stdout=out, stderr=subprocess.STDOUT, **popen)
+    """The trainer as a real process (`python -m finetune_trainer`, or the launcher), its output copied to a log file
+    line by line; ``wait_for`` wakes on each line it writes."""
+    proc = subprocess.Popen([PYTHON, "-m", module, *args, "--no-progress-bar"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+    output = _Output()
+    _OUTPUTS[proc.pid] = output
+    sink = log.open("wb")  # exists before start_trainer returns: a test may read it at once
+    threading.Thread(target=output.drain, args=(proc, sink), name=f"trainer-{proc.pid}-output", daemon=True).start()
+    return proc
+
+
+class _Output:
+    """Counts the lines a process wrote (to its log), and wakes whoever waits for the next one."""
+
+    def __init__(self) -> None:
+        self.lines = 0
+        self.changed = threading.Condition()
+
+    def drain(self, proc: subprocess.Popen[bytes], sink: BinaryIO) -> None:
+        assert proc.stdout is not None
+        with sink as out:
+            for line in iter(proc.stdout.readline, b""):
+                out.write(line)
+                out.flush()
+                with self.changed:
+                    self.lines += 1
+                    self.changed.notify_all()
+        with self.changed:  # the end of its output (it exited, or closed it)
+            self.lines += 1
+            self.changed.notify_all()
+
+    def wait_past(self, seen: int, timeout: float) -> None:
+        with self.changed:
+            self.changed.wait_for(lambda: self.lines > seen, timeout=timeout)
+
+
+_OUTPUTS: dict[int, _Output] = {}
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None,
-             log: Path | None = None, interval: float = 0.02) -> Any:
-    """Poll until predicate() is truthy; fail with the trainer's log if the deadline passes or the process exits."""
+             log: Path | None = None, interval: float = 0.2) -> Any:
+    """Until predicate() is truthy; fails with the trainer's log if the deadline passes or the process exits. The
+    predicate is checked every ``interval`` seconds, and for a process of start_trainer also as soon as it writes a
+    line (a checkpoint, an evaluation, a step): waits are short without polling so fast that the checks take CPU from
+    the processes under test."""
     deadline = time.monotonic() + timeout
+    output = _OUTPUTS.get(proc.pid) if proc is not None else None
     while time.monotonic() < deadline:
+        seen = output.lines if output is not None else 0
         value = predicate()
         if value:
             return value
@@ -192,7 +231,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, proc: subp
             if value:
                 return value
             raise AssertionError(f"trainer exited ({proc.returncode}) before {what}:\n{tail(log)}")
-        time.sleep(interval)
+        remaining = max(0.0, deadline - time.monotonic())
+        if output is not None:
+            output.wait_past(seen, min(interval, remaining))
+        else:
+            time.sleep(min(interval, remaining))
     raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{tail(log)}")
 
 

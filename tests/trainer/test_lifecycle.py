@@ -178,7 +178,7 @@ def test_sigterm_during_a_long_evaluation_checkpoints_at_once(models: dict[str, 
                                  support.trainer_env(tmp_path, FINETUNE_GRACE_PERIOD=str(grace)), log)
     try:
         support.wait_for(lambda: "evaluating at step 5" in log.read_text(), 120, "the evaluation at step 5", proc,
-                         log, interval=0.01)
+                         log)
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=grace + 30)
@@ -208,7 +208,7 @@ def test_resume_after_sigkill_reaches_the_same_end(models: dict[str, Path], tmp_
     proc = support.start_trainer([str(job)], support.trainer_env(tmp_path), log)
     try:
         support.wait_for(lambda: any(s >= 30 for s in support.complete_steps(out / "checkpoints")), 120,
-                         "a checkpoint at step 30 or later", proc, log, interval=0.005)
+                         "a checkpoint at step 30 or later", proc, log)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

@@ -56,10 +56,8 @@ def _spec(model: Path, data: tuple[Path, Path], out: Path, sharding: str, *, met
 
 def _launch(job: Path, tmp: Path, name: str) -> subprocess.Popen[bytes]:
     env = support.trainer_env(tmp, OMP_NUM_THREADS="1", FINETUNE_LOG_LEVEL="INFO", FINETUNE_PROGRESS_INTERVAL="0.1")
-    log = (tmp / f"{name}.log").open("wb")
-    return subprocess.Popen([support.PYTHON, "-m", "finetune_trainer.launch", "--standalone", "--nproc_per_node",
-                             "2", "-m", "finetune_trainer", str(job), "--no-progress-bar"],
-                            cwd=support.REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return support.start_trainer(["--standalone", "--nproc_per_node", "2", "-m", "finetune_trainer", str(job)], env,
+                                 tmp / f"{name}.log", module="finetune_trainer.launch")
 
 
 def _train(spec: dict[str, Any], tmp: Path, name: str) -> dict[str, Any]:
@@ -184,7 +182,7 @@ def test_sigkill_sigterm_and_resume_from_sharded_checkpoints_on_two_or_one_proce
     proc = _launch(support.manifest(tmp_path / "killed.yaml", spec, name="killed"), tmp_path, "killed")
     try:
         support.wait_for(lambda: any(s >= 4 for s in support.complete_steps(ckpts)), 600,
-                         "a sharded checkpoint at step 4 or later", proc, tmp_path / "killed.log", interval=0.005)
+                         "a sharded checkpoint at step 4 or later", proc, tmp_path / "killed.log")
     finally:  # SIGKILL the launcher and both workers: no handler runs, nothing is flushed
         group = psutil.Process(proc.pid)
         for p in [*group.children(recursive=True), group]:
@@ -225,7 +223,7 @@ def test_sigkill_sigterm_and_resume_from_sharded_checkpoints_on_two_or_one_proce
     progress = ckpts / "progress.json"
     try:
         support.wait_for(lambda: progress.exists() and json.loads(progress.read_text()).get("step", 0) > steps[-1],
-                         600, "a step after the resume", restart, tmp_path / "restarted.log", interval=0.005)
+                         600, "a step after the resume", restart, tmp_path / "restarted.log")
         restart.terminate()
         assert restart.wait(timeout=120) == 75, support.tail(tmp_path / "restarted.log", 8000)
     finally:

@@ -261,7 +261,8 @@ def test_no_duplicates_after_sigkill_and_resume(models: dict[str, Path], tmp_pat
 
     proc = support.start_trainer([str(job)], env, log)
     try:
-        support.wait_for(past_checkpoint, 180, "steps logged past a checkpoint", proc, log, interval=0.005)
+        # The run is short (early stopping after ~80 tiny steps, lines only every 20): checked every 50 ms.
+        support.wait_for(past_checkpoint, 180, "steps logged past a checkpoint", proc, log, interval=0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

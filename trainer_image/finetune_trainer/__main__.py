@@ -16,17 +16,21 @@ from pathlib import Path
 
 from finetune_api import exitcodes
 from finetune_api import trainer_env as var
+from finetune_trainer.progress import START_LOGGER
 
 
 def _setup_logging() -> None:
     level_name = os.environ.get(var.LOG_LEVEL, "INFO").upper()
     rank = os.environ.get("RANK")
     level = getattr(logging, level_name, logging.INFO)
+    requested = level
     if rank not in (None, "0") and level < logging.WARNING:
         level = logging.WARNING  # one voice is enough; other ranks speak up only for problems
     prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
     logging.basicConfig(level=level, stream=sys.stderr, force=True,
                         format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s", datefmt="%H:%M:%S")
+    # ... and where it starts: each worker pod's log says which checkpoint its rank resumed from.
+    logging.getLogger(START_LOGGER).setLevel(requested)
     try:
         import datasets
         import transformers

@@ -33,7 +33,7 @@ from finetune_trainer.errors import DataError, Interrupted
 from finetune_trainer.evaluation import Evaluation, EvaluationStopped, Evaluator
 from finetune_trainer.history import RunLog
 from finetune_trainer.modeling import Precision
-from finetune_trainer.progress import Display, Progress
+from finetune_trainer.progress import START_LOGGER, Display, Progress
 from finetune_trainer.selection import Choice, Selection, load_chosen
 from finetune_trainer.sharded_checkpoint import checkpointer
 from finetune_trainer.sharding import Layout, SavedTensorBytes, resident_bytes
@@ -300,8 +300,9 @@ class Trainer:
             log.warning("the training data had %d examples at the checkpoint and has %d now",
                         state.train_examples, len(self.train_data))
         self.state = state
-        log.info("resuming from %s (step %d of %d, epoch %d)", self.checkpoints.manager.path(step), step,
-                 self.total_steps, state.epoch)
+        logging.getLogger(START_LOGGER).info(  # every rank, not only rank 0
+            "resuming from %s (step %d of %d, epoch %d)", self.checkpoints.manager.path(step), step, self.total_steps,
+            state.epoch)
         return step
 
     def save_checkpoint(self) -> CheckpointInfo | None:

@@ -22,6 +22,10 @@ from pydantic import ValidationError
 from finetune_api.progress import ProgressReport, merge_reports
 from finetune_api.times import format_time, humanize_eta
 
+# The logger of what every rank says at INFO, not only rank 0 (the others log warnings only): where it starts, so that
+# each worker pod's log shows the checkpoint its rank resumed from.
+START_LOGGER = "finetune_trainer.start"
+
 log = logging.getLogger(__name__)
 
 PUSH_TIMEOUT = 5.0
