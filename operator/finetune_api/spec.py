@@ -196,8 +196,20 @@ class ModelSpec(SpecModel):
                                  max_length=255, pattern=r"^[-._/a-zA-Z0-9]+$")
     trust_remote_code: bool = Field(default=False, description="Allow code shipped with the model to run. Off unless "
                                     "you trust the source.")
+    init_from: Location | None = Field(
+        default=None,
+        description="Start from another run's trained weights: a complete checkpoint folder (<checkpoint "
+        "storage>/checkpoint-<step>) or a checkpoint storage (its newest complete checkpoint), as pvc://, s3:// or a "
+        "path. Only the trainable weights are taken (all of them for full fine-tuning, adapters and head for LoRA); "
+        "the optimizer, the learning-rate schedule and the data position start afresh. The run that wrote it must "
+        "have used the same model.source and method (names and shapes are checked). Without it a job starts from "
+        "model.source, and it only ever resumes its own checkpoints.",
+    )
 
-    rules = (Rule(cel=_pvc_cel("source"), message=f"model.source {PVC_MESSAGE}", check=lambda m: _pvc_ok(m.source)),)
+    rules = (
+        Rule(cel=_pvc_cel("source"), message=f"model.source {PVC_MESSAGE}", check=lambda m: _pvc_ok(m.source)),
+        Rule(cel=_pvc_cel("initFrom"), message=f"model.initFrom {PVC_MESSAGE}", check=lambda m: _pvc_ok(m.init_from)),
+    )
 
 
 def _column_description(role: str) -> str:
@@ -715,6 +727,29 @@ def output_model(spec: FineTuneJobSpec) -> str:
     return spec.output.model or ("best" if _selects(spec) else "last")
 
 
+def _within(location: str, folder: str) -> bool:
+    """`location` is `folder` or lies below it, as written (the CEL of `_within_cel` says the same)."""
+    return location == folder or location.startswith(folder + "/") or (folder.endswith("/")
+                                                                         and location.startswith(folder))
+
+
+def _within_cel(location: str, folder: str) -> str:
+    return (f"({location} == {folder} || {location}.startsWith({folder} + '/') || "
+            f"({folder}.endsWith('/') && {location}.startsWith({folder})))")
+
+
+def _init_from_elsewhere(spec: FineTuneJobSpec) -> bool:
+    init = spec.model.init_from
+    return init is None or not (_within(init, spec.output.storage) or (
+        spec.checkpointing.storage is not None and _within(init, spec.checkpointing.storage)))
+
+
+def _init_from_elsewhere_cel() -> str:
+    init, ckpt = "self.model.initFrom", "self.checkpointing.storage"
+    return (f"!has({init}) || !({_within_cel(init, 'self.output.storage')} || (has(self.checkpointing) && "
+            f"has({ckpt}) && {_within_cel(init, ckpt)}))")
+
+
 def _columns_cel() -> str:
     parts = []
     for task, allowed in TASK_COLUMNS.items():
@@ -810,6 +845,12 @@ class FineTuneJobSpec(SpecModel):
             "(has(self.method) && has(self.method.type) && self.method.type == 'lora')",
             message="output.mergeAdapter applies only to method.type lora",
             check=lambda s: not s.output.merge_adapter or s.method.type == "lora",
+        ),
+        Rule(
+            cel=_init_from_elsewhere_cel(),
+            message="model.initFrom names this job's own output.storage or checkpointing.storage: a job resumes its "
+            "own checkpoints without it; initFrom is for starting from another run's weights",
+            check=_init_from_elsewhere,
         ),
         *SELECTION_RULES,
         *TASK_SPEC_RULES,

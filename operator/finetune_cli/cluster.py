@@ -7,6 +7,7 @@ the user, the verb and the resource).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -175,7 +176,11 @@ class Cluster:
         w.stop()
         resp = getattr(w, "_resp", None)  # the open watch response, kept by the kubernetes client's Watch
         shutdown = getattr(resp, "shutdown", None)  # urllib3 >= 2.3: wakes a read blocked in another thread
-        if shutdown is not None:
+        if shutdown is None:
+            return
+        # The connection may already be gone: the server ended the stream (ENOTCONN), the response was closed, or it
+        # went back to the pool. Then nothing is left to wake, and ending a watch must never fail the command.
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
             shutdown()
 
     def watch_job(self, name: str, stop: threading.Event, out: queue.Queue[dict[str, Any] | None],

@@ -169,7 +169,7 @@ def _run(trainer_args: list[str], prog: str) -> int:
         except ImportError as exc:  # pragma: no cover - depends on the installed extra
             problem = str(exc)
             break
-        return int(trainer_main(trainer_args))
+        return int(trainer_main(trainer_args, prog=f"{prog} run"))
     print(f"finetune run needs the trainer extra (pip install 'finetune-operator[trainer]'): {problem}",
           file=sys.stderr)
     return exitcodes.CONFIG_ERROR

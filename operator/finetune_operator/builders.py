@@ -183,7 +183,7 @@ def build_service(owner: Owner) -> dict[str, Any]:
 def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
     """Claims named by pvc:// locations -> read-only? Inputs are mounted read-only, storage read-write."""
     claims: dict[str, bool] = {}
-    inputs = [spec.model.source, spec.dataset.train, spec.dataset.validation]
+    inputs = [spec.model.source, spec.model.init_from, spec.dataset.train, spec.dataset.validation]
     outputs = [checkpoint_storage(spec), spec.output.storage]
     for location, read_only in [*((loc, True) for loc in inputs), *((loc, False) for loc in outputs)]:
         if location and location.startswith("pvc://"):

@@ -27,6 +27,7 @@ from finetune_operator.reconcile import Reconciler
 from finetune_operator.record import JobRecord, Key, key_of
 from finetune_operator.runner import Runner
 from finetune_operator.settings import Settings
+from finetune_operator.sharing import footprint
 from finetune_operator.workqueue import WorkQueue
 
 PROGRESS_MIN_INTERVAL = 2.0  # seconds between progress-driven status writes of one job
@@ -72,10 +73,12 @@ class Controller:
 
     def observe_ftj(self, event_type: str | None, body: dict[str, Any]) -> None:
         key = key_of(body)
+        record = self.records.get(key)
+        if record is not None and record.footprint.live and (event_type == "DELETED" or not footprint(body).live):
+            self._wake_held_back(key)  # it ended or went: the jobs it kept from its storage may start now
         if event_type == "DELETED":
             self.forget(key)
             return
-        record = self.records.get(key)
         if record is not None and record.uid != (body.get("metadata") or {}).get("uid"):
             self.forget(key)  # same name, new object: nothing of the old one applies
             record = None
@@ -87,6 +90,11 @@ class Controller:
         else:
             record.see(body)
         self.queue.add(key)
+
+    def _wake_held_back(self, key: Key) -> None:
+        for other, record in self.records.items():
+            if other != key and record.footprint.held:
+                self.queue.add(other)
 
     def observe_child(self, key: Key | None) -> None:
         if key is not None and key in self.records:

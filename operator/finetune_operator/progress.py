@@ -40,6 +40,11 @@ def _finite(value: float | None) -> float | None:
     return value if value is None or math.isfinite(value) else None
 
 
+def significant(value: float | None, digits: int = 4) -> float | None:
+    """`value` to `digits` significant digits (`kubectl get ftj` prints the number as stored)."""
+    return None if value is None else float(f"{value:.{digits}g}")
+
+
 def _clean_metrics(metrics: dict[str, float] | None) -> dict[str, float] | None:
     if not metrics:
         return None
@@ -59,7 +64,7 @@ def apply_report(status: FineTuneJobStatus, report: ProgressReport) -> FineTuneJ
         total_steps=report.total_steps,
         epoch=_finite(report.epoch),
         percent=None if percent is None else round(min(max(percent, 0.0), 100.0), 2),
-        loss=_finite(report.loss),
+        loss=significant(_finite(report.loss)),
         learning_rate=_finite(report.learning_rate),
         samples_per_second=_finite(report.samples_per_second),
         tokens_per_second=_finite(report.tokens_per_second),

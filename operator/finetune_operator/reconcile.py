@@ -21,7 +21,7 @@ from finetune_api import errors
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import TERMINAL_PHASES, FineTuneJobStatus
 from finetune_api.times import format_time, parse_time
-from finetune_operator import builders, gang, image_policy, preflight, state
+from finetune_operator import builders, gang, image_policy, preflight, sharing, state
 from finetune_operator import conditions as cond
 from finetune_operator.caches import Caches
 from finetune_operator.children import Children, Created
@@ -133,6 +133,9 @@ class Reconciler:
             return await self._observe_job(p, spec, job, tend=True, checked=checked)
         if (problem := image_policy.problem(spec, self.settings.allowed_registries)) is not None:
             return p.seen(invalid=problem)
+        others = (r.footprint for k, r in self.records.items() if k != p.key)
+        if (shared := sharing.conflict(p.record.footprint, others)) is not None:
+            return p.seen(storage_conflict=shared)  # no pod, not even the pre-flight, while the older job is live
         if preflight.required(spec, self.children.ctx.preflight) and (checked is None or
                                                                      checked.state != preflight.PASSED):
             return await self._preflight(p, spec, checked)

@@ -7,10 +7,11 @@ a new one under the same name, drops its record in one statement, so nothing of 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_api.progress import ProgressReport
+from finetune_operator import sharing
 from finetune_operator.ledger import Ledger
 
 Key = tuple[str, str]  # (namespace, FineTuneJob name)
@@ -44,10 +45,19 @@ class JobRecord:
     secret_retries: int = 0  # passes left to re-create the progress Secret of a re-created ConfigMap
     cleaned: bool = False  # the TTL clean-up is done
     written: str | None = None  # resourceVersion of our last status write, until the watch delivers that version
+    footprint: sharing.Footprint = field(init=False)  # where it writes, its age, whether live: made with `body`
+
+    def __post_init__(self) -> None:
+        self.keep(self.body)
 
     @classmethod
     def first_seen(cls, body: dict[str, Any]) -> JobRecord:
         return cls(body=_without_managed_fields(body))
+
+    def keep(self, body: dict[str, Any]) -> None:
+        """The FineTuneJob as it is now, and what the storage check needs of it."""
+        self.body = body
+        self.footprint = sharing.footprint(body)
 
     @property
     def uid(self) -> str | None:
@@ -64,12 +74,12 @@ class JobRecord:
             if generation < held:
                 return
             if generation == held:
-                self.body = {**_without_managed_fields(body), "status": self.body.get("status")}
+                self.keep({**_without_managed_fields(body), "status": self.body.get("status")})
                 return
         self.written = None
-        self.body = _without_managed_fields(body)
+        self.keep(_without_managed_fields(body))
 
     def wrote(self, body: dict[str, Any]) -> None:
         """The answer to our status write: the newest version there is, until the watch delivers it."""
-        self.body = _without_managed_fields(body)
+        self.keep(_without_managed_fields(body))
         self.written = _meta(body).get("resourceVersion")

@@ -29,6 +29,7 @@ from finetune_operator.progress import apply_report
 # Reasons (CamelCase, stable: dashboards and alerts match on them).
 INVALID_SPEC = "InvalidSpec"
 NAME_CONFLICT = "NameConflict"
+STORAGE_CONFLICT = "StorageConflict"
 JOB_CREATED = "JobCreated"
 PODS_PENDING = "PodsPending"
 PODS_RUNNING = "PodsRunning"
@@ -65,6 +66,10 @@ MAX_TRAINER_MESSAGE = 4096
 # The kubelet's words for a missing Secret or key (pkg/kubelet/kubelet_pods.go, the secret manager's NotFound).
 _SECRET_MISSING = re.compile(r'secrets? "([^"]+)" not found')
 _KEY_MISSING = re.compile(r"couldn't find key (\S+) in Secret [^/\s]+/(\S+)")
+# How `_secret_problem` words a Secret or key it could name; `_named_secret` finds them again in a message.
+_NO_KEY = "has no key"
+_NO_SECRET = "does not exist"
+_NAMED = re.compile(rf'cannot start: (Secret "[^"]+" ({_NO_SECRET}|{_NO_KEY} "[^"]+"))')
 _PULL_PREFIX = re.compile(r'^(Back-off pulling image "[^"]*"(: )?)?((ErrImagePull|RegistryUnavailable|'
                           r'SignatureValidationFailed): )?')
 
@@ -86,6 +91,7 @@ class Observation:
     gpu_seconds: float = 0.0
     create_failure: str | None = None  # the Job controller's latest FailedCreate message, when it has no pods
     conflict: str | None = None
+    storage_conflict: str | None = None  # an older live job writes where this one would (sharing.py)
     invalid: str | None = None
     report: ProgressReport | None = None
     restarting: str | None = None  # why a broken torchrun group is being stopped and restarted (gang.py)
@@ -107,11 +113,11 @@ def _secret_problem(pod: PodView, refs: tuple[tuple[str, str, str], ...]) -> str
     if (m := _KEY_MISSING.search(said)) is not None:
         key, secret = m.groups()
         users = [use for use, s, k in refs if (s, k) == (secret, key)]
-        what = f'Secret "{secret}" has no key "{key}"'
+        what = f'Secret "{secret}" {_NO_KEY} "{key}"'
     elif (m := _SECRET_MISSING.search(said)) is not None:
         secret = m[1]
         users = [f'{use} needs its key "{k}"' for use, s, k in refs if s == secret]
-        what = f'Secret "{secret}" does not exist'
+        what = f'Secret "{secret}" {_NO_SECRET}'
     else:
         users = [f'{use}: Secret "{s}" key "{k}"' for use, s, k in refs]
         what = said or "a Secret or key it reads is missing"
@@ -271,10 +277,14 @@ def _compute(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStatus:
         _clear(st, "Running", CANCELLED, "cancelled", obs)
         st.completion_time = st.completion_time or obs.now
         return st
-    if obs.conflict is not None:
+    if obs.conflict is not None or obs.storage_conflict is not None:
         st.phase = "Pending"
-        _set(st, "Created", "False", NAME_CONFLICT, obs.conflict, obs)
+        reason, message = ((NAME_CONFLICT, obs.conflict) if obs.conflict is not None
+                           else (STORAGE_CONFLICT, obs.storage_conflict))
+        _set(st, "Created", "False", reason, str(message), obs)
         return st
+    if (held := cond.find(st.conditions, "Created")) is not None and held.reason == STORAGE_CONFLICT:
+        st.conditions = [c for c in st.conditions or [] if c is not held]  # no longer held: the pre-flight or Job next
     if obs.preflight is not None and obs.preflight.report is not None:
         _preflight_passed(st, obs.preflight, obs)
     job = obs.job
@@ -458,8 +468,8 @@ def _kstatus(st: FineTuneJobStatus, obs: Observation) -> None:
 
 _HEADLINE = {"Pending": "Running", "Queued": "Queued", "Running": "Running", "Succeeded": "Succeeded",
              "Failed": "Failed", "Suspended": "Suspended"}
-WARNING_REASONS = frozenset({NAME_CONFLICT, QUOTA_EXCEEDED, FAILED_CREATE, UNSCHEDULABLE, IMAGE_PULL, CONTAINER_CONFIG,
-                             RESTARTING_WORKERS, OOM_KILLED, PREFLIGHT_SUSPENDED})
+WARNING_REASONS = frozenset({NAME_CONFLICT, STORAGE_CONFLICT, QUOTA_EXCEEDED, FAILED_CREATE, UNSCHEDULABLE,
+                             IMAGE_PULL, CONTAINER_CONFIG, RESTARTING_WORKERS, OOM_KILLED, PREFLIGHT_SUSPENDED})
 QUIET = frozenset({("Pending", PODS_PENDING), ("Pending", VALIDATING)})  # the normal course of events: no Event
 
 
@@ -487,9 +497,28 @@ def transition_event(prev: FineTuneJobStatus, new: FineTuneJobStatus) -> tuple[s
     return kind, reason, f"{phase}: {message}"
 
 
+def _named_secret(head: tuple[str, str, str] | None) -> str | None:
+    """The missing Secret (and key) a CreateContainerConfigError headline names, if it names one: the kubelet's
+    first report often cannot say (its Secret cache was not synced yet); a later one does."""
+    if head is None or head[1] != CONTAINER_CONFIG:
+        return None
+    m = _NAMED.search(head[2])
+    return m[1] if m else None
+
+
+def secret_learned(prev: FineTuneJobStatus, new: FineTuneJobStatus) -> tuple[str, str, str] | None:
+    """The Event for a missing-Secret report that now names the Secret (or key) the earlier Event could not: once
+    per Secret and key named, since the phase and reason stay the same."""
+    before, after = headline(prev), headline(new)
+    named = _named_secret(after)
+    if before is None or after is None or before[:2] != after[:2] or named is None or named == _named_secret(before):
+        return None
+    return "Warning", after[1], f"{after[0]}: {after[2]}"
+
+
 def transition_events(prev: FineTuneJobStatus, new: FineTuneJobStatus) -> list[tuple[str, str, str]]:
     """Every Event a written status change calls for, in order: the reconcile pass posts exactly these."""
-    event = transition_event(prev, new)
+    event = transition_event(prev, new) or secret_learned(prev, new)
     return [event] if event is not None else []
 
 

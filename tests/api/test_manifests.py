@@ -68,7 +68,8 @@ def evaluated(**sections: object) -> dict:
     return doc
 
 
-# Valid uses of the selection and tracking fields (both validators accept them; see also the server test).
+# Valid uses of the selection and tracking fields and of model.initFrom (both validators accept them; see also the
+# server test).
 SELECTION_OK = [
     ("best by accuracy, early stopping, best output", evaluated(
         checkpointing={"selectBest": {"metric": "accuracy"}}, earlyStopping={"patience": 2, "minDelta": 0.001},
@@ -86,6 +87,8 @@ SELECTION_OK = [
                     "columns": {"prompt": "question", "chosen": "good", "rejected": "bad"}},
         "method": {"type": "lora"}, "hyperparameters": {"maxSteps": 100, "evalEverySteps": 10},
         "checkpointing": {"selectBest": {"metric": "rewardAccuracy"}}}}),
+    ("initFrom another run's checkpoint (a sibling of the output, not inside it)", mutate(
+        "spec.model.initFrom", "pvc://runs/out-2/checkpoints/checkpoint-20")),
     ("mlflow with login, tensorboard off", mutate("spec.tracking", {"tensorboard": False, "mlflow": {
         "trackingUri": {"name": "mlflow", "key": "uri"}, "username": {"name": "mlflow", "key": "user"},
         "password": {"name": "mlflow", "key": "password"}, "experiment": "sentiment"}})),
@@ -222,6 +225,13 @@ MALFORMED = [
      "no '..' in the path"),
     ("'..' at the end of a pvc path", mutate("spec.output.storage", "pvc://runs/out/.."), "spec.output",
      "no '..' in the path"),
+    ("'..' in model.initFrom", mutate("spec.model.initFrom", "pvc://runs/a/../b/checkpoints"), "spec.model",
+     "model.initFrom must look like pvc://"),
+    ("model.initFrom in the job's own output", mutate("spec.model.initFrom", "pvc://runs/out/checkpoints"), "spec",
+     "model.initFrom names this job's own output.storage or checkpointing.storage"),
+    ("model.initFrom is the job's own checkpoint storage", _with(mutate(
+        "spec.checkpointing", {"storage": "s3://ckpt/a/"}), "spec.model.initFrom", "s3://ckpt/a/checkpoint-4"),
+     "spec", "model.initFrom names this job's own"),
     ("empty lora targetModules", mutate("spec.method", {"type": "lora", "lora": {"targetModules": []}}),
      "spec.method.lora.targetModules", "at least 1"),
     ("secret key '..'", mutate("spec.credentials", {"hubToken": {"name": "hf", "key": "..token"}}),

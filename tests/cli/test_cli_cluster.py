@@ -33,7 +33,7 @@ from tests.operator.cluster_support import (
     wait_phase,
     wait_running_pods,
 )
-from tests.operator.helpers import manifest
+from tests.operator.helpers import manifest, output_of
 
 pytestmark = pytest.mark.cluster
 BIN = Path(sys.executable).parent
@@ -146,7 +146,7 @@ def test_list_status_checkpoints_watch(control_plane: ControlPlane, namespace: s
         "step"] == 120
 
     checkpoints = cli(cp, "checkpoints", "sentiment", "-n", ns)
-    assert checkpoints.stdout.startswith("Storage:    s3://bucket/out/checkpoints\n"), checkpoints.stdout
+    assert checkpoints.stdout.startswith(f"Storage:    {output_of('sentiment', ns)}/checkpoints\n"), checkpoints.stdout
     assert "Latest:     step 100\n" in checkpoints.stdout
     assert json.loads(cli(cp, "checkpoints", "sentiment", "-n", ns, "-o", "json").stdout)["latest"]["step"] == 100
 
@@ -168,12 +168,12 @@ def test_list_status_checkpoints_watch(control_plane: ControlPlane, namespace: s
         watcher.kill()
     assert watcher.returncode == 0, err
     assert out.splitlines()[-2].startswith("sentiment  Succeeded  [########################]  100.0%")
-    assert out.splitlines()[-1] == "sentiment succeeded -> s3://bucket/out  (evalAccuracy=0.75)"
+    assert out.splitlines()[-1] == f"sentiment succeeded -> {output_of('sentiment', ns)}  (evalAccuracy=0.75)"
     # On a terminal the bar is redrawn in place; the end is printed on a line of its own.
     code, screen, errors = on_terminal(cp, "watch", "sentiment", "-n", ns)
     assert (code, errors) == (0, ""), errors
     assert screen.startswith("\r\x1b[Ksentiment  Succeeded  [########################]  100.0%"), screen
-    assert screen.endswith("\r\nsentiment succeeded -> s3://bucket/out  (evalAccuracy=0.75)\r\n"), screen
+    assert screen.endswith(f"\r\nsentiment succeeded -> {output_of('sentiment', ns)}  (evalAccuracy=0.75)\r\n"), screen
 
 
 def test_suspend_resume(control_plane: ControlPlane, namespace: str, operator: OperatorProcess) -> None:

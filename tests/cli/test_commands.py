@@ -39,8 +39,19 @@ def test_run_help_and_version_reach_the_trainer() -> None:
     """`finetune run --help` used to fail with "unrecognized arguments"."""
     helped = run("run", "--help")
     assert helped.returncode == 0, helped.stderr
-    assert "usage:" in helped.stdout and "--pvc-root" in helped.stdout
+    assert helped.stdout.startswith("usage: finetune run ") and "--pvc-root" in helped.stdout
     assert run("run", "--version").stdout == f"finetune run {__version__}\n"
+
+
+def test_the_trainer_names_itself_as_invoked() -> None:
+    """--help and usage errors show the command the user typed, however the trainer was started."""
+    assert run("run", "--help", exe="kubectl-finetune").stdout.startswith("usage: kubectl finetune run ")
+    assert run("--help", exe="finetune-trainer").stdout.startswith("usage: finetune-trainer ")
+    module = subprocess.run([sys.executable, "-m", "finetune_trainer", "--help"], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert module.stdout.startswith("usage: python -m finetune_trainer "), module.stdout
+    wrong = run("run", "--bogus")
+    assert wrong.returncode == 2 and wrong.stderr.startswith("usage: finetune run "), wrong.stderr
 
 
 def test_usage_errors_exit_2_with_usage() -> None:

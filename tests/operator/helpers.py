@@ -33,12 +33,17 @@ def spec(**overrides: Any) -> FineTuneJobSpec:
     return FineTuneJobSpec.model_validate(spec_dict(**overrides))
 
 
+def output_of(name: str, namespace: str) -> str:
+    """Each job's own output.storage in `manifest` (two live jobs writing to one place: the newer is held back)."""
+    return f"s3://bucket/{namespace}/{name}"
+
+
 def manifest(name: str, namespace: str, **overrides: Any) -> dict[str, Any]:
     return {
         "apiVersion": "finetune.dev/v1alpha1",
         "kind": "FineTuneJob",
         "metadata": {"name": name, "namespace": namespace},
-        "spec": spec_dict(**overrides),
+        "spec": spec_dict(**{"output": {"storage": output_of(name, namespace)}, **overrides}),
     }
 
 

@@ -243,6 +243,9 @@ def test_pvc_claims_merge_read_only_inputs_with_writable_storage() -> None:
     assert builders.pvc_claims(s) == {"scratch": False, "shared": False}
     s2 = spec(model={"source": "pvc://models/m"}, output={"storage": "s3://b/o"})
     assert builders.pvc_claims(s2) == {"models": True}
+    s3 = spec(model={"source": "pvc://models/m", "initFrom": "pvc://runs/other/checkpoints/checkpoint-20"},
+              output={"storage": "s3://b/o"})
+    assert builders.pvc_claims(s3) == {"models": True, "runs": True}, "another run's weights are only read"
 
 
 @pytest.mark.parametrize(

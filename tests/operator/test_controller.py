@@ -769,3 +769,45 @@ def test_a_job_whose_outcome_is_decided_gets_no_edits_or_repairs(decided: str) -
         assert w.ftj()["status"]["phase"] == phase
         assert [c[:2] for c in w.kube.writes()] == [("PATCH", "FineTuneJob/status"), ("POST", "Event")]
     asyncio.run(body())
+
+
+
+async def _due(w: World) -> set[tuple[str, str]]:
+    """The keys the queue hands out now (each marked done again)."""
+    keys = set()
+    while True:
+        try:
+            key = await asyncio.wait_for(w.ctl.queue.get(), 0.05)
+        except TimeoutError:
+            return keys
+        assert key is not None
+        keys.add(key)
+        w.ctl.queue.done(key)
+
+
+def test_a_job_held_for_its_storage_creates_nothing_until_the_older_one_finishes() -> None:
+    """Two live jobs with one output: the newer is Pending/StorageConflict (one Warning Event, no child); the older
+    one's end wakes it, and it starts."""
+    async def body() -> None:
+        w = World()
+        older = manifest("older", NS, output={"storage": "s3://bucket/shared"})
+        older["metadata"]["creationTimestamp"] = "2025-12-31T23:59:00Z"
+        w.ctl.observe_ftj("ADDED", w.kube.add(older))
+        w.apply(output={"storage": "s3://bucket/shared/"})
+        await w.reconcile()
+        assert w.kube.writes() == [("PATCH", "FineTuneJob/status", NAME), ("POST", "Event", "StorageConflict")]
+        created = condition_of(w.ftj(), "Created")
+        assert w.ftj()["status"]["phase"] == "Pending" and created["reason"] == "StorageConflict"
+        assert f"FineTuneJob {NS}/older" in created["message"] and w.kube.events[0][0] == "Warning"
+        w.sync_caches()
+        await _due(w)
+        await w.reconcile()
+        assert w.kube.writes()[2:] == [], "still held: nothing new to write"
+
+        finished = w.kube.objects[("FineTuneJob", NS, "older")]
+        finished["status"] = {"phase": "Succeeded"}
+        w.ctl.observe_ftj("MODIFIED", copy.deepcopy(finished))
+        assert (NS, NAME) in await _due(w), "the older job's end wakes the job it held"
+        await w.reconcile()
+        assert ("POST", "Job", NAME) in w.kube.writes()
+    asyncio.run(body())

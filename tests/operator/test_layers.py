@@ -18,7 +18,7 @@ README = PACKAGE.parent / "README.md"
 API = REPO / "operator" / "finetune_api"
 TRAINER = REPO / "trainer_image" / "finetune_trainer"
 PURE = ("builders", "conditions", "state", "progress", "ledger", "observe", "workqueue", "settings", "labels",
-        "image_policy", "record", "caches", "preflight")
+        "image_policy", "record", "caches", "preflight", "sharing")
 IO_MODULES = {"kopf", "aiohttp", "kubernetes", "urllib", "http", "socket", "requests", "finetune_operator.k8s",
               "finetune_operator.controller", "finetune_operator.handlers", "finetune_operator.children",
               "finetune_operator.reconcile", "finetune_operator.runner", "finetune_operator.create_failures"}
@@ -93,7 +93,7 @@ TRAINER_LEVELS: tuple[tuple[str, ...], ...] = (
     ("errors", "signals", "launch"),
     ("sharding", "quantization"),
     ("config", "locations", "distributed", "progress", "memory", "throughput"),
-    ("data",),
+    ("data", "ownership"),
     ("checkpoint", "evaluation", "chat"),
     ("sharded_checkpoint",),
     ("tasks",),

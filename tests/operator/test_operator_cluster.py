@@ -38,7 +38,7 @@ from tests.operator.cluster_support import (
     wait_phase,
     wait_running_pods,
 )
-from tests.operator.helpers import manifest
+from tests.operator.helpers import manifest, output_of
 
 pytestmark = pytest.mark.cluster
 
@@ -105,7 +105,7 @@ def test_create_run_succeed(control_plane: ControlPlane, namespace: str, operato
         cp.finish_pod(namespace, p["metadata"]["name"], exit_code=0)
     ftj = wait_phase(cp, namespace, "classify", "Succeeded", reason=("Succeeded", "Completed"))
     st = ftj["status"]
-    assert st["output"] == {"path": "s3://bucket/out"}
+    assert st["output"] == {"path": output_of("classify", namespace)}
     assert st["completionTime"] >= st["startTime"]
     assert st["restarts"] == 0 and st["gpuSeconds"] >= 0
     assert condition(ftj, "Running")["status"] == "False"  # type: ignore[index]
@@ -369,6 +369,31 @@ def test_foreign_same_named_child_is_not_adopted(control_plane: ControlPlane, na
     assert jobs_of(cp, namespace) == []
 
 
+def test_the_newer_of_two_live_jobs_on_one_storage_waits_for_the_older(control_plane: ControlPlane, namespace: str,
+                                                                        operator: OperatorProcess) -> None:
+    """Two live FineTuneJobs name the same output: the newer is Pending with Created=False/StorageConflict naming
+    the older one and a Warning Event, and gets no child, until the older one has succeeded; then it starts."""
+    cp = control_plane
+    shared = f"s3://bucket/{namespace}/shared"
+    create_ftj(cp, manifest("first", namespace, output={"storage": shared}))
+    first = wait_running_pods(cp, namespace, "first", 1)
+    create_ftj(cp, manifest("second", namespace, output={"storage": shared + "/"}))  # the same place, as written
+    ftj = wait_phase(cp, namespace, "second", "Pending", reason=("Created", "StorageConflict"))
+    message = condition(ftj, "Created")["message"]  # type: ignore[index]
+    assert f"spec.output.storage {shared}/ is also where FineTuneJob {namespace}/first" in message, message
+    assert [e["type"] for e in ftj_events(cp, namespace, "second", after="StorageConflict")
+            if e["reason"] == "StorageConflict"] == ["Warning"]
+    assert condition(ftj, "Ready")["status"] == "False"  # type: ignore[index]
+    assert [j["metadata"]["name"] for j in jobs_of(cp, namespace)] == ["first"]
+    assert get_or_none(cp, f"/api/v1/namespaces/{namespace}/configmaps/second-config") is None
+
+    cp.finish_pod(namespace, first[0]["metadata"]["name"], exit_code=0)
+    wait_phase(cp, namespace, "first", "Succeeded")
+    wait_running_pods(cp, namespace, "second", 1)
+    created = condition(wait_phase(cp, namespace, "second", "Running"), "Created")
+    assert created is not None and (created["status"], created["reason"]) == ("True", "JobCreated")
+
+
 def test_child_job_deleted_by_hand_is_recreated(control_plane: ControlPlane, namespace: str,
                                                 operator: OperatorProcess) -> None:
     cp = control_plane
@@ -428,7 +453,7 @@ def test_ttl_removes_children_and_keeps_status(control_plane: ControlPlane, name
              f"/api/v1/namespaces/{namespace}/secrets/brief-progress"]
     cp.wait_for(lambda: all(get_or_none(cp, p) is None for p in paths), timeout=30, desc="children deleted after TTL")
     ftj = get_ftj(cp, namespace, "brief")
-    assert ftj["status"]["phase"] == "Succeeded" and ftj["status"]["output"]["path"] == "s3://bucket/out"
+    assert ftj["status"]["phase"] == "Succeeded" and ftj["status"]["output"]["path"] == output_of("brief", namespace)
 
 
 def test_delete_while_operator_is_down_never_hangs(control_plane: ControlPlane, namespace: str,

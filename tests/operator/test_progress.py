@@ -70,6 +70,13 @@ def test_non_finite_numbers_never_reach_status() -> None:
     assert s.metrics == {"accuracy": 0.5}
 
 
+def test_loss_is_stored_with_four_significant_digits() -> None:
+    """`kubectl get ftj` prints status.progress.loss as stored: 0.6931, not 0.693147180559945."""
+    for loss, stored in ((0.693147180559945, 0.6931), (12.3456789, 12.35), (1.23456e-05, 1.235e-05), (2.0, 2.0)):
+        s = apply_report(FineTuneJobStatus(), ProgressReport.model_validate({"step": 1, "loss": loss}))
+        assert s.progress is not None and s.progress.loss == stored
+
+
 def test_merge_keeps_metrics_and_later_values_win() -> None:
     a = ProgressReport.model_validate({"step": 1, "loss": 2.0, "metrics": {"evalAccuracy": 0.7}})
     b = ProgressReport.model_validate({"step": 2, "metrics": {"trainLoss": 1.5}})

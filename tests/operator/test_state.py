@@ -55,6 +55,8 @@ CASES = [
      "spec.task: bad"),
     ("name conflict", prev_with(), obs(conflict="Service x exists"), "Pending", ("Created", "False", "NameConflict"),
      "Service x exists"),
+    ("storage conflict", prev_with(), obs(storage_conflict="spec.output.storage pvc://runs/x is also where ..."),
+     "Pending", ("Created", "False", "StorageConflict"), "pvc://runs/x"),
     ("job created, no pods", prev_with(), obs(job=job()), "Pending", ("Running", "False", "PodsPending"), "waiting"),
     ("all workers running", prev_with(), obs(job=job(active=1), pods=(running(),)), "Running",
      ("Running", "True", "PodsRunning"), "all 1 worker"),
@@ -245,6 +247,45 @@ def test_transition_events() -> None:
     assert state.transition_event(unsched, unsched) is None
     run = state.compute_status(unsched, obs(job=job(active=1), pods=(running(),)))
     assert state.transition_event(unsched, run) == ("Normal", "PodsRunning", "Running: all 1 worker pod(s) are running")
+
+
+def test_a_missing_secret_is_announced_again_once_its_name_is_known() -> None:
+    """A real kubelet's first report often names no Secret (its cache was not synced yet); when the next one names
+    the missing Secret, the condition learns it and one more Warning Event says it, once per Secret or key named."""
+    vague = pod(waiting_reason="CreateContainerConfigError",
+                waiting_message="failed to sync secret cache: timed out waiting for the condition")
+    first = state.compute_status(prev_with(), obs(job=job(active=1), secret_refs=REFS, pods=(vague,)))
+    events = state.transition_events(prev_with(), first)
+    assert [(k, r) for k, r, _ in events] == [("Warning", "CreateContainerConfigError")]
+    assert 'Secret "hf" key "token"' in events[0][2], "the first report lists every Secret the pod reads"
+    again = state.compute_status(first, obs(job=job(active=1), secret_refs=REFS, pods=(vague,)))
+    assert state.transition_events(first, again) == []
+    named = pod(waiting_reason="CreateContainerConfigError", waiting_message='secret "s3" not found')
+    learned = state.compute_status(again, obs(job=job(active=1), secret_refs=REFS, pods=(named,)))
+    assert state.transition_events(again, learned) == [
+        ("Warning", "CreateContainerConfigError", 'Pending: pod j-0-aaaaa cannot start: Secret "s3" does not exist '
+         '(spec.credentials.s3.accessKeyId needs its key "id", spec.credentials.s3.secretAccessKey needs its key '
+         '"secret"); the pods keep waiting for it (FINETUNE_START_TIMEOUT_SECONDS is 0)')]
+    same = state.compute_status(learned, obs(job=job(active=1), secret_refs=REFS, pods=(named,)))
+    assert state.transition_events(learned, same) == [], "once"
+    key = pod(waiting_reason="CreateContainerConfigError", waiting_message="couldn't find key token in Secret ns/hf")
+    other = state.compute_status(same, obs(job=job(active=1), secret_refs=REFS, pods=(key,)))
+    assert [r for _, r, m in state.transition_events(same, other) if 'Secret "hf" has no key "token"' in m] == [
+        "CreateContainerConfigError"], "another Secret or key is news again"
+
+
+def test_a_storage_conflict_is_a_warning_and_clears_when_the_job_is_created() -> None:
+    held = state.compute_status(FineTuneJobStatus(), obs(storage_conflict="spec.output.storage pvc://runs/x ..."))
+    assert state.transition_events(FineTuneJobStatus(), held) == [
+        ("Warning", "StorageConflict", "Pending: spec.output.storage pvc://runs/x ...")]
+    ready = cond.find(held.conditions, "Reconciling")
+    assert ready is not None and (ready.status, ready.reason) == ("True", "StorageConflict")
+    waiting = state.compute_status(held, obs())  # no longer held, no Job yet (the pre-flight, or children to make)
+    assert cond.find(waiting.conditions, "Created") is None, "a stale StorageConflict would stay the headline"
+    started = state.compute_status(held, obs(job=job(active=1), pods=(running(),)))
+    created = cond.find(started.conditions, "Created")
+    assert started.phase == "Running" and created is not None and (created.status, created.reason) == (
+        "True", "JobCreated")
 
 
 def test_status_patch_writes_only_real_changes() -> None:

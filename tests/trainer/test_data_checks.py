@@ -66,7 +66,15 @@ def test_non_numeric_regression_target(isolated: Path, models: dict[str, Path]) 
 def test_empty_split(isolated: Path, models: dict[str, Path]) -> None:
     code, msg = _run(isolated, models["bert"], "")
     assert code == exitcodes.DATA_ERROR
-    assert "train.jsonl" in msg
+    train = isolated / "data" / "train.jsonl"
+    assert f"dataset.train {train} is empty: {train} holds no rows" in msg
+
+
+def test_empty_files_are_listed_in_a_sentence() -> None:
+    from finetune_trainer.data import listed_files
+
+    assert [listed_files([Path(f"{c}.jsonl") for c in "abcde"[:n]]) for n in (1, 2, 3, 5)] == [
+        "a.jsonl", "a.jsonl and b.jsonl", "a.jsonl, b.jsonl and c.jsonl", "a.jsonl, b.jsonl, c.jsonl and 2 more files"]
 
 
 def test_invalid_json_line(isolated: Path, models: dict[str, Path]) -> None:

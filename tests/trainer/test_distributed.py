@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def test_torchrun_two_processes_gloo(models: dict[str, Path], tmp_path: Path) ->
         "task": {"type": "causal-lm"},
         "model": {"source": str(models["gpt2"])},
         "dataset": {"train": str(data), "validationSplit": 0.25},
-        "hyperparameters": {"maxSteps": 6, "batchSize": 4, "learningRate": 5e-3, "maxSeqLength": 32},
+        "hyperparameters": {"maxSteps": 9, "batchSize": 4, "learningRate": 5e-3, "maxSeqLength": 32},
         "checkpointing": {"everySteps": 3, "everyEpoch": False, "keepLast": 5},
         "output": {"storage": str(out)},
     }
@@ -41,20 +42,19 @@ def test_torchrun_two_processes_gloo(models: dict[str, Path], tmp_path: Path) ->
     assert _torchrun(job, env, log) == 0, support.tail(log, 8000)
     text = log.read_text()
     ckpts = out / "checkpoints"
-    assert support.complete_steps(ckpts) == [3, 6]
+    assert support.complete_steps(ckpts) == [3, 6, 9]
     # Saved once per step (by rank 0), with both ranks' RNG states; no leftovers from a second writer.
-    assert text.count("checkpoint-3 complete") == 1 and text.count("checkpoint-6 complete") == 1
+    assert [text.count(f"checkpoint-{s} complete") for s in (3, 6, 9)] == [1, 1, 1]
     assert sorted(p.name for p in (ckpts / "checkpoint-6").glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
     assert not list(ckpts.glob(".tmp-*"))
     doc = json.loads((out / "metrics.json").read_text())
-    assert doc["processes"] == 2 and doc["step"] == 6 and "perplexity" in doc["metrics"]
+    assert doc["processes"] == 2 and doc["step"] == 9 and "perplexity" in doc["metrics"]
     assert text.count("finished test-job") == 1  # only rank 0 prints the summary
 
-    # A longer run of the same job: both ranks resume from checkpoint 6.
-    spec["hyperparameters"]["maxSteps"] = 9
-    job2 = support.manifest(tmp_path / "job2.yaml", spec)
+    # The same job again, as if the group had died before its last checkpoint: both ranks resume from checkpoint 6.
+    shutil.rmtree(ckpts / "checkpoint-9")
     log2 = tmp_path / "torchrun2.log"
-    assert _torchrun(job2, env, log2) == 0, support.tail(log2, 8000)
+    assert _torchrun(job, env, log2) == 0, support.tail(log2, 8000)
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["resumedFrom"] == 6 and doc["step"] == 9
 

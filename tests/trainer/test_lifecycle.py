@@ -233,48 +233,58 @@ def test_damaged_and_partial_checkpoints_are_skipped(models: dict[str, Path], is
     data = support.write_jsonl(isolated / "train.jsonl", support.qa_rows(32))
     out = isolated / "out"
     ckpts = out / "checkpoints"
-    job = support.manifest(isolated / "job.yaml", _clean(_gpt2_spec(models["gpt2"], data, out, 12, 4, keep=3)))
+    job = support.manifest(isolated / "job.yaml", _clean(_gpt2_spec(models["gpt2"], data, out, 16, 4, keep=3)))
     assert main([str(job), "--no-progress-bar"]) == 0
-    assert support.complete_steps(ckpts) == [4, 8, 12]
-    # 12: same size, garbage header (loads fail); 8: truncated (size check); 16: no marker; a crashed save.
+    assert support.complete_steps(ckpts) == [8, 12, 16]
+    # 16: same size, garbage header (loads fail); 12: truncated (size check); 20: no marker; a crashed save.
+    model16 = ckpts / "checkpoint-16" / "model.safetensors"
+    model16.write_bytes(b"\xff" * 16 + model16.read_bytes()[16:])
     model12 = ckpts / "checkpoint-12" / "model.safetensors"
-    model12.write_bytes(b"\xff" * 16 + model12.read_bytes()[16:])
-    model8 = ckpts / "checkpoint-8" / "model.safetensors"
-    model8.write_bytes(model8.read_bytes()[:100])
-    (ckpts / "checkpoint-16").mkdir()
-    (ckpts / "checkpoint-16" / "model.safetensors").write_bytes(b"partial")
-    (ckpts / ".tmp-checkpoint-20-999").mkdir()
+    model12.write_bytes(model12.read_bytes()[:100])
+    (ckpts / "checkpoint-20").mkdir()
+    (ckpts / "checkpoint-20" / "model.safetensors").write_bytes(b"partial")
+    (ckpts / ".tmp-checkpoint-24-999").mkdir()
 
-    job2 = support.manifest(isolated / "job2.yaml", _clean(_gpt2_spec(models["gpt2"], data, out, 16, 4, keep=3)))
-    assert main([str(job2), "--no-progress-bar"]) == 0
+    # The same job again (a restarted pod): it resumes from the newest checkpoint that loads, 8, and ends at 16.
+    assert main([str(job), "--no-progress-bar"]) == 0
     doc = json.loads((out / "metrics.json").read_text())
-    assert doc["resumedFrom"] == 4 and doc["step"] == 16
+    assert doc["resumedFrom"] == 8 and doc["step"] == 16
     assert support.complete_steps(ckpts) == [8, 12, 16]
     assert not list(ckpts.glob(".tmp-*"))
-    assert list(ckpts.glob("damaged-checkpoint-12-*"))
+    assert list(ckpts.glob("damaged-checkpoint-16-*"))
 
 
 def test_storage_failure_exits_74_and_keeps_last_checkpoint(models: dict[str, Path], tmp_path: Path,
                                                             isolated: Path) -> None:
     data = support.write_jsonl(tmp_path / "train.jsonl", support.qa_rows(32))
     out = tmp_path / "out"
-    job = support.manifest(tmp_path / "job.yaml", _clean(_gpt2_spec(models["gpt2"], data, out, 4, 2)))
-    assert main([str(job), "--no-progress-bar"]) == 0
-    assert support.complete_steps(out / "checkpoints") == [2, 4]
-    before = (out / "checkpoints" / "checkpoint-4" / "model.safetensors").read_bytes()
-
-    # Continue to step 8 with storage that refuses large files (as a full or quota-limited volume would).
-    job2 = support.manifest(tmp_path / "job2.yaml", _clean(_gpt2_spec(models["gpt2"], data, out, 8, 2)))
+    ckpts = out / "checkpoints"
+    job = support.manifest(tmp_path / "job.yaml", _clean(_gpt2_spec(models["gpt2"], data, out, 1_000_000, 2)))
     env = support.trainer_env(isolated, FINETUNE_CACHE_DIR=os.environ["FINETUNE_CACHE_DIR"],
                               HF_DATASETS_CACHE=os.environ["HF_DATASETS_CACHE"],
                               FINETUNE_TERMINATION_LOG=str(tmp_path / "termination-log"))
+    # Train until a checkpoint exists, then stop (SIGTERM: the step just trained is checkpointed too).
+    first = support.start_trainer([str(job)], env, tmp_path / "first.log")
+    try:
+        support.wait_for(lambda: support.complete_steps(ckpts), 120, "a checkpoint", first, tmp_path / "first.log")
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == exitcodes.INTERRUPTED, support.tail(tmp_path / "first.log")
+    finally:
+        if first.poll() is None:
+            first.kill()
+    kept = support.complete_steps(ckpts)
+    last = kept[-1]
+    before = (ckpts / f"checkpoint-{last}" / "model.safetensors").read_bytes()
+
+    # The job continues on storage that refuses large files (as a full or quota-limited volume would).
     limit = 32 * 1024
     log = tmp_path / "trainer.log"
-    proc = support.start_trainer([str(job2)], env, log,
+    proc = support.start_trainer([str(job)], env, log,
                                  preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert proc.wait(timeout=120) == exitcodes.STORAGE_ERROR, support.tail(log)
     message = (tmp_path / "termination-log").read_text()
-    assert "cannot write checkpoint for step 6" in message and str(out) in message
-    assert support.complete_steps(out / "checkpoints") == [2, 4]
-    assert (out / "checkpoints" / "checkpoint-4" / "model.safetensors").read_bytes() == before
-    assert not list((out / "checkpoints").glob(".tmp-*"))
+    failed = last + 2 - last % 2  # the next step of the every-2-steps cadence
+    assert f"cannot write checkpoint for step {failed}" in message and str(out) in message
+    assert support.complete_steps(ckpts) == kept
+    assert (ckpts / f"checkpoint-{last}" / "model.safetensors").read_bytes() == before
+    assert not list(ckpts.glob(".tmp-*"))

@@ -16,6 +16,7 @@ from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import PreflightStatus
 from finetune_trainer import memory, preflight, throughput
 from finetune_trainer.__main__ import main
+from finetune_trainer.ownership import Fingerprint, Identity, Record
 from tests.trainer import support
 
 CLASSIFY = {"type": "sequence-classification", "labels": ["negative", "positive"]}
@@ -119,6 +120,19 @@ def test_each_failure_class_fails_the_preflight_with_the_trainers_code_and_messa
     assert all(part in message for part in said), message
     assert message.endswith("]\n") and f"[exit {code_expected}: " in message
     assert not (isolated / "out" / "metrics.json").exists()
+
+
+def test_another_jobs_storage_fails_the_preflight_before_anything_is_written(isolated: Path,
+                                                                              models: dict[str, Path]) -> None:
+    """The trainer's ownership check runs in the pre-flight too: no token cache lands in another job's storage."""
+    job = _job(isolated, models["bert"], support.sentiment_rows(8))
+    (isolated / "out").mkdir()
+    Record.of(Identity("ml", "job-a", "uid-a"), Fingerprint.of({})).write(isolated / "out")
+    before = sorted(p.relative_to(isolated) for p in (isolated / "out").rglob("*"))
+    code, message = _preflight(job, isolated)
+    assert code == exitcodes.CONFIG_ERROR, message
+    assert f"output.storage {isolated / 'out'} holds the checkpoints or model of FineTuneJob ml/job-a" in message
+    assert sorted(p.relative_to(isolated) for p in (isolated / "out").rglob("*")) == before
 
 
 def test_a_split_too_large_to_read_whole_is_checked_on_a_sample(isolated: Path, models: dict[str, Path],

@@ -23,8 +23,11 @@ import psutil
 import pytest
 import torch
 
+from finetune_api.manifest import load_job
+from finetune_trainer import ownership
 from finetune_trainer.__main__ import main
 from finetune_trainer.history import read_lines
+from finetune_trainer.locations import Storage
 from tests.trainer import support
 
 pytestmark = pytest.mark.slow
@@ -126,7 +129,7 @@ def test_plan_reported_before_training(runs: dict[str, dict[str, Any]]) -> None:
     doc = json.loads((runs["fsdp-full"]["out"] / "checkpoints" / "progress.json").read_text())
     assert doc["memoryPlan"]["sharding"] == "fsdp" and doc["memoryPlan"]["perDeviceBytes"] > 0
     plan = runs["fsdp-full"]["memory"]
-    assert set(plan["breakdown"]) == {"parameters", "gradients", "optimizer", "activations", "working"}
+    assert set(plan["breakdown"]) == {"parameters", "gradients", "optimizer", "activations", "working", "process"}
     # The estimate of the state is what the ranks hold (a few bytes of AdamW step counters aside).
     held = plan["measuredPerRank"][0]
     for part in ("parameters", "gradients", "optimizer"):
@@ -189,20 +192,30 @@ def test_sigkill_sigterm_and_resume_from_sharded_checkpoints_on_two_or_one_proce
     steps = support.complete_steps(ckpts)
     assert 4 in steps and steps[-1] < 12
     assert sorted(f.name for f in (ckpts / "checkpoint-4").iterdir()) == [
-        ".metadata", "COMPLETE", "__0_0.distcp", "__1_0.distcp", "rng-0.pt", "rng-1.pt", "scheduler.pt",
-        "trainer_state.json"]
+        ".metadata", "COMPLETE", "__0_0.distcp", "__1_0.distcp", "finetune-owner.json", "rng-0.pt", "rng-1.pt",
+        "scheduler.pt", "trainer_state.json"]
+    assert "finetune-owner.json" in json.loads((ckpts / "checkpoint-4" / "COMPLETE").read_text())["files"]
     at_4 = json.loads((ckpts / "checkpoint-4" / "trainer_state.json").read_text())["metrics"]["evalLoss"]
 
-    # One process (no process group, no sharding) loads the two ranks' shards: its evaluation at step 4 is theirs.
+    # The same job on one process (no process group, no sharding; the process count is not part of what a job is)
+    # resumes from the two ranks' shards: its best evaluation, at step 4, is theirs, and becomes its output.
     single = tmp_path / "single"
     shutil.copytree(ckpts / "checkpoint-4", single / "checkpoint-4")
-    one_spec = _spec(models["llama"], data, tmp_path / "one", "none", steps=4)
-    one_spec["checkpointing"]["storage"] = str(single)
-    one_spec["resources"] = {"workers": 1, "gpusPerWorker": 0}
-    assert main([str(support.manifest(tmp_path / "one.yaml", one_spec)), "--no-progress-bar"]) == 0  # in-process
+    one_spec = {**spec, "checkpointing": {**spec["checkpointing"], "storage": str(single)},
+                "resources": {"workers": 1, "gpusPerWorker": 0}, "output": {"storage": str(tmp_path / "one")}}
+    one_job = support.manifest(tmp_path / "one.yaml", one_spec, name="killed")
+    assert main([str(one_job), "--no-progress-bar"]) == 0  # in-process
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    assert one["resumedFrom"] == 4 and one["processes"] == 1
+    assert one["resumedFrom"] == 4 and one["processes"] == 1 and one["output"]["step"] == 4
     assert one["metrics"]["evalLoss"] == pytest.approx(at_4, rel=1e-4)
+    # Another job is refused those shards, by the record inside the sharded checkpoint (the check the trainer runs
+    # before it writes anything).
+    copied = tmp_path / "copied"
+    shutil.copytree(ckpts / "checkpoint-4", copied / "checkpoint-4")
+    other = ownership.for_job(load_job(support.manifest(tmp_path / "other.yaml", one_spec, name="other")), Path("."))
+    refused = ownership.problem(Storage(str(copied), copied), *other, "checkpointing.storage")
+    assert refused is not None and f"{copied}/checkpoint-4 holds the checkpoints or model of FineTuneJob killed" \
+        in refused, refused
 
     # The same two-process job restarted resumes from its newest complete checkpoint; stopped by SIGTERM (what the
     # kubelet sends the launcher) once it has trained a step, every rank writes its shard and it exits 75.

@@ -63,6 +63,12 @@ def _peer_loss(exc: BaseException, world: int) -> bool:
     return is_peer_loss(exc, world)
 
 
+def invoked_as() -> str:
+    """The command as typed: `finetune-trainer`, or `python -m finetune_trainer` (argv[0] is then this file)."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m finetune_trainer" if name in ("", "__main__.py", "-c") else name
+
+
 def _preflight(cfg: object, termination: Path | None) -> int:
     """The pre-flight passed: its findings as one line of JSON in the termination message (what the operator reads,
     within the kubelet's 4 KB), and for people on stdout."""
@@ -79,14 +85,15 @@ def _preflight(cfg: object, termination: Path | None) -> int:
     return exitcodes.OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one job; return the exit code (the console scripts pass it to sys.exit)."""
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run one job; return the exit code (the console scripts pass it to sys.exit). `prog`: the command that runs
+    it, for --help (`finetune run` passes its own)."""
     _setup_logging()
     from finetune_trainer import config, errors
 
     termination = Path(os.environ[var.TERMINATION_LOG]) if os.environ.get(var.TERMINATION_LOG) else None
     try:
-        cfg = config.parse(sys.argv[1:] if argv is None else argv)
+        cfg = config.parse(sys.argv[1:] if argv is None else argv, prog=prog or invoked_as())
         termination = cfg.termination_log
         if cfg.preflight:
             return _preflight(cfg, termination)

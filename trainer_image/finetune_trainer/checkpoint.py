@@ -6,10 +6,12 @@ Layout under the checkpoint storage:
         model.safetensors         trainable parameters (all of them for full fine-tuning, adapters + head for LoRA)
         optimizer.pt scheduler.pt rng-<rank>.pt
         trainer_state.json        step, epoch, data position, metrics so far
+        finetune-owner.json       the job that wrote it and its training fingerprint (finetune_trainer.ownership)
         COMPLETE                  {"step": N, "files": {name: bytes}}: written last, checked on resume
     .tmp-checkpoint-<step>-<pid>/ a save in progress, or a deletion (one left by a crash: reported and removed)
     damaged-checkpoint-<step>-<t>/ a complete-looking checkpoint that failed to load, set aside
     progress.json                 the latest progress document
+    finetune-owner.json           the job the storage belongs to (finetune_trainer.ownership)
 
 A checkpoint is deleted only after a newer one is complete, so a crash at any moment leaves the last complete one.
 
@@ -42,13 +44,13 @@ import torch
 
 from finetune_api.times import format_time
 from finetune_trainer.distributed import Dist
-from finetune_trainer.errors import StorageError, TrainerError
+from finetune_trainer.errors import ConfigError, StorageError, TrainerError
 from finetune_trainer.locations import Storage
+from finetune_trainer.ownership import CHECKPOINT_RE, COMPLETE_MARKER, RECORD, Record
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-MARKER = "COMPLETE"
+MARKER = COMPLETE_MARKER
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
@@ -165,11 +167,12 @@ class CheckpointInfo:
 class CheckpointManager:
     """Saves, lists, prunes and finds checkpoints in one storage. Only rank 0 writes through a manager."""
 
-    def __init__(self, storage: Storage, keep_last: int) -> None:
+    def __init__(self, storage: Storage, keep_last: int, owner: Record | None = None) -> None:
         self.storage = storage
         self.root = storage.local
         self.keep_last = max(1, keep_last)
         self.pinned: int | None = None  # a step kept whatever keep_last says (the best checkpoint)
+        self.owner = owner  # written into every checkpoint: which job wrote it, with what training
 
     def path(self, step: int) -> Path:
         return self.root / folder_name(step)
@@ -266,6 +269,8 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             write(tmp)
+            if self.owner is not None:
+                self.owner.write(tmp)
             now = format_time()
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
             with (tmp / MARKER).open("w") as f:
@@ -488,6 +493,24 @@ class Checkpointer:
             return step, state
         return None
 
+    def initialise(self, initial: InitialWeights) -> None:
+        """Every rank: copy another run's trainable weights (spec.model.initFrom) into the model; optimizer, schedule
+        and data position stay fresh. ConfigError on every rank when they do not fit this model."""
+        snap: Snapshot | None = None
+        try:
+            snap = self.files.read_tensors(initial.path, optimizer=False)
+            error = None
+        except Exception as exc:
+            error = describe_failure(exc)
+        problems = [e for e in self.dist.gather(error) if e]
+        if problems:
+            raise ConfigError(f"spec.model.initFrom {initial.uri} ({initial.path}): its weights do not fit this model: "
+                              f"{problems[0]}; it must be a checkpoint of a run with the same model.source and method")
+        assert snap is not None
+        self.files.apply_tensors(snap)
+        log.info("initialised the trainable weights from %s%s; optimizer, schedule and data start afresh",
+                 initial.path, f" (written by {initial.writer})" if initial.writer else "")
+
     def _fetch(self, step: int) -> None:
         """Every rank: checkpoint `step` in local staging (remote storage), downloaded once per node."""
         if self.dist.local_rank == 0:
@@ -510,6 +533,32 @@ class Checkpointer:
             else:
                 self.files.apply_tensors(snap)
         return self.dist.gather(error)[0]
+
+
+@dataclass(frozen=True)
+class InitialWeights:
+    """spec.model.initFrom, found: the checkpoint folder whose trainable weights a fresh run starts from."""
+
+    uri: str
+    path: Path
+    writer: str | None = None  # who wrote it, from its record
+
+
+def initial_checkpoint(uri: str, path: Path) -> InitialWeights:
+    """model.initFrom at `path`: the folder itself when it is a complete checkpoint, else the newest complete
+    checkpoint in it (a checkpoint storage). ConfigError when there is none."""
+    manager = CheckpointManager(Storage(uri, path), keep_last=1)
+    if manager._verify(path) is None:
+        found = manager._local_complete()
+        if not found:
+            raise ConfigError(f"spec.model.initFrom {uri} ({path}) is neither a complete checkpoint (a folder with a "
+                              f"valid {MARKER} marker) nor a checkpoint storage that holds one")
+        path = found[-1].path
+    try:
+        writer: str | None = Record.parse((path / RECORD).read_bytes()).owner.describe()
+    except (OSError, ValueError):
+        writer = None
+    return InitialWeights(uri, path, writer)
 
 
 def describe_failure(exc: BaseException) -> str:

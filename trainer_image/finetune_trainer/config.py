@@ -88,9 +88,11 @@ def _number(env: Mapping[str, str], name: str, default: float, kind: type = floa
         raise ConfigError(f"environment variable {name}={raw!r} is not a {kind.__name__}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """`prog`: how the program was invoked (`finetune run`, `kubectl finetune run`, `finetune-trainer`, `python -m
+    finetune_trainer`), so that --help and errors show the command the user typed."""
     p = argparse.ArgumentParser(
-        prog="finetune-trainer",
+        prog=prog or "finetune-trainer",
         description="Fine-tune a pretrained model from a FineTuneJob manifest (the same code path locally and in "
         "the pods). Resumes from the latest complete checkpoint in the job's checkpoint storage.",
     )
@@ -112,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv: list[str] | None, env: Mapping[str, str] | None = None) -> RunConfig:
+def parse(argv: list[str] | None, env: Mapping[str, str] | None = None, prog: str | None = None) -> RunConfig:
     """Parse flags over environment variables; raise ConfigError for values that cannot work."""
     env = os.environ if env is None else env
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     if args.pvc_root:
         pvc_root = args.pvc_root
     elif env.get(var.PVC_ROOT):

@@ -93,6 +93,12 @@ def check_utf8(name: str, path: Path) -> None:
                                 f"0x{raw[exc.start]:02x}: {exc.reason}); save the file as UTF-8") from None
 
 
+def listed_files(files: list[Path], shown: int = 3) -> str:
+    """`a`, `a and b`, `a, b and c`, `a, b, c and 2 more files`."""
+    names = [str(f) for f in files[:shown]] + ([f"{len(files) - shown} more files"] if len(files) > shown else [])
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def load_files(name: str, uri: str, files: list[Path], fmt: str, cache_dir: Path) -> Split:
     """Load local data files one by one (so rows keep their file) and concatenate them."""
     import datasets
@@ -121,7 +127,8 @@ def load_files(name: str, uri: str, files: list[Path], fmt: str, cache_dir: Path
         file_of_row.append(np.full(len(ds), k, dtype=np.int32))
         row_in_file.append(np.arange(len(ds), dtype=np.int64))
     if not parts:
-        raise DataError(f"dataset.{name} {uri} is empty ({', '.join(map(str, files[:3]))} hold no rows)")
+        verb = "holds" if len(files) == 1 else "hold"
+        raise DataError(f"dataset.{name} {uri} is empty: {listed_files(files)} {verb} no rows")
     if len(parts) == 1:
         dataset = parts[0]
     else:

@@ -23,8 +23,8 @@ import torch
 from finetune_api.manifest import FineTuneJob, load_job
 from finetune_api.spec import FineTuneJobSpec, checkpoint_storage, quantization_of, task_metrics
 from finetune_trainer import data as data_mod
-from finetune_trainer import memory, quantization, tasks
-from finetune_trainer.checkpoint import CheckpointManager, is_io_error
+from finetune_trainer import memory, ownership, quantization, tasks
+from finetune_trainer.checkpoint import CheckpointManager, InitialWeights, initial_checkpoint, is_io_error
 from finetune_trainer.config import RunConfig
 from finetune_trainer.distributed import Dist, init_from_env
 from finetune_trainer.errors import ConfigError, DataError, Interrupted
@@ -123,6 +123,26 @@ def model_source(spec: FineTuneJobSpec, cfg: RunConfig, work_cache: Path) -> str
     if not loc.path.exists():
         raise ConfigError(f"model.source {spec.model.source} not found (looked in {loc.path})")
     return str(loc.path)
+
+
+def initial_weights(spec: FineTuneJobSpec, cfg: RunConfig, where: Places, dist: Dist) -> InitialWeights:
+    """spec.model.initFrom as a local checkpoint folder (remote ones downloaded once per node); asked only when the
+    job has no checkpoint of its own to resume."""
+    uri = spec.model.init_from
+    assert uri is not None
+    loc = resolve(uri, cfg.pvc_root, "model.initFrom")
+    if loc.remote is None:
+        return initial_checkpoint(uri, loc.path if loc.path is not None else Path(uri))
+    failed: ConfigError | None = None
+    if dist.local_rank == 0:  # one download per node; the others then find it in the cache
+        try:
+            fetch(loc, where.cache, s3_options(spec))
+        except ConfigError as exc:
+            failed = exc
+    dist.barrier()
+    if failed is not None:
+        raise failed
+    return initial_checkpoint(uri, fetch(loc, where.cache, s3_options(spec)))
 
 
 def _split(name: str, uri: str, spec: FineTuneJobSpec, cfg: RunConfig, work_cache: Path,
@@ -256,7 +276,10 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
     where = places(spec, cfg)
     log.info("job %s: %s on %s, %d process(es), device %s, %d thread(s)", name, spec.task.type, spec.model.source,
              dist.world, dist.device, cfg.threads)
-    dist.on_main(lambda: (where.checkpoints.ensure_writable(), where.output.ensure_writable()))
+    # Only this job's own storage, or nobody's, is written to: checked, then claimed, before anything is written.
+    owner = dist.on_main(lambda: ownership.take(job, [("output.storage", where.output),
+                                                      ("checkpointing.storage", where.checkpoints)], cfg.pvc_root,
+                                                s3_options(spec)))
     # metrics.jsonl and the trackers (rank 0); a tracker that is misconfigured stops the job here, before any work.
     run_log = dist.on_main(lambda: RunLog(where.output.local, for_job(job, where.output.local))) or RunLog(None)
     task = tasks.for_spec(spec)
@@ -281,7 +304,7 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
     dropped = {split: enc.dropped for split, enc in (("train", train_enc), ("validation", val_enc))
                if enc is not None and enc.dropped}  # over-long examples left out (dataset.overLong drop)
 
-    ckpt = CheckpointManager(where.checkpoints, spec.checkpointing.keep_last)
+    ckpt = CheckpointManager(where.checkpoints, spec.checkpointing.keep_last, owner)
     progress = Progress(push_url=cfg.progress_url, push_token=cfg.progress_token,
                         push_interval=cfg.progress_interval, enabled=dist.main,
                         on_write=lambda doc, final: ckpt.write_progress(doc, upload=final))
@@ -295,7 +318,9 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
         trainer = Trainer(model=model, train=train_enc, pad_id=tok.pad_token_id, settings=LoopSettings.of(spec),
                           precision=precision, dist=dist, checkpoints=ckpt, evaluator=evaluator, progress=progress,
                           stop=stop, progress_bar=cfg.progress_bar, log_interval=cfg.progress_interval,
-                          run_log=run_log, selection=Selection.of(spec), layout=layout, task=task)
+                          run_log=run_log, selection=Selection.of(spec), layout=layout, task=task,
+                          init_from=functools.partial(initial_weights, spec, cfg, where, dist)
+                          if spec.model.init_from else None)
         result = trainer.run()
         saving = output_saving(spec, task, source, tok, trainer.optimizer_step.wrapped)  # collective under FSDP
         used = memory_report(plan, trainer.optimizer_step.measured)

@@ -20,6 +20,7 @@ import math
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from finetune_api.spec import FineTuneJobSpec
-from finetune_trainer.checkpoint import CheckpointInfo, CheckpointManager, TrainState
+from finetune_trainer.checkpoint import CheckpointInfo, CheckpointManager, InitialWeights, TrainState
 from finetune_trainer.data import Encoded, collate, epoch_batches
 from finetune_trainer.distributed import Dist
 from finetune_trainer.errors import DataError, Interrupted
@@ -261,7 +262,8 @@ class Trainer:
                  precision: Precision, dist: Dist, checkpoints: CheckpointManager, evaluator: Evaluator | None,
                  progress: Progress, stop: StopSignal, progress_bar: bool = False, log_interval: float = 5.0,
                  run_log: RunLog | None = None, selection: Selection | None = None,
-                 layout: Layout | None = None, task: Task | None = None) -> None:
+                 layout: Layout | None = None, task: Task | None = None,
+                 init_from: Callable[[], InitialWeights] | None = None) -> None:
         self.raw_model = model
         self.train_data = train
         self.pad_id = pad_id
@@ -274,6 +276,7 @@ class Trainer:
         self.log_interval = log_interval
         self.run_log = run_log or RunLog(None)  # metrics.jsonl and the trackers (rank 0)
         self.selection = selection or Selection()  # best checkpoint, early stopping, the output's weights
+        self.init_from = init_from  # another run's weights to start from (model.initFrom), found when needed
         self.device = dist.device
         self.cost = train.cost()
         self.batches_per_epoch = len(self._batches(0))
@@ -291,9 +294,12 @@ class Trainer:
         return epoch_batches(self.cost, self.s.batch_size, self.s.seed, epoch, self.dist.world, self.dist.rank)
 
     def resume(self) -> int | None:
-        """Continue from the newest complete checkpoint that every rank can load; return its step or None."""
+        """Continue from the newest complete checkpoint that every rank can load; return its step or None (a fresh
+        start: from model.initFrom's weights when it is set)."""
         found = self.checkpoints.resume()
         if found is None:
+            if self.init_from is not None:
+                self.checkpoints.initialise(self.init_from())
             return None
         step, state = found
         if state.train_examples and state.train_examples != len(self.train_data):

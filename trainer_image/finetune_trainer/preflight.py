@@ -2,10 +2,11 @@
 
 The operator runs it as a small CPU-only pod from the trainer image (`python -m finetune_trainer --preflight`), and
 `finetune validate --data` runs it on a laptop. It goes through the trainer's own code in the trainer's order, so it
-fails with exactly the trainer's messages and exit codes: storage probed, the model's configuration and tokenizer
-loaded (no weights), all the data read and checked by the task, tokenised (chat templates rendered) into the token
-cache the trainer pods then read instead of tokenising again, the memory plan computed for the requested devices
-(the widest batch of the real data, the process itself on CPU), and the time estimated. A split too large to read
+fails with exactly the trainer's messages and exit codes: storage checked to be the job's own or nobody's
+(finetune_trainer.ownership) and probed, the model's configuration and tokenizer loaded (no weights), all the data
+read and checked by the task, tokenised (chat templates rendered) into the token cache the trainer pods then read
+instead of tokenising again, the memory plan computed for the requested devices (the widest batch of the real data,
+the process itself on CPU), and the time estimated. A split too large to read
 whole is checked on a seeded sample (said in the result; the cache is then not written).
 """
 
@@ -25,7 +26,7 @@ from finetune_api.spec import FineTuneJobSpec, quantity_value
 from finetune_api.status import PreflightEstimate, PreflightMemory, PreflightStatus, SplitStats
 from finetune_trainer import data as data_mod
 from finetune_trainer import job as job_mod
-from finetune_trainer import memory, tasks, throughput
+from finetune_trainer import memory, ownership, tasks, throughput
 from finetune_trainer.config import RunConfig
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.loop import LoopSettings
@@ -59,10 +60,10 @@ def check(job: FineTuneJob, cfg: RunConfig) -> PreflightStatus:
     spec = job.spec
     where = job_mod.places(spec, cfg)
     log.info("pre-flight of %s: %s on %s", job.metadata.name, spec.task.type, spec.model.source)
-    where.checkpoints.ensure_writable()
-    where.output.ensure_writable()
-    # TODO(ownership): once finetune_trainer.ownership lands, refuse output and checkpoint paths that belong to
-    # another job here (ownership.problem), so such a job fails before any GPU is held.
+    # Only this job's own storage, or nobody's: checked (and claimed) as the trainer does, before the token cache is
+    # written there, so a job on another job's storage fails here, before any GPU is held.
+    ownership.take(job, [("output.storage", where.output), ("checkpointing.storage", where.checkpoints)],
+                   cfg.pvc_root, job_mod.s3_options(spec))
     task = tasks.for_spec(spec)
     source = job_mod.model_source(spec, cfg, where.cache)
     shape = job_mod.model_shape(spec, task, source)
