@@ -19,7 +19,13 @@ from finetune_operator import builders
 from finetune_operator.controller import Controller
 from finetune_operator.k8s import ApiError
 from finetune_operator.metrics import Metrics
-from finetune_operator.observe import PodView, summarize_configmap, summarize_job, summarize_service
+from finetune_operator.observe import (
+    PodView,
+    summarize_configmap,
+    summarize_job,
+    summarize_service,
+    summarize_workload,
+)
 from finetune_operator.progress import job_token
 from finetune_operator.settings import Settings
 from tests.operator.helpers import manifest, merge_patch
@@ -78,9 +84,7 @@ class FakeKube:
                     subresource: str | None = None) -> dict[str, Any]:
         self.calls.append(("PATCH", kind, name))
         self._maybe_fail("PATCH", kind)
-        obj = self.objects[(kind, namespace, name)]
-        for section, values in patch.items():
-            obj.setdefault(section, {}).update(values)
+        obj = self.objects[(kind, namespace, name)] = merge_patch(self.objects[(kind, namespace, name)], patch)
         obj["metadata"]["resourceVersion"] = str(next(self._rv))
         return copy.deepcopy(obj)
 
@@ -136,7 +140,9 @@ class World:
         self.pods: dict[tuple[str, str], list[PodView]] = {}
         self.configmaps: dict[tuple[str, str], list[Any]] = {}
         self.services: dict[tuple[str, str], list[Any]] = {}
-        self.ctl.bind_indices(self.jobs, self.pods, self.configmaps, self.services)
+        self.workloads: dict[tuple[str, str], list[Any]] = {}
+        self.ctl.bind_indices(jobs=self.jobs, pods=self.pods, configmaps=self.configmaps, services=self.services,
+                              workloads=self.workloads)
 
     def apply(self, **overrides: Any) -> dict[str, Any]:
         body = self.kube.add(manifest(NAME, NS, **overrides))
@@ -153,6 +159,7 @@ class World:
         self.jobs[(NS, NAME)] = [summarize_job(o) for o in objs if o["kind"] == "Job"]
         self.configmaps[(NS, NAME)] = [summarize_configmap(o) for o in objs if o["kind"] == "ConfigMap"]
         self.services[(NS, NAME)] = [summarize_service(o) for o in objs if o["kind"] == "Service"]
+        self.workloads[(NS, NAME)] = [summarize_workload(o) for o in objs if o["kind"] == "Workload"]
 
     def run_pods(self, n: int = 1, phase: str = "Running") -> None:
         job = self.kube.objects[("Job", NS, NAME)]
@@ -248,7 +255,7 @@ def test_restart_after_job_created_makes_no_duplicate_and_no_create() -> None:
         await w.reconcile()
         # A new operator process: empty memory, caches from the watches.
         w.ctl = Controller(w.ctl.settings, w.kube, Metrics(), clock=w.clock)  # type: ignore[arg-type]
-        w.ctl.bind_indices(w.jobs, w.pods)
+        w.ctl.bind_indices(jobs=w.jobs, pods=w.pods)
         w.sync_caches()
         w.run_pods()
         w.kube.calls.clear()
@@ -265,7 +272,7 @@ def test_restart_with_children_present_but_not_yet_watched_treats_409_as_ours() 
         w.apply()
         await w.reconcile()
         w.ctl = Controller(w.ctl.settings, w.kube, Metrics(), clock=w.clock)  # type: ignore[arg-type]
-        w.ctl.bind_indices({}, {})  # the Job watch has not delivered yet
+        w.ctl.bind_indices(jobs={}, pods={})  # the Job watch has not delivered yet
         w.ctl.observe_ftj("MODIFIED", copy.deepcopy(w.ftj()))
         w.kube.calls.clear()
         await w.reconcile()
