@@ -281,7 +281,8 @@ def test_pvc_claims_merge_read_only_inputs_with_writable_storage() -> None:
         # suspend_owner decided: the switch is written together with the operator's mark (or the mark removed).
         ({"suspend": True}, True, "user",
          {"spec": {"suspend": True}, "metadata": {"annotations": {"finetune.dev/suspended-by": "user"}}}),
-        ({}, False, None, {"spec": {"suspend": False}, "metadata": {"annotations": {"finetune.dev/suspended-by": None}}}),
+        ({}, False, None,
+         {"spec": {"suspend": False}, "metadata": {"annotations": {"finetune.dev/suspended-by": None}}}),
         ({"backoffLimit": 7}, None, None, {"spec": {"backoffLimit": 7}}),
         ({"activeDeadlineSeconds": 60}, None, None, {"spec": {"activeDeadlineSeconds": 60}}),
         # Kueue holds suspend of a queued Job: nothing decided, nothing written, whatever the spec says.

@@ -41,6 +41,7 @@ class FakeKube:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.calls: list[tuple[str, str, str]] = []
         self.fail: list[tuple[str, str, int]] = []  # (verb, kind, status) consumed in order when matching
+        self.fail_message: str | None = None  # the injected error's message (default: "injected <status>")
         self.events: list[tuple[str, str, str]] = []
         self.failed_create_events: list[dict[str, Any]] = []
         self.evicted: list[str] = []
@@ -51,7 +52,8 @@ class FakeKube:
         for i, (v, k, status) in enumerate(self.fail):
             if v == verb and k == kind:
                 del self.fail[i]
-                raise ApiError(verb, kind, status, {"reason": "Injected", "message": f"injected {status}"})
+                raise ApiError(verb, kind, status, {"reason": "Injected",
+                                                    "message": self.fail_message or f"injected {status}"})
 
     def writes(self) -> list[tuple[str, str, str]]:
         return [c for c in self.calls if c[0] != "GET"]
@@ -669,6 +671,117 @@ def test_kueue_job_is_created_suspended_and_never_unsuspended() -> None:
         assert ("PATCH", "Job", NAME) not in w.kube.calls
         assert w.ftj()["status"]["phase"] == "Running"
     asyncio.run(body())
+
+
+def _workload(w: World, active: bool = True) -> dict[str, Any]:
+    """What Kueue makes for the job's Job: a Workload it owns."""
+    job = w.kube.objects[("Job", NS, NAME)]
+    return w.kube.add({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
+                       "metadata": {"name": f"job-{NAME}-abcde", "namespace": NS, "ownerReferences": [
+                           {"apiVersion": "batch/v1", "kind": "Job", "name": NAME,
+                            "uid": job["metadata"]["uid"], "controller": True}]},
+                       "spec": {"queueName": "gpu-queue", "active": active}})
+
+
+def test_a_user_suspend_under_kueue_deactivates_the_workload_and_never_writes_the_job() -> None:
+    async def body() -> None:
+        w = World()
+        await w.running(queue="gpu-queue")
+        _workload(w)
+        ftj = w.ftj()
+        ftj["spec"]["runPolicy"]["suspend"] = True
+        ftj["metadata"]["generation"] = 2
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert ("PATCH", "Workload", f"job-{NAME}-abcde") in w.kube.calls
+        assert ("PATCH", "Job", NAME) not in w.kube.calls
+        wl = w.kube.objects[("Workload", NS, f"job-{NAME}-abcde")]
+        assert wl["spec"]["active"] is False and wl["metadata"]["annotations"] == {"finetune.dev/suspended-by": "user"}
+        # Kueue evicts the Workload and suspends the Job: Suspended, and nothing more is written.
+        w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] = True
+        w.pods[(NS, NAME)] = []
+        w.sync_caches()
+        await w.reconcile()
+        assert w.ftj()["status"]["phase"] == "Suspended"
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.writes() == []
+        # Resume: the Workload is activated again (the mark removed); Kueue readmits it in its own time.
+        w.ftj()["spec"]["runPolicy"]["suspend"] = False
+        w.sync_caches()
+        await w.reconcile()
+        wl = w.kube.objects[("Workload", NS, f"job-{NAME}-abcde")]
+        assert wl["spec"]["active"] is True and "finetune.dev/suspended-by" not in wl["metadata"]["annotations"]
+        assert w.ftj()["status"]["phase"] == "Queued"
+        assert ("PATCH", "Job", NAME) not in w.kube.calls
+    asyncio.run(body())
+
+
+def test_a_job_suspended_by_someone_else_is_left_suspended() -> None:
+    """Kueue's manageJobsWithoutQueueName: its webhook suspends the unlabelled Job at creation. The operator does not
+    unsuspend it, however many passes run."""
+    async def body() -> None:
+        w = World()
+        w.apply()
+        await w.reconcile()
+        w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] = True  # what the create answered: suspended
+        w.sync_caches()
+        w.clock.now += 10
+        for _ in range(3):
+            w.kube.calls.clear()
+            await w.reconcile()
+            w.sync_caches()
+            assert ("PATCH", "Job", NAME) not in w.kube.calls
+        status = w.ftj()["status"]
+        assert status["phase"] == "Queued"
+        assert "suspended by another controller" in condition_of(w.ftj(), "Queued")["message"]
+        _workload(w)
+        w.sync_caches()
+        await w.reconcile()
+        assert w.ftj()["status"]["queue"]["workload"] == f"job-{NAME}-abcde"
+    asyncio.run(body())
+
+
+def test_a_refused_job_create_is_reported_and_retried_and_nothing_more_is_made() -> None:
+    """Kueue down: its webhook (failurePolicy Fail) cannot be called, the API server answers 500 to the Job create."""
+    async def body() -> None:
+        w = World()
+        w.apply(run_policy={"queueName": "gpu-queue"})
+        message = 'Internal error occurred: failed calling webhook "mjob.kb.io": connection refused'
+        w.kube.fail.append(("POST", "Job", 500))
+        w.kube.fail_message = message
+        with pytest.raises(ApiError) as raised:
+            await w.reconcile()
+        assert raised.value.retryable
+        assert ("Job", NS, NAME) not in w.kube.objects
+        created = condition_of(w.ftj(), "Created")
+        assert (w.ftj()["status"]["phase"], created["status"], created["reason"]) == \
+            ("Pending", "False", "AdmissionWebhookUnavailable")
+        assert "mjob.kb.io" in created["message"] and "retrying with backoff" in created["message"]
+        assert w.kube.events[-1][:2] == ("Warning", "AdmissionWebhookUnavailable")
+        await w.reconcile()  # Kueue is back: the ConfigMap and Secret are reused (409), the Job is created
+        assert w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] is True
+        assert sum(1 for k in w.kube.objects if k[0] == "ConfigMap") == 1
+    asyncio.run(body())
+
+
+def test_kueue_is_watched_only_where_the_api_serves_its_workloads() -> None:
+    from finetune_operator.__main__ import integrations
+
+    class Discovery:
+        def __init__(self, served: bool) -> None:
+            self.served = served
+
+        async def serves(self, kind: Any) -> bool:
+            return self.served and kind.plural == "workloads"
+
+    on = Settings.from_env({"FINETUNE_PROGRESS_KEY": KEY.decode()})
+    off = Settings.from_env({"FINETUNE_PROGRESS_KEY": KEY.decode(), "FINETUNE_KUEUE": "false"})
+    assert asyncio.run(integrations(on, Discovery(True))) == {"kueue"}  # type: ignore[arg-type]
+    assert asyncio.run(integrations(on, Discovery(False))) == frozenset()  # type: ignore[arg-type]
+    assert asyncio.run(integrations(off, Discovery(True))) == frozenset()  # type: ignore[arg-type]
 
 
 def test_failed_job_reports_the_trainer_message() -> None:
