@@ -16,8 +16,8 @@ Deployment would, with what a Deployment would get from its manifests put in pla
   is Fail: a labelled namespace cannot create Jobs then, as in a real cluster).
 - Configuration: leader election off, ``integrations.frameworks: [batch/job]``, the VisibilityOnDemand API off (it
   needs an APIService), WaitForPodsReady off unless a test asks for it (v0.19 turns it on by default: the setting is
-  spelled out), ``manageJobsWithoutQueueName: true`` limited by ``managedJobsNamespaceSelector`` to namespaces labelled
-  ``MANAGE_ALL_LABEL``.
+  spelled out), ``managedJobsNamespaceSelector`` the namespaces labelled ``KUEUE_NAMESPACE_LABEL`` (since v0.15 Kueue
+  manages no Job outside it, queue name or not) and ``manageJobsWithoutQueueName`` false unless a test asks for it.
 - Metrics: Kueue reads its metrics serving certificate from the fixed path ``/etc/kueue/metrics/certs`` and exits
   without one. It runs in a mount namespace of its own (``unshare --mount``) where a folder of this run is bound
   there, so nothing is written to the host's /etc but the empty mount point. Needs root, as the real node does.
@@ -41,8 +41,7 @@ from typing import Any
 from .cluster import ApiError, Component, ControlPlane, ControlPlaneError, _free_ports
 
 KUEUE_NAMESPACE = "kueue-system"
-KUEUE_NAMESPACE_LABEL = "finetune.dev/kueue"  # value "true": Kueue's Job webhooks see this namespace's Jobs
-MANAGE_ALL_LABEL = "finetune.dev/kueue-manage-all"  # value "true": Kueue also takes Jobs without a queue name
+KUEUE_NAMESPACE_LABEL = "finetune.dev/kueue"  # value "true": Kueue manages this namespace's Jobs (webhooks, controller)
 METRICS_CERT_DIR = Path("/etc/kueue/metrics/certs")  # fixed in Kueue's main.go when internal cert management is off
 KUEUE_API = "/apis/kueue.x-k8s.io/v1beta2"
 SERVED_VERSION = "v1beta2"
@@ -176,8 +175,8 @@ class Kueue:
             "webhook": {"host": "127.0.0.1", "port": self.webhook_port, "certDir": str(self.workdir / "certs")},
             "internalCertManagement": {"enable": False},
             "integrations": {"frameworks": ["batch/job"]},
-            "manageJobsWithoutQueueName": True,
-            "managedJobsNamespaceSelector": {"matchLabels": {MANAGE_ALL_LABEL: "true"}},
+            "manageJobsWithoutQueueName": False,
+            "managedJobsNamespaceSelector": {"matchLabels": {KUEUE_NAMESPACE_LABEL: "true"}},
             "featureGates": {"VisibilityOnDemand": False},
             "clientConnection": {"qps": 100, "burst": 200},
         }
@@ -272,8 +271,7 @@ class Kueue:
         return items
 
 
-def kueue_namespace_labels(manage_all: bool = False) -> dict[str, str]:
-    """Labels of a namespace whose Jobs Kueue's webhooks see (and, with ``manage_all``, whose Jobs without a queue
-    name Kueue takes too)."""
-    return {KUEUE_NAMESPACE_LABEL: "true", **({MANAGE_ALL_LABEL: "true"} if manage_all else {})}
+def kueue_namespace_labels() -> dict[str, str]:
+    """Labels of a namespace whose Jobs Kueue manages."""
+    return {KUEUE_NAMESPACE_LABEL: "true"}
 

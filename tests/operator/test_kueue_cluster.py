@@ -104,11 +104,9 @@ class Queues:
 
 @pytest.fixture
 def queues(control_plane: ControlPlane, kueue: Kueue, request: pytest.FixtureRequest) -> Iterator[Queues]:
-    """A fresh namespace whose Jobs Kueue's webhooks see (parametrized True: where manageJobsWithoutQueueName applies
-    too), and the test's Kueue objects (deleted afterwards)."""
+    """A fresh namespace whose Jobs Kueue manages, and the test's Kueue objects (deleted afterwards)."""
     ns = f"kq-{request.node.name[5:30].replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}"
-    manage_all = bool(getattr(request, "param", False))
-    control_plane.create_namespace(ns, labels={"finetune.dev/test": "true", **kueue_namespace_labels(manage_all)})
+    control_plane.create_namespace(ns, labels={"finetune.dev/test": "true", **kueue_namespace_labels()})
     made = Queues(kueue, ns)
     try:
         yield made
@@ -318,13 +316,13 @@ def test_user_suspend_frees_the_quota_resume_requeues_and_cancel_frees_it_for_go
 # ------------------------------------------------------------------------------------- Kueue's configuration
 
 
-@pytest.mark.parametrize("queues", [True], indirect=True, ids=["manageJobsWithoutQueueName"])
 def test_manage_jobs_without_queue_name_takes_the_job_and_nothing_fights_over_it(
-        control_plane: ControlPlane, queues: Queues, op: OperatorProcess) -> None:
-    """In a namespace where Kueue's manageJobsWithoutQueueName applies, Kueue's webhook suspends the unlabelled Job
-    at creation and Kueue makes a Workload for it: the operator sees that the suspension is not its own and leaves
-    the Job alone (no suspend fight: the Job is written by Kueue only, a handful of times), reporting why it waits."""
+        control_plane: ControlPlane, queues: Queues, op: OperatorProcess, kueue: Kueue) -> None:
+    """With Kueue's manageJobsWithoutQueueName, its webhook suspends the unlabelled Job at creation and Kueue makes a
+    Workload for it: the operator sees that the suspension is not its own and leaves the Job alone (no suspend fight:
+    the Job is written by Kueue only, a handful of times), reporting why it waits."""
     cp, ns = control_plane, queues.ns
+    kueue.restart(manageJobsWithoutQueueName=True)
     create_ftj(cp, manifest("unqueued", ns))
     wait_phase(cp, ns, "unqueued", "Queued", timeout=ADMIT, reason=("Queued", "WaitingForAdmission"))
     job = cp.request("GET", job_path(ns, "unqueued"))
