@@ -104,6 +104,10 @@ def waiting(who: Holder, job: JobView, workload: WorkloadView | None) -> tuple[s
     if workload.is_true("Admitted"):
         return STARTING, (f"Kueue admitted Workload {workload.name} (ClusterQueue {workload.cluster_queue}, flavor "
                           f"{flavor_text(workload)}) and has not unsuspended the Job yet")
+    if not workload.queue_name:
+        return INADMISSIBLE, (f"Kueue took the Job without a queue name (manageJobsWithoutQueueName) into Workload "
+                              f"{workload.name}, which names no LocalQueue, and Kueue admits nothing without one: set "
+                              "spec.runPolicy.queueName (or give the namespace a default LocalQueue)")
     reserved = workload.condition("QuotaReserved")
     if reserved is not None and reserved.status == "True":
         return ADMISSION_CHECKS, (f"quota reserved in ClusterQueue {workload.cluster_queue}; waiting for the "
@@ -111,10 +115,6 @@ def waiting(who: Holder, job: JobView, workload: WorkloadView | None) -> tuple[s
     if reserved is not None and reserved.message:
         reason = INADMISSIBLE if reserved.reason == INADMISSIBLE else WAITING_FOR_QUOTA
         return reason, f"Kueue: {reserved.message} ({where})"
-    if not workload.queue_name:
-        return WAITING_FOR_ADMISSION, (f"{who.evidence}; its Workload {workload.name} names no LocalQueue, and Kueue "
-                                       "admits nothing without one: set spec.runPolicy.queueName, or let the "
-                                       "namespace's default LocalQueue name it")
     return WAITING_FOR_ADMISSION, f"waiting for Kueue to consider the Workload ({where})"
 
 

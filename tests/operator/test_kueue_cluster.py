@@ -9,6 +9,7 @@ tests/node/test_kueue_node.py.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -172,10 +173,7 @@ def test_queued_then_admitted_with_the_flavor_and_kueues_own_message(control_pla
     wait_phase(cp, ns, "first", "Succeeded", timeout=ADMIT)
     ftj = wait_phase(cp, ns, "third", "Running", timeout=ADMIT)
     assert ftj["status"]["queue"]["clusterQueue"] == cq
-    patches = [line for line in op.metrics().splitlines()
-               if line.startswith('finetune_operator_api_requests_total{') and 'resource="Job"' in line
-               and 'verb="PATCH"' in line]
-    assert patches == [], f"the operator wrote a Kueue Job: {patches}"
+    assert _job_patches(op) == [], "the operator wrote a Job Kueue holds"
     assert operator_errors(op) == []
 
 
@@ -328,17 +326,23 @@ def test_manage_jobs_without_queue_name_takes_the_job_and_nothing_fights_over_it
     job = cp.request("GET", job_path(ns, "unqueued"))
     assert job["spec"]["suspend"] is True and "kueue.x-k8s.io/queue-name" not in job["metadata"].get("labels", {})
     cp.wait_for(lambda: workload_of(queues.kueue, ns, "unqueued"), timeout=30, desc="Kueue's Workload")
-    cp.wait_for(lambda: "names no LocalQueue" in (condition(get_ftj(cp, ns, "unqueued"), "Queued") or {}).get(
-        "message", ""), timeout=30, desc="the reason it waits")
+    ftj = wait_phase(cp, ns, "unqueued", "Queued", timeout=30, reason=("Queued", "Inadmissible"))
+    message = condition(ftj, "Queued")["message"]  # type: ignore[index]
+    assert "manageJobsWithoutQueueName" in message and "names no LocalQueue" in message, message
     start = json.dumps(cp.request("GET", job_path(ns, "unqueued"))["metadata"]["generation"])
     passes = _passes(op)
     cp.wait_for(lambda: _passes(op) >= passes + 10, timeout=60, desc="ten more reconcile passes")
     job = cp.request("GET", job_path(ns, "unqueued"))
     assert json.dumps(job["metadata"]["generation"]) == start and job["metadata"]["generation"] <= 2, job["metadata"]
     assert job["spec"]["suspend"] is True
-    writers = {m["manager"] for m in job["metadata"]["managedFields"] if m["operation"] == "Update"}
-    assert "finetune-operator" not in writers, writers
-    assert len([e for e in ftj_events(cp, ns, "unqueued") if e["reason"] == "WaitingForAdmission"]) == 1
+    assert _job_patches(op) == [], "the operator wrote the Job Kueue holds"
+    assert len([e for e in ftj_events(cp, ns, "unqueued") if e["reason"] == "Inadmissible"]) == 1
+
+
+def _job_patches(op: OperatorProcess) -> list[str]:
+    """The operator's PATCH requests on Jobs (its metrics count every request by verb, resource and code)."""
+    return [line for line in op.metrics().splitlines() if line.startswith("finetune_operator_api_requests_total{")
+            and 'resource="Job"' in line and 'verb="PATCH"' in line and not line.endswith(" 0.0")]
 
 
 def _passes(op: OperatorProcess) -> float:
@@ -363,7 +367,7 @@ def test_wait_for_pods_ready_evicts_requeues_reports_and_gives_up_after_its_limi
     assert "evicted by Kueue" in condition(ftj, "Queued")["message"]  # type: ignore[index]
     ftj = wait_phase(cp, ns, "stuck", "Failed", timeout=90, reason=("Failed", "RequeuingLimitExceeded"))
     message = condition(ftj, "Failed")["message"]  # type: ignore[index]
-    assert "PodsReadyTimeout x2" in message, message
+    assert re.search(r"PodsReadyTimeout x\d", message) and "re-queuing retries" in message, message
     cp.wait_for(lambda: get_or_none(cp, job_path(ns, "stuck")) is None, timeout=30, desc="the Job deleted")
     reasons = [e["reason"] for e in ftj_events(cp, ns, "stuck", after="RequeuingLimitExceeded")]
     assert "PodsReadyTimeout" in reasons
