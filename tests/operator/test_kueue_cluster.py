@@ -12,6 +12,7 @@ import json
 import re
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,6 +36,7 @@ from tests.operator.helpers import manifest
 
 pytestmark = pytest.mark.cluster
 
+REPO = Path(__file__).resolve().parents[2]
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"  # the kwok nodes' nvidia.com/gpu.product label
 POOL_TAINT = "finetune.dev/gpu-pool"  # a toleration the flavor adds to admitted pods (the kwok nodes have no taint)
 ADMIT = 45.0  # seconds from a FineTuneJob's creation (or freed quota) to Kueue's admission and running pods
@@ -392,3 +394,42 @@ def test_kueue_down_refuses_the_job_which_is_reported_and_created_once_kueue_is_
     ftj = wait_phase(cp, ns, "outage", "Running", timeout=90)
     assert condition(ftj, "Created")["reason"] == "JobCreated"  # type: ignore[index]
     assert len([j for j in cp.request("GET", f"/apis/batch/v1/namespaces/{ns}/jobs")["items"]]) == 1
+
+
+def test_the_example_queues_are_what_kueue_accepts_and_admit_the_example_job(
+        control_plane: ControlPlane, kueue: Kueue, op: OperatorProcess) -> None:
+    """examples/kueue/queues.yaml as the README applies it (Kueue's webhooks and CRD schemas check it), and the
+    multi-node example's priority class and topology request reaching Kueue's Workload."""
+    import yaml
+
+    from finetune_api.manifest import load_job
+
+    cp = control_plane
+    for ns in ("team-a", "team-b"):
+        cp.create_namespace(ns, labels=kueue_namespace_labels())
+    docs = list(yaml.safe_load_all((REPO / "examples" / "kueue" / "queues.yaml").read_text()))
+    try:
+        cp.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+        example = yaml.safe_load((REPO / "examples" / "multinode-kueue.yaml").read_text())
+        load_job(REPO / "examples" / "multinode-kueue.yaml")  # the client-side rules agree
+        example["metadata"]["namespace"] = "team-a"
+        example["spec"]["resources"].update({"cpu": 4, "memory": "8Gi", "gpusPerWorker": 2})
+        example["spec"].pop("credentials")
+        create_ftj(cp, example)
+        name = example["metadata"]["name"]
+        workload = cp.wait_for(lambda: workload_of(kueue, "team-a", name), timeout=30, desc="the example's Workload")
+        assert workload["spec"]["priorityClassRef"]["name"] == "research-high"
+        assert workload["spec"]["podSets"][0]["count"] == 4, "all four workers are one pod set: admitted together"
+        assert workload["spec"]["podSets"][0]["topologyRequest"]["preferred"] == \
+            "topology.k8s.aws/network-node-layer-3"
+        # Whatever Kueue makes of a topology request on a flavor without a Topology, the status says it in its words.
+        ftj = cp.wait_for(lambda: (lambda f: f if (f.get("status") or {}).get("queue", {}).get("workload") else None)(
+            get_ftj(cp, "team-a", name)), timeout=ADMIT, desc="the example's status.queue")
+        queued = condition(ftj, "Queued")
+        assert queued is not None and (queued["status"] == "False" or "Kueue" in queued["message"]), queued
+    finally:
+        for ns in ("team-a", "team-b"):
+            cp.delete_namespace(ns)
+        for doc in reversed(docs):
+            if doc["kind"] in ("ResourceFlavor", "ClusterQueue", "WorkloadPriorityClass"):
+                kueue.delete(doc["kind"], doc["metadata"]["name"])
