@@ -55,13 +55,13 @@ from operator_scale import (  # noqa: E402
     FINISH_ANNOTATION,
     OPERATOR_WRITES,
     apiserver_requests,
+    install_crd,
     log,
     operator_events,
     operator_writes,
     wait_until,
 )
 
-from finetune_api.crd import CRD_PATH  # noqa: E402
 from tests.controlplane.cluster import EXIT_CODE_ANNOTATION, ControlPlane, build_binaries, start_control_plane  # noqa: E402
 from tests.controlplane.kueue import KUEUE_API, Kueue, kueue_namespace_labels  # noqa: E402
 from tests.operator.cluster_support import OperatorProcess, create_ftj, operator_errors  # noqa: E402
@@ -228,8 +228,7 @@ def run_part(name: str, n: int, workdir: Path, timeout: float) -> Part:
         queues(kueue)
         order = demand(n)
         if name == "operator":
-            cp.apply(CRD_PATH.read_text())
-            cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.finetune.dev")
+            install_crd(cp)
             op = OperatorProcess(cp, workdir, FINETUNE_RESYNC_SECONDS="60", FINETUNE_STATUS_SETTLE_SECONDS="10",
                                  FINETUNE_LEASE_DURATION_SECONDS="15").start(timeout=120)
             selector = "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dfinetune-operator"

@@ -181,9 +181,9 @@ def histogram_quantile(samples: list[tuple[str, dict[str, str], float]], name: s
     return prev_le
 
 
-def count_objects(cp: ControlPlane, path: str, query: str = "") -> int:
+def count_objects(cp: ControlPlane, path: str) -> int:
     """Objects in a cluster-wide list without transferring them: limit=1 plus remainingItemCount."""
-    page = cp.request("GET", f"{path}?limit=1{'&' + query if query else ''}", timeout=60)
+    page = cp.request("GET", f"{path}?limit=1", timeout=60)
     return len(page["items"]) + int(page["metadata"].get("remainingItemCount") or 0)
 
 
@@ -305,6 +305,18 @@ class Result:
         return getattr(self, attr) / getattr(self, f"baseline_{attr.removeprefix('all_').removesuffix('_s')}_s")
 
 
+def install_crd(cp: ControlPlane) -> None:
+    """The FineTuneJob CRD, Established (polled: `kubectl wait` fails outright before the API server wrote any
+    condition)."""
+    from finetune_api.crd import CRD_PATH
+
+    cp.apply(CRD_PATH.read_text())
+    crd = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.finetune.dev"
+    wait_until(lambda: any(c.get("type") == "Established" and c.get("status") == "True"
+                           for c in (cp.request("GET", crd).get("status") or {}).get("conditions") or []),
+               60, "the CRD Established")
+
+
 def _lists(cp: ControlPlane, path: str) -> bool:
     try:
         cp.request("GET", f"{path}?limit=1", timeout=10)
@@ -333,10 +345,7 @@ def run(n: int, namespaces: int, workdir: Path, operator_env: dict[str, str], ti
     op: OperatorProcess | None = None
     sampler: ProcessSampler | None = None
     try:
-        from finetune_api.crd import CRD_PATH
-
-        cp.apply(CRD_PATH.read_text())
-        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.finetune.dev")
+        install_crd(cp)
         # Established is not "served": until the CRD's storage is initialised a LIST answers 429, which kopf logs as
         # a WARNING and retries. Wait for a LIST to work so the operator starts as it would in a settled cluster.
         wait_until(lambda: _lists(cp, "/apis/finetune.dev/v1alpha1/finetunejobs"), 60, "FineTuneJobs served")
@@ -459,6 +468,41 @@ def baseline_jobs(n: int, ns_names: list[str]) -> list[dict[str, Any]]:
     return jobs
 
 
+class Tally:
+    """Counts objects by a predicate from one watch stream (a list of a selected or filtered collection carries no
+    remainingItemCount, and listing 1,000 pods every second would load the API server it measures)."""
+
+    def __init__(self, cp: ControlPlane, kind: str, selector: str, state: Callable[[Any], str]) -> None:
+        from kubernetes import client, watch
+
+        self._api = client.CoreV1Api(cp.api_client()) if kind == "pods" else client.BatchV1Api(cp.api_client())
+        self._list = (self._api.list_pod_for_all_namespaces if kind == "pods"
+                      else self._api.list_job_for_all_namespaces)
+        self._watch, self._selector, self._state = watch.Watch(), selector, state
+        self.states: dict[str, str] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            try:
+                for event in self._watch.stream(self._list, label_selector=self._selector, timeout_seconds=3600):
+                    obj = event["object"]
+                    self.states[obj.metadata.uid] = self._state(obj)
+            except Exception as exc:  # a dropped stream: watch again
+                if not self._stopped:
+                    log(f"  watch: {exc}")
+                    time.sleep(1)
+
+    def count(self, state: str) -> int:
+        return sum(1 for s in list(self.states.values()) if s == state)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._watch.stop()
+
+
 def run_baseline(result: Result, workdir: Path, timeout: float) -> None:
     """The same N trainer Jobs created by the benchmark itself on a fresh control plane: the pace of the API server,
     the Job controller, the scheduler and kwok on this machine, now, without the operator."""
@@ -466,30 +510,32 @@ def run_baseline(result: Result, workdir: Path, timeout: float) -> None:
     log(f"[{n} jobs, baseline] starting a control plane with {nodes} kwok nodes x {GPUS_PER_NODE} GPUs")
     cp = start_control_plane(workdir=workdir / "controlplane-baseline", stream=sys.stderr, node_count=nodes,
                              gpus_per_node=GPUS_PER_NODE)
+    tallies: list[Tally] = []
     try:
         ns_names = [f"bench-{i}" for i in range(result.namespaces)]
         for ns in ns_names:
             cp.create_namespace(ns)
         jobs = baseline_jobs(n, ns_names)
-        selector = f"labelSelector={urllib.parse.quote(BASELINE_LABEL)}%3Dtrue"
+        pods = Tally(cp, "pods", f"{BASELINE_LABEL}=true", lambda p: p.status.phase or "Pending")
+        done = Tally(cp, "jobs", f"{BASELINE_LABEL}=true", lambda j: "Complete" if j.status.succeeded else "")
+        tallies += [pods, done]
         time.sleep(1.0)
         t0 = time.monotonic()
         with ThreadPoolExecutor(CLIENT_THREADS) as pool:
             list(pool.map(lambda j: cp.request("POST", f"/apis/batch/v1/namespaces/{j['metadata']['namespace']}/jobs",
                                                j), jobs))
-        result.baseline_jobs_created_s = wait_until(
-            lambda: count_objects(cp, "/apis/batch/v1/jobs", selector) >= n, timeout, "every Job created") - t0
-        result.baseline_running_s = wait_until(
-            lambda: count_objects(cp, "/api/v1/pods", f"{selector}&fieldSelector=status.phase%3DRunning") >= n,
-            timeout, "every pod Running") - t0
+        result.baseline_jobs_created_s = time.monotonic() - t0  # every POST answered 201: every Job exists
+        result.baseline_running_s = wait_until(lambda: pods.count("Running") >= n, timeout, "every pod Running") - t0
         log(f"[{n} jobs, baseline] all Jobs after {result.baseline_jobs_created_s:.1f}s, all pods Running after "
             f"{result.baseline_running_s:.1f}s")
-        finish_all(cp, cp.request("GET", f"/api/v1/pods?{selector}", timeout=120)["items"])
-        result.baseline_succeeded_s = wait_until(
-            lambda: count_objects(cp, "/apis/batch/v1/jobs", f"{selector}&fieldSelector=status.successful%3D1") >= n,
-            timeout, "every Job Complete") - t0
+        finish_all(cp, cp.request("GET", f"/api/v1/pods?labelSelector={urllib.parse.quote(BASELINE_LABEL)}%3Dtrue",
+                                  timeout=120)["items"])
+        result.baseline_succeeded_s = wait_until(lambda: done.count("Complete") >= n, timeout,
+                                                 "every Job Complete") - t0
         log(f"[{n} jobs, baseline] all Jobs succeeded after {result.baseline_succeeded_s:.1f}s")
     finally:
+        for tally in tallies:
+            tally.stop()
         cp.stop()
 
 
