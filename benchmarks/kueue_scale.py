@@ -15,8 +15,8 @@ Two parts, each on a fresh control plane with the real Kueue (tests/controlplane
 Measured per part: the time from the first POST until the last job is admitted and until the last one succeeded,
 jobs admitted per second (N over the time to the last admission), each tenant's share of the GPU-seconds used while
 every tenant still had jobs queued (against its nominal share, 25%) and over the whole run; for the operator part
-also its API writes per job (the API server's counters, as benchmarks/operator_scale.py counts them), its errors and
-Kueue's. The operator's overhead is the ratio of the two parts' times.
+also its API writes per job (its own request counter: Kueue writes the same Jobs, so the API server's counters cannot
+tell the two apart), its errors and Kueue's. The operator's overhead is the ratio of the two parts' times.
 
     python benchmarks/kueue_scale.py               # 1,000 jobs
     python benchmarks/kueue_scale.py --jobs 200
@@ -53,12 +53,10 @@ for path in (REPO, Path(__file__).resolve().parent):
 from operator_scale import (  # noqa: E402
     CLIENT_THREADS,
     FINISH_ANNOTATION,
-    OPERATOR_WRITES,
-    apiserver_requests,
+    WRITE_VERBS,
     install_crd,
     log,
-    operator_events,
-    operator_writes,
+    operator_metrics,
     wait_until,
 )
 
@@ -85,8 +83,10 @@ class Part:
     gpu_seconds: dict[str, float] = field(default_factory=dict)  # whole run, per tenant
     contended: dict[str, float] = field(default_factory=dict)  # while every tenant had jobs queued
     writes_per_job: float = math.nan
+    writes_by_kind: dict[str, float] = field(default_factory=dict)
     errors: int = 0
     kueue_errors: int = 0
+    window: tuple[float, float] | None = None  # every tenant had jobs waiting (seconds from the first POST)
 
     @property
     def admitted_per_s(self) -> float:
@@ -107,7 +107,7 @@ class Finisher:
         self.done: set[str] = set()
         self.gpu_seconds: Counter[str] = Counter()
         self.contended: Counter[str] = Counter()
-        self.contention = True
+        self.contention = False  # every tenant has jobs waiting (switched by the caller)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -239,29 +239,42 @@ def run_part(name: str, n: int, workdir: Path, timeout: float) -> Part:
             submit = [lambda i=i, t=t: cp.request("POST", f"/apis/batch/v1/namespaces/{t}/jobs", plain_job(i, t))
                       for i, t in enumerate(order)]
         time.sleep(1.0)
-        base, base_events = apiserver_requests(cp), operator_events(cp)
         finisher = Finisher(cp, selector).start()
         t0 = time.monotonic()
         with ThreadPoolExecutor(CLIENT_THREADS) as pool:
             list(pool.map(lambda f: f(), submit))
         log(f"[{name}] {n} submitted in {time.monotonic() - t0:.1f}s")
 
-        def contention_over() -> bool:
-            waiting = pending(cp)
-            if finisher is not None and finisher.contention and min(waiting.values()) == 0:
-                finisher.contention = False
-                log(f"[{name}] a tenant's queue ran empty after {time.monotonic() - t0:.0f}s: {waiting}")
-            return admitted(cp, finisher) >= n  # type: ignore[arg-type]
+        window: list[float] = []  # when every tenant first had jobs waiting, and when one's queue ran empty
 
-        part.admitted_s = wait_until(contention_over, timeout, "every job admitted") - t0
+        def all_admitted() -> bool:
+            assert finisher is not None
+            waiting = pending(cp)
+            if not window and min(waiting.values()) > 0:
+                window.append(time.monotonic() - t0)
+                finisher.contention = True
+            elif len(window) == 1 and min(waiting.values()) == 0:
+                window.append(time.monotonic() - t0)
+                finisher.contention = False
+                log(f"[{name}] every tenant had jobs waiting from {window[0]:.0f}s to {window[1]:.0f}s: {waiting}")
+            return admitted(cp, finisher) >= n
+
+        part.admitted_s = wait_until(all_admitted, timeout, "every job admitted") - t0
         log(f"[{name}] all admitted after {part.admitted_s:.1f}s")
         part.succeeded_s = wait_until(lambda: len(finisher.done) >= n, timeout, "every pod finished") - t0  # type: ignore[union-attr]
         part.gpu_seconds, part.contended = dict(finisher.gpu_seconds), dict(finisher.contended)
+        part.window = (window[0], window[1]) if len(window) == 2 else None
         if op is not None:
             wait_until(lambda: _succeeded_ftjs(cp) >= n, timeout, "every FineTuneJob Succeeded")
             part.succeeded_s = time.monotonic() - t0
-            writes, _ = operator_writes(base, apiserver_requests(cp), operator_events(cp) - base_events)
-            part.writes_per_job = writes / n
+            # Kueue writes the same Jobs (suspend, the flavor's nodeSelector), so the API server's counters cannot
+            # tell the operator's writes from Kueue's here: the operator's own request counter says what it wrote.
+            writes: Counter[str] = Counter()
+            for metric, lab, v in operator_metrics(op):
+                if metric == "finetune_operator_api_requests_total" and lab.get("verb") in WRITE_VERBS \
+                        and lab.get("resource") != "Lease":
+                    writes[f"{lab['verb']} {lab['resource']}"] += v / n
+            part.writes_per_job, part.writes_by_kind = sum(writes.values()), dict(writes)
         log(f"[{name}] all succeeded after {part.succeeded_s:.1f}s")
     finally:
         if finisher is not None:
@@ -271,8 +284,11 @@ def run_part(name: str, n: int, workdir: Path, timeout: float) -> Part:
             for line in operator_errors(op)[:5]:
                 log(f"  operator error: {line[:300]}")
             op.stop()
-        part.kueue_errors = sum(1 for line in kueue.log_text().splitlines() if "\tERROR\t" in line
-                                and "Provisioning Requests not supported" not in line)
+        kueue_errors = [line for line in kueue.log_text().splitlines() if "\tERROR\t" in line
+                        and "Provisioning Requests not supported" not in line]
+        part.kueue_errors = len(kueue_errors)
+        for line in kueue_errors[:3]:
+            log(f"  Kueue error: {line[:300]}")
         kueue.stop()
         cp.stop()
     return part
@@ -306,7 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"operator / plain: time to the last success x{makespan_ratio:.2f}, admission rate x{1 / admission_ratio:.2f}"
           f"; nominal share of every tenant 0.25; 1-min load average {load_before:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after (2 cores)")
-    print(f"(operator writes counted: {', '.join(sorted(set(OPERATOR_WRITES.values())))}, Event create)")
+    print("operator writes per job (its own request counter): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in sorted(ftj.writes_by_kind.items())))
+    for p in (plain, ftj):
+        if p.window:
+            print(f"{p.name}: every tenant had jobs waiting from {p.window[0]:.0f} s to {p.window[1]:.0f} s")
     min_share = min(ftj.share(t) for t in TENANTS)
     print(f"RESULT jobs={args.jobs} plain_admitted_per_s={plain.admitted_per_s:.2f} "
           f"operator_admitted_per_s={ftj.admitted_per_s:.2f} makespan_ratio={makespan_ratio:.2f} "

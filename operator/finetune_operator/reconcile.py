@@ -234,12 +234,13 @@ class Reconciler:
 
     def _settling(self, p: Pass, new: FineTuneJobStatus) -> bool:
         """Just created and nothing wrong: pods usually run within moments, and one write (Running) beats two
-        (Pending, then Running). A problem (Unschedulable, QuotaExceeded, ...) is written at once."""
+        (Pending, then Running); a queued Job's Workload usually comes within a second with Kueue's reason, which is
+        the first thing worth writing. A problem (Unschedulable, QuotaExceeded, ...) is written at once."""
         created = p.record.created_at
         if p.prev.phase is not None or created is None or p.now - created >= self.settings.settle_seconds:
             return False
         head = state.headline(new)
-        if head is None or head[:2] != ("Pending", state.PODS_PENDING):
+        if head is None or head[:2] not in state.SETTLING:
             return False
         self.queue.add(p.key, created + self.settings.settle_seconds - p.now)
         return True

@@ -412,13 +412,19 @@ def headline(st: FineTuneJobStatus) -> tuple[str, str, str] | None:
     return st.phase, c.reason, c.message
 
 
+# (phase, reason) a just-created job passes through on its way: not written as its first status within the settle time.
+SETTLING = frozenset({("Pending", PODS_PENDING), ("Queued", WAITING_FOR_ADMISSION)})
+# (phase, reason) that are the normal course of events, announced by the next one: no Event of their own.
+UNANNOUNCED = frozenset({("Pending", PODS_PENDING), ("Queued", queueing.STARTING)})
+
+
 def transition_event(prev: FineTuneJobStatus, new: FineTuneJobStatus) -> tuple[str, str, str] | None:
     """(type, reason, message) of the Kubernetes Event for a change of phase or of its explaining reason."""
     before, after = headline(prev), headline(new)
     if after is None or (before is not None and before[:2] == after[:2]):
         return None
-    if after[:2] == ("Pending", PODS_PENDING):
-        return None  # pods starting is the normal course of events; their arrival is announced as Running
+    if after[:2] in UNANNOUNCED:
+        return None  # pods starting, Kueue unsuspending an admitted Job: announced as Running (or as Admitted)
     phase, reason, message = after
     kind = "Warning" if (phase == "Failed" and reason != CANCELLED) or reason in WARNING_REASONS else "Normal"
     return kind, reason, f"{phase}: {message}"

@@ -324,7 +324,7 @@ def test_manage_jobs_without_queue_name_takes_the_job_and_nothing_fights_over_it
     cp, ns = control_plane, queues.ns
     kueue.restart(manageJobsWithoutQueueName=True)
     create_ftj(cp, manifest("unqueued", ns))
-    wait_phase(cp, ns, "unqueued", "Queued", timeout=ADMIT, reason=("Queued", "WaitingForAdmission"))
+    cp.wait_for(lambda: get_or_none(cp, job_path(ns, "unqueued")), timeout=ADMIT, desc="the Job created")
     job = cp.request("GET", job_path(ns, "unqueued"))
     assert job["spec"]["suspend"] is True and "kueue.x-k8s.io/queue-name" not in job["metadata"].get("labels", {})
     cp.wait_for(lambda: workload_of(queues.kueue, ns, "unqueued"), timeout=30, desc="Kueue's Workload")
