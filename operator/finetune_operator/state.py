@@ -352,7 +352,9 @@ def _held(st: FineTuneJobStatus, job: JobView, obs: Observation) -> bool:
 
 def _progressing(st: FineTuneJobStatus, job: JobView, obs: Observation) -> None:
     """Admitted and not suspended: Running once every worker is up, else Pending with the reason why not."""
-    if cond.is_true(st.conditions, "Queued"):
+    queued = cond.find(st.conditions, "Queued")
+    if (queued is not None and queued.status == "True") or (
+            queued is None and suspend_owner.holder(job, obs.workload).kueue):  # admitted without waiting
         _set(st, "Queued", "False", ADMITTED, queueing.admitted(obs.workload), obs)
     if cond.is_true(st.conditions, "Suspended"):
         _set(st, "Suspended", "False", RESUMED, "resumed from the latest checkpoint", obs)
@@ -434,7 +436,8 @@ def admission_event(prev: FineTuneJobStatus, new: FineTuneJobStatus) -> tuple[st
     """Kueue admitted a queued job: where (ClusterQueue, flavor). Pods starting are not announced, so this is the
     only news between Queued and Running."""
     before, after = cond.find(prev.conditions, "Queued"), cond.find(new.conditions, "Queued")
-    if before is None or before.status != "True" or after is None or after.status != "False":
+    if (before is not None and before.status != "True") or after is None or after.status != "False" \
+            or after.reason != ADMITTED:
         return None
     return "Normal", after.reason, after.message
 
