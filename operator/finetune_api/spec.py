@@ -105,6 +105,23 @@ def quantity_sign(value: int | str) -> int | None:
     return -1 if negative else 1
 
 
+_QUANTITY_FACTORS = {"": 1.0, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+                     "E": 1e18, "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50,
+                     "Ei": 2.0**60}
+
+
+def quantity_value(value: int | str) -> float:
+    """A Kubernetes quantity as a number (bytes for memory, cores for CPU): 64Gi -> 68719476736.0, 500m -> 0.5."""
+    if isinstance(value, int):
+        return float(value)
+    m = re.fullmatch(r"([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))([a-zA-Z]*)((?:[eE][+-]?[0-9]+)?)", value.strip())
+    if m is None or (m[2] not in _QUANTITY_FACTORS and not (m[2] in ("e", "E") or m[3])):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity")
+    if m[3]:
+        return float(m[1] + m[3])
+    return float(m[1]) * _QUANTITY_FACTORS[m[2]]
+
+
 def _positive_quantity(value: int | str | None) -> bool:
     return value is None or quantity_sign(value) == 1
 
@@ -527,6 +544,35 @@ class ResourcesSpec(SpecModel):
         return v
 
 
+class PreflightSpec(SpecModel):
+    """The pre-flight check: a small CPU-only pod from the trainer image that reads and checks all the data,
+    tokenises it into the token cache the trainer pods read, and plans memory for the requested devices, before the
+    GPU pods are created. A failure fails the job at once with the trainer's message; no GPU is ever requested."""
+
+    enabled: bool = Field(default=True, description="Run the pre-flight before the trainer pods (the operator may "
+                          "also turn it off for every job).")
+    gpu_memory: Quantity | None = Field(default=None, description="Memory of one GPU, e.g. 80Gi, for the memory "
+                                        "plan. Default: the nodeSelector label nvidia.com/gpu.memory (MiB, as GPU "
+                                        "Feature Discovery sets it); without either the plan is not checked before "
+                                        "the trainer pods start.")
+    tokens_per_second: float | None = Field(default=None, description="Training tokens per second per device, for "
+                                            "the time estimate (e.g. status.progress.tokensPerSecond of an earlier "
+                                            "run). Default: derived from the model's size and the GPU type.", gt=0)
+
+    rules = (
+        Rule(cel=_quantity_cel("gpuMemory"),
+             message="preflight.gpuMemory must be a positive Kubernetes quantity, e.g. 80Gi",
+             check=lambda p: _positive_quantity(p.gpu_memory)),
+    )
+
+    @field_validator("gpu_memory", mode="after")
+    @classmethod
+    def _quantity(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, str) and not re.match(QUANTITY, v):
+            raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. 80Gi)")
+        return v
+
+
 class RunPolicy(SpecModel):
     """Retries, deadlines, clean-up, suspension, cancellation and queueing."""
 
@@ -728,6 +774,8 @@ class FineTuneJobSpec(SpecModel):
         description="Workers, GPUs, placement, image. Immutable: they shape the Job's pod template, which Kubernetes "
         "does not let change; delete and re-create the FineTuneJob to change them.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, suspend, cancel, Kueue.")
+    preflight: PreflightSpec = Field(default_factory=PreflightSpec, description="The CPU-only check of the data, "
+                                     "the tokenizer and the memory plan before any GPU is requested.")
     credentials: CredentialsSpec | None = Field(default=None, description="Secret references for the hub and "
                                                 "object stores.")
     early_stopping: EarlyStoppingSpec | None = Field(

@@ -105,6 +105,62 @@ class QueueStatus(SpecModel):
     priority_class: str | None = Field(default=None, description="Its WorkloadPriorityClass.", max_length=253)
     requeues: int | None = Field(default=None, description="Times Kueue evicted it and put it back in its queue "
                                  "(preemption, a PodsReady timeout, ...).", ge=0)
+class SplitStats(SpecModel):
+    """One split as the pre-flight read it."""
+
+    examples: int = Field(description="Examples in the split (after maxSamples and validationSplit).", ge=0)
+    tokens: int = Field(description="Tokens of all its examples, as the trainer feeds them (no padding); with a "
+                        "sample, extrapolated from it.", ge=0)
+    longest: int = Field(description="Tokens of the longest example (of the sample, when sampled).", ge=0)
+    checked: int = Field(description="Examples read, checked and tokenised: all of them, or a seeded sample of "
+                         "data too large to read whole.", ge=0)
+
+
+class PreflightMemory(SpecModel):
+    """The memory plan for the requested devices, computed on CPU before any GPU is requested."""
+
+    sharding: Literal["none", "fsdp"] = Field(description="The sharding the plan chose (resources.sharding, auto "
+                                              "resolved).")
+    reason: str = Field(description="Why that sharding.", max_length=512)
+    per_device_bytes: int = Field(description="Estimated peak bytes per device: training state, activations of the "
+                                  "widest batch of the real data, transients, and on CPU the process itself.", ge=0)
+    device_bytes: int | None = Field(default=None, description="Memory of one device; absent when unknown.", ge=0)
+    device_memory_from: str = Field(description="Where the device memory came from: spec.preflight.gpuMemory, the "
+                                    "nodeSelector label nvidia.com/gpu.memory, spec.resources.memory (CPU), or "
+                                    "unknown (the plan is then not checked).", max_length=128)
+    fits: bool | None = Field(default=None, description="Whether the estimate fits the usable part of the device; "
+                              "absent when the device memory is unknown.")
+    breakdown: dict[str, int] | None = Field(default=None, description="The estimate by part, in bytes.",
+                                             max_length=8)
+
+
+class PreflightEstimate(SpecModel):
+    """How long training should take, and what it costs in GPU time."""
+
+    tokens_per_second: float = Field(description="Training tokens per second per device the estimate assumes.",
+                                     ge=0)
+    basis: str = Field(description="Where that throughput comes from and how it was derived (spec, or model FLOPs "
+                       "over a device's peak with an assumed utilisation).", max_length=512)
+    wall_seconds: int = Field(description="Estimated seconds of training, evaluations included.", ge=0)
+    wall: str = Field(description="The same for people, e.g. 1h02m.", max_length=32)
+    gpu_seconds: int = Field(description="wallSeconds x every GPU of the job (0 for CPU jobs).", ge=0)
+
+
+class PreflightStatus(SpecModel):
+    """What the pre-flight found: the data, the steps, the memory plan and the time, before any GPU was requested.
+    The pre-flight pod writes exactly this document (compact JSON) as its termination message."""
+
+    train: SplitStats = Field(description="The training split.")
+    validation: SplitStats | None = Field(default=None, description="The validation split, when there is one.")
+    sampled: bool = Field(default=False, description="True when a split was too large to read whole and a seeded "
+                          "sample was checked instead (counts extrapolated; the token cache is then not written).")
+    steps_per_epoch: int = Field(description="Optimizer steps per epoch on the requested processes.", ge=0)
+    total_steps: int = Field(description="Optimizer steps of the whole run.", ge=0)
+    memory_plan: PreflightMemory = Field(description="The memory plan for the requested devices.")
+    estimate: PreflightEstimate | None = Field(default=None, description="Time and GPU-time the run should take.")
+    token_cache: str | None = Field(default=None, description="Where the tokenised data was written for the "
+                                    "trainer pods (absent when sampled).", max_length=2048)
+    seconds: float | None = Field(default=None, description="How long the pre-flight took.", ge=0)
 
 
 class FineTuneJobStatus(SpecModel):
@@ -125,6 +181,9 @@ class FineTuneJobStatus(SpecModel):
     memory_plan: MemoryPlanStatus | None = Field(default=None, description="The trainer's memory plan: the sharding "
                                                  "it chose (resolving resources.sharding auto) and its per-device "
                                                  "estimate, reported before the first training step.")
+    preflight: PreflightStatus | None = Field(default=None, description="What the pre-flight check found: examples "
+                                              "and tokens per split, steps, the memory plan for the requested "
+                                              "devices and the estimated time, before any GPU was requested.")
     restarts: int | None = Field(default=None, description="Times training restarted from a checkpoint after an "
                                  "interruption or crash.", ge=0)
     start_time: str | None = Field(default=None, description="When the first trainer pod started running.",

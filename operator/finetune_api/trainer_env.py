@@ -14,6 +14,7 @@ TERMINATION_LOG = "FINETUNE_TERMINATION_LOG"  # where the one-paragraph failure 
 THREADS = "FINETUNE_THREADS"  # torch CPU threads per process
 CACHE_DIR = "FINETUNE_CACHE_DIR"  # downloads, the datasets cache, staging of remote storage
 LOG_LEVEL = "FINETUNE_LOG_LEVEL"  # INFO, DEBUG, ...
+PREFLIGHT_MAX_EXAMPLES = "FINETUNE_PREFLIGHT_MAX_EXAMPLES"  # the pre-flight reads a split whole up to this many rows
 
 # MLflow's own variables (read by the mlflow client in the trainer), set by the operator from
 # spec.tracking.mlflow's Secret references.

@@ -90,6 +90,11 @@ def build_parser(prog: str = FINETUNE) -> argparse.ArgumentParser:
 
     v = command("validate", "check manifests with the API server's rules; print every problem with its field path")
     v.add_argument("files", nargs="+", metavar="FILE", help="manifest files; - reads standard input")
+    v.add_argument("--data", action="store_true", help="also run each job's pre-flight on this machine (the trainer "
+                   "extra): read and check its data, tokenise it, plan memory for the requested devices and estimate "
+                   "the time, as the operator's pre-flight pod does before any GPU is requested")
+    v.add_argument("--pvc-root", metavar="DIR", help="where pvc://<claim>/<path> is read from with --data "
+                   "(default ./runs/pvc)")
     command("run", "fine-tune on this machine from a manifest (the pods' code path; `finetune run --help`)",
             add_help=False).add_argument("trainer_args", nargs=argparse.REMAINDER)
     command("crd", "print the generated CustomResourceDefinition")
@@ -142,7 +147,19 @@ def _validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return 1
     for path in args.files:
         out.write(f"{'<stdin>' if path == '-' else path}: valid\n")
-    return 0
+    if not args.data:
+        return 0
+    worst = 0
+    for path in args.files:
+        if path == "-":
+            err.write("--data needs manifest files, not standard input\n")
+            return exitcodes.CONFIG_ERROR
+        out.write(f"{path}: pre-flight\n")
+        out.flush()
+        code = _run([path, "--preflight", "--no-progress-bar", *(["--pvc-root", args.pvc_root] if args.pvc_root
+                                                                  else [])], "finetune")
+        worst = worst or code
+    return worst
 
 
 def _run(trainer_args: list[str], prog: str) -> int:

@@ -258,6 +258,7 @@ def describe(obj: Mapping[str, Any], now: datetime) -> str:
         lines.append(("Loss", number(progress["loss"]) + (f" ({', '.join(extra)})" if extra else "")))
     if status.get("metrics"):
         lines.append(("Metrics", metrics_text(status["metrics"])))
+    lines += preflight_lines(status.get("preflight"))
     lines.append(("Checkpoints", checkpoint_summary(obj, now)))
     lines.append(("Restarts", str(status.get("restarts") or 0)))
     if status.get("gpuSeconds"):
@@ -282,6 +283,35 @@ def describe(obj: Mapping[str, Any], now: datetime) -> str:
         text += "Conditions:\n" + "".join("  " + line + "\n" for line in
                                           table(["TYPE", "STATUS", "REASON", "AGE", "MESSAGE"], rows).splitlines())
     return text
+
+
+def _split(stats: Mapping[str, Any]) -> str:
+    sample = f" (checked a sample of {stats['checked']})" if stats.get("checked", 0) < stats.get("examples", 0) else ""
+    return (f"{stats.get('examples', 0)} examples, {stats.get('tokens', 0)} tokens, longest "
+            f"{stats.get('longest', 0)}{sample}")
+
+
+def preflight_lines(found: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """What the pre-flight found, when it ran: the data, the steps, the memory plan and the estimate."""
+    if not found:
+        return []
+    data = "train " + _split(found.get("train") or {})
+    if found.get("validation"):
+        data += "; validation " + _split(found["validation"])
+    lines = [("Data", data)]
+    lines.append(("Steps", f"{found.get('stepsPerEpoch', 0)} per epoch, {found.get('totalSteps', 0)} in all"))
+    plan = found.get("memoryPlan") or {}
+    device = plan.get("deviceBytes")
+    of = f" of {device / 1e9:.2f} GB ({plan.get('deviceMemoryFrom')})" if device else \
+        " (device memory unknown: not checked)"
+    verdict = {True: ": fits", False: ": does not fit"}.get(plan.get("fits"), "")
+    lines.append(("Memory plan", f"{plan.get('perDeviceBytes', 0) / 1e9:.2f} GB per device{of}{verdict}, sharding "
+                                 f"{plan.get('sharding', '-')}"))
+    if est := found.get("estimate"):
+        gpu = f", {est['gpuSeconds'] / 3600:.2f} GPU-hours" if est.get("gpuSeconds") else ""
+        lines.append(("Estimate", f"{est.get('wall')}{gpu} at {number(est.get('tokensPerSecond'))} tokens/s per "
+                                  f"device ({est.get('basis')})"))
+    return lines
 
 
 def checkpoint_summary(obj: Mapping[str, Any], now: datetime) -> str:

@@ -53,12 +53,25 @@ class Owner:
 
 
 @dataclass(frozen=True)
+class PreflightContext:
+    """The operator settings that shape the pre-flight pod (preflight.py)."""
+
+    enabled: bool = True
+    cpu: str = "250m"  # request only: it may use what the node has free
+    memory: str = "2Gi"  # request and limit
+    node_selector: tuple[tuple[str, str], ...] = ()
+    tolerations: str = ""  # a JSON list of Kubernetes tolerations, as the setting gives it
+    queue_name: str | None = None  # a Kueue LocalQueue for pre-flights (CPU quota only)
+
+
+@dataclass(frozen=True)
 class BuildContext:
     """The operator settings that shape children (kept apart from Settings so builders stay trivially testable)."""
 
     trainer_image: str
     progress_url: str  # base URL; the job's path is appended
     grace_period_seconds: int = 120
+    preflight: PreflightContext = PreflightContext()
 
 
 def job_name(owner: Owner) -> str:
@@ -97,7 +110,8 @@ def owner_reference(owner: Owner) -> dict[str, Any]:
     }
 
 
-def _metadata(owner: Owner, name: str, component: str, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+def child_metadata(owner: Owner, name: str, component: str,
+                   extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "name": name,
         "namespace": owner.namespace,
@@ -121,7 +135,7 @@ def build_configmap(owner: Owner, spec: FineTuneJobSpec) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(owner, configmap_name(owner), CONFIG),
+        "metadata": child_metadata(owner, configmap_name(owner), CONFIG),
         "data": {CONFIG_KEY: text},
     }
 
@@ -132,7 +146,7 @@ def build_secret(owner: Owner, token: str, configmap_uid: str) -> dict[str, Any]
     Owned by the job's ConfigMap, not by the FineTuneJob: garbage collection then removes it with the ConfigMap
     (at the TTL clean-up or with the FineTuneJob), so the operator needs only `create` on Secrets, never `delete`.
     """
-    meta = _metadata(owner, secret_name(owner), PROGRESS_TOKEN)
+    meta = child_metadata(owner, secret_name(owner), PROGRESS_TOKEN)
     meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "ConfigMap", "name": configmap_name(owner),
                                 "uid": configmap_uid, "controller": True, "blockOwnerDeletion": False}]
     return {
@@ -157,7 +171,7 @@ def build_service(owner: Owner) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(owner, service_name(owner), RENDEZVOUS),
+        "metadata": child_metadata(owner, service_name(owner), RENDEZVOUS),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
@@ -281,7 +295,7 @@ def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
 
-def _volumes(owner: Owner, spec: FineTuneJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def volumes(owner: Owner, spec: FineTuneJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": configmap_name(owner)}},
         {"name": "tmp", "emptyDir": {}},
@@ -330,37 +344,46 @@ def trainer_container(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext,
         "volumeMounts": mounts,
         "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "privileged": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS_USER,
-            "runAsGroup": RUN_AS_USER,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": container_security_context(),
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    """Restricted: non-root, no privilege escalation, no capabilities, read-only root, RuntimeDefault seccomp."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
 
 
 def pod_spec(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[str, Any]:
     """The trainer pods' spec: no service-account token, restricted security context, placement from the spec."""
     r = spec.resources
-    volumes, mounts = _volumes(owner, spec)
+    pod_volumes, mounts = volumes(owner, spec)
     out: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": ctx.grace_period_seconds,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS_USER,
-            "runAsGroup": RUN_AS_USER,
-            "fsGroup": RUN_AS_USER,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(),
         "containers": [trainer_container(owner, spec, ctx, mounts)],
-        "volumes": volumes,
+        "volumes": pod_volumes,
     }
     if needs_service(spec):
         out["subdomain"] = service_name(owner)
@@ -409,7 +432,7 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[st
     }
     if rp.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = rp.active_deadline_seconds
-    metadata = _metadata(owner, job_name(owner), TRAINER, kueue_labels(spec))
+    metadata = child_metadata(owner, job_name(owner), TRAINER, kueue_labels(spec))
     if mark is not None:
         metadata["annotations"] = {SUSPENDED_BY: mark}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}

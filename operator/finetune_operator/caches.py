@@ -44,6 +44,9 @@ class Caches:
     def jobs_of(self, key: Key, owner_uid: str) -> list[JobView]:
         return [j for j in _read(self.indices.get("jobs"), key) if j.owner_uid == owner_uid]
 
+    def job(self, key: Key, owner_uid: str, name: str) -> JobView | None:
+        return next((j for j in self.jobs_of(key, owner_uid) if j.name == name), None)
+
     def pods_of(self, key: Key, job_uid: str) -> list[PodView]:
         """The pods of one Job. Not tolerant like the others: a pass on a partial pod list could report a running
         job as Pending, so a concurrent change fails the pass, and it is retried."""

@@ -82,9 +82,11 @@ class Children:
 
     # ------------------------------------------------------------------------------------------------ create
 
-    async def create(self, owner: builders.Owner, spec: FineTuneJobSpec) -> CreateResult:
+    async def create(self, owner: builders.Owner, spec: FineTuneJobSpec,
+                     job: dict[str, Any] | None = None) -> CreateResult:
         """ConfigMap (and, for multi-pod jobs, the Service) together, then the Secret (owned by the ConfigMap), then
-        the Job that uses them. Stops at the first refusal; an invalid child (422) undoes the others first."""
+        the Job that uses them: the trainer Job, or `job` (the pre-flight's). Stops at the first refusal; an invalid
+        child (422) undoes the others first."""
         children = [builders.build_configmap(owner, spec)]
         if builders.needs_service(spec):
             children.append(builders.build_service(owner))
@@ -102,10 +104,21 @@ class Children:
         secret = await self.create_one(owner, self.secret(owner, configmap.obj["metadata"]["uid"]))
         if secret.invalid is not None:
             return await self._refusal(owner, secret, made)
-        job = await self.create_one(owner, builders.build_job(owner, spec, self.ctx))
-        if job.obj is None:  # a webhook that did not answer keeps what was made: the retry reuses it (409)
-            return await self._refusal(owner, job, made)
-        return CreateResult(job=summarize_job(job.obj))
+        created = await self.create_one(owner, job or builders.build_job(owner, spec, self.ctx))
+        if created.obj is None:  # a webhook that did not answer keeps what was made: the retry reuses it (409)
+            return await self._refusal(owner, created, made)
+        return CreateResult(job=summarize_job(created.obj))
+
+    async def create_job(self, owner: builders.Owner, spec: FineTuneJobSpec) -> CreateResult:
+        """The trainer Job alone, once the pre-flight passed (its ConfigMap, Secret and Service exist); an invalid
+        one (422) deletes them as `create` does."""
+        created = await self.create_one(owner, builders.build_job(owner, spec, self.ctx))
+        if created.obj is None:
+            inputs = [builders.build_configmap(owner, spec)]
+            if builders.needs_service(spec):
+                inputs.append(builders.build_service(owner))
+            return await self._refusal(owner, created, inputs)
+        return CreateResult(job=summarize_job(created.obj))
 
     async def _refusal(self, owner: builders.Owner, refusal: Created, made: list[dict[str, Any]]) -> CreateResult:
         """A refused child stops the creation. If it is invalid, the job can never run: the children made for it

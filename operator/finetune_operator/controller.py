@@ -45,8 +45,13 @@ class Controller:
         self.records: dict[Key, JobRecord] = {}
         self.queue: WorkQueue[Key] = WorkQueue()
         self.caches = Caches()
-        self.ctx = builders.BuildContext(trainer_image=settings.trainer_image, progress_url=settings.progress_url,
-                                         grace_period_seconds=settings.grace_period_seconds)
+        self.ctx = builders.BuildContext(
+            trainer_image=settings.trainer_image, progress_url=settings.progress_url,
+            grace_period_seconds=settings.grace_period_seconds,
+            preflight=builders.PreflightContext(
+                enabled=settings.preflight, cpu=settings.preflight_cpu, memory=settings.preflight_memory,
+                node_selector=settings.preflight_node_selector, tolerations=settings.preflight_tolerations,
+                queue_name=settings.preflight_queue or None))
         children = Children(kube, self.caches, self.ctx, settings.progress_key)
         self.reconciler = Reconciler(settings, kube, metrics, clock, self.records, self.caches, children,
                                      Repair(kube, self.caches, children), self.queue)

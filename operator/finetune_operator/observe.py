@@ -14,7 +14,14 @@ from typing import Any
 
 from finetune_api import names
 from finetune_operator.builders import GPU_RESOURCE
-from finetune_operator.labels import JOB_COMPLETION_INDEX, JOB_CONTROLLER_UID, JOB_NAME, KUEUE_QUEUE, SUSPENDED_BY
+from finetune_operator.labels import (
+    JOB_COMPLETION_INDEX,
+    JOB_CONTROLLER_UID,
+    JOB_NAME,
+    KUEUE_QUEUE,
+    SPEC_HASH,
+    SUSPENDED_BY,
+)
 
 
 def controller_uid(meta: dict[str, Any], kind: str | None = None) -> str | None:
@@ -55,6 +62,8 @@ class JobView:
     start_time: str | None = None
     completion_time: str | None = None
     created: str | None = None
+    spec_hash: str | None = None  # the pre-flight Job's: the spec it checked
+    deleting: bool = False
 
     def condition(self, type_: str) -> JobCondition | None:
         for c in self.conditions:
@@ -136,6 +145,8 @@ def summarize_job(body: dict[str, Any]) -> JobView:
         start_time=status.get("startTime"),
         completion_time=status.get("completionTime"),
         created=meta.get("creationTimestamp"),
+        spec_hash=(meta.get("annotations") or {}).get(SPEC_HASH),
+        deleting=bool(meta.get("deletionTimestamp")),
     )
 
 

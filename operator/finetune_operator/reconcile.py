@@ -21,10 +21,10 @@ from finetune_api import errors
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import TERMINAL_PHASES, FineTuneJobStatus
 from finetune_api.times import format_time, parse_time
-from finetune_operator import builders, gang, image_policy, state, suspend_owner
+from finetune_operator import builders, gang, image_policy, preflight, state, suspend_owner
 from finetune_operator import conditions as cond
 from finetune_operator.caches import Caches
-from finetune_operator.children import Children
+from finetune_operator.children import Children, Created
 from finetune_operator.k8s import ApiError, Kube
 from finetune_operator.ledger import update as update_ledger
 from finetune_operator.metrics import Metrics
@@ -130,28 +130,71 @@ class Reconciler:
         return None
 
     async def _observe(self, p: Pass, spec: FineTuneJobSpec) -> state.Observation:
-        """An unfinished job: create the children if its Job is missing, else tend the Job; then look at it."""
-        job = next(iter(self.caches.jobs_of(p.key, p.owner.uid)), None)
+        """An unfinished job: create the children if its Job is missing (after the pre-flight passed), else tend the
+        Job; then look at it."""
+        job = self.caches.job(p.key, p.owner.uid, builders.job_name(p.owner))
+        checked = self._preflight_of(p, spec)
         if job is not None:
-            return await self._observe_job(p, spec, job, tend=True)
+            return await self._observe_job(p, spec, job, tend=True, checked=checked)
         if (problem := image_policy.problem(spec, self.settings.allowed_registries)) is not None:
             return p.seen(invalid=problem)
-        result = await self.children.create(p.owner, spec)
+        if preflight.required(spec, self.children.ctx.preflight) and (checked is None or
+                                                                     checked.state != preflight.PASSED):
+            return await self._preflight(p, spec, checked)
+        passed = checked is not None and checked.state == preflight.PASSED
+        result = await (self.children.create_job(p.owner, spec) if passed else self.children.create(p.owner, spec))
         if result.refusal is not None:
-            if result.refusal.stale:
-                raise kopf.TemporaryError("a child of a deleted FineTuneJob with this name is still being removed",
-                                          delay=STALE_OWNER_RETRY)
-            if result.refusal.invalid is not None:  # permanent: Failed/InvalidSpec, nothing left behind
-                return p.seen(invalid=result.refusal.invalid)
-            if result.refusal.unavailable is not None:  # Kueue down: said in the status, retried with backoff
-                return p.seen(unavailable=result.refusal.unavailable)
-            return p.seen(conflict=result.refusal.conflict)
+            return self._refused(p, result.refusal)
         assert result.job is not None
         if p.record.created_at is None:
             p.record.created_at = p.now
-        return await self._observe_job(p, spec, result.job, tend=False)
+        return await self._observe_job(p, spec, result.job, tend=False, checked=checked)
 
-    async def _observe_job(self, p: Pass, spec: FineTuneJobSpec, job: JobView, tend: bool) -> state.Observation:
+    def _preflight_of(self, p: Pass, spec: FineTuneJobSpec) -> preflight.PreflightView | None:
+        """The job's pre-flight Job and its pods as the caches hold them, judged against the spec as it is now."""
+        job = self.caches.job(p.key, p.owner.uid, preflight.job_name(p.owner))
+        pods = tuple(self.caches.pods_of(p.key, job.uid)) if job is not None else ()
+        return preflight.view(job, pods, preflight.spec_hash(spec))
+
+    async def _preflight(self, p: Pass, spec: FineTuneJobSpec,
+                         checked: preflight.PreflightView | None) -> state.Observation:
+        """Before the GPU Job: create the pre-flight (after its inputs), or replace one that checked an older spec,
+        and look at it. Its pods are the job's pods until the GPU Job exists."""
+        if checked is None:
+            if self.caches.configmap(p.key, p.owner.uid, builders.configmap_name(p.owner)) is not None:
+                await self.repair(p.record, p.key, p.owner, spec)  # a spec edited since: the new one
+            result = await self.children.create(p.owner, spec,
+                                                preflight.build_job(p.owner, spec, self.children.ctx))
+            if result.refusal is not None:
+                return self._refused(p, result.refusal)
+            assert result.job is not None
+            checked = preflight.PreflightView(preflight.RUNNING, result.job)
+        elif checked.state == preflight.STALE and checked.job is not None and not checked.job.deleting:
+            await self.children.delete_job(p.key, checked.job, "it checked an earlier version of the spec")
+        pods = checked.pods
+        if (deadline := state.start_deadline(pods, self.settings.start_timeout_seconds)) is not None:
+            self.queue.add(p.key, max(0.0, deadline - p.now))  # a pre-flight pod that cannot start: fail it on time
+        failed_create = None
+        if checked.job is not None and checked.state == preflight.RUNNING:
+            failed_create = await self._create_failure(p, checked.job, list(pods))
+        return p.seen(preflight=checked, pods=pods, create_failure=failed_create,
+                      secret_refs=builders.secret_references(p.owner, spec),
+                      start_timeout=self.settings.start_timeout_seconds,
+                      preflight_memory=self.children.ctx.preflight.memory)
+
+    @staticmethod
+    def _refused(p: Pass, refusal: Created) -> state.Observation:
+        if refusal.stale:
+            raise kopf.TemporaryError("a child of a deleted FineTuneJob with this name is still being removed",
+                                      delay=STALE_OWNER_RETRY)
+        if refusal.invalid is not None:  # permanent: Failed/InvalidSpec, nothing left behind
+            return p.seen(invalid=refusal.invalid)
+        if refusal.unavailable is not None:  # Kueue down: said in the status, retried with backoff
+            return p.seen(unavailable=refusal.unavailable)
+        return p.seen(conflict=refusal.conflict)
+
+    async def _observe_job(self, p: Pass, spec: FineTuneJobSpec, job: JobView, tend: bool,
+                           checked: preflight.PreflightView | None = None) -> state.Observation:
         """The Job, its pods and its Workload: the ledger, a broken group, why pods are missing."""
         pods = self.caches.pods_of(p.key, job.uid)
         workload = self.caches.workload_of(p.key, job.uid)
@@ -179,6 +222,7 @@ class Reconciler:
             secret_refs=builders.secret_references(p.owner, spec),
             start_timeout=self.settings.start_timeout_seconds,
             memory=None if spec.resources.memory is None else str(spec.resources.memory),
+            preflight=checked if checked is not None and checked.report is not None else None,
         )
 
     async def _tend(self, p: Pass, spec: FineTuneJobSpec, job: JobView, pods: list[PodView],

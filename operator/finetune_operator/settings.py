@@ -5,8 +5,10 @@ Every knob lives here so that the rest of the operator takes a frozen `Settings`
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from finetune_api import __version__
+from finetune_api.spec import QUANTITY, quantity_sign
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,12 @@ class Settings:
     settle_seconds: float = 10.0
     start_timeout_seconds: float = 300.0  # a pod that cannot start (missing Secret, unpullable image) fails the job
     kueue: str = "auto"  # auto: watch Kueue's Workloads when the API serves them at startup; false: never
+    preflight: bool = True  # run the pre-flight (CPU) before the GPU Job of every job whose spec does not opt out
+    preflight_cpu: str = "250m"
+    preflight_memory: str = "2Gi"
+    preflight_node_selector: tuple[tuple[str, str], ...] = ()
+    preflight_tolerations: str = ""  # JSON list
+    preflight_queue: str = ""  # Kueue LocalQueue of the pre-flight Jobs
 
     @property
     def clusterwide(self) -> bool:
@@ -100,6 +109,12 @@ class Settings:
             settle_seconds=_float(env, "FINETUNE_STATUS_SETTLE_SECONDS", 10.0, minimum=0.0),
             start_timeout_seconds=_float(env, "FINETUNE_START_TIMEOUT_SECONDS", 300.0, minimum=0.0),
             kueue=_choice(env, "FINETUNE_KUEUE", "auto", ("auto", "false")),
+            preflight=_bool(env, "FINETUNE_PREFLIGHT", True),
+            preflight_cpu=_quantity(env, "FINETUNE_PREFLIGHT_CPU", "250m"),
+            preflight_memory=_quantity(env, "FINETUNE_PREFLIGHT_MEMORY", "2Gi"),
+            preflight_node_selector=_pairs(env, "FINETUNE_PREFLIGHT_NODE_SELECTOR"),
+            preflight_tolerations=_json_list(env, "FINETUNE_PREFLIGHT_TOLERATIONS"),
+            preflight_queue=env.get("FINETUNE_PREFLIGHT_QUEUE", "").strip(),
         )
 
 
@@ -143,6 +158,37 @@ def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str,
     if raw not in allowed:
         raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
     return raw
+
+
+def _quantity(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip() or default
+    if quantity_sign(raw) != 1 or not re.match(QUANTITY, raw):
+        raise SettingsError(f"{name} must be a positive Kubernetes quantity such as 500m or 2Gi, got {raw!r}")
+    return raw
+
+
+def _pairs(env: Mapping[str, str], name: str) -> tuple[tuple[str, str], ...]:
+    """key=value,key=value (node labels)."""
+    pairs = []
+    for item in _list(env, name):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"{name} must be key=value pairs separated by commas, got {item!r}")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
+
+
+def _json_list(env: Mapping[str, str], name: str) -> str:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return ""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a JSON list of tolerations, got {raw!r}") from None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise SettingsError(f"{name} must be a JSON list of tolerations (objects), got {raw!r}")
+    return json.dumps(value, sort_keys=True)
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:

@@ -22,6 +22,7 @@ from finetune_api.progress import ProgressReport
 from finetune_api.status import TERMINAL_PHASES, FineTuneJobStatus, OutputStatus
 from finetune_api.times import humanize_eta, parse_time
 from finetune_operator import conditions as cond
+from finetune_operator import preflight as pf
 from finetune_operator import queueing, suspend_owner
 from finetune_operator.observe import JobCondition, JobView, PodView, WorkloadView
 from finetune_operator.progress import apply_report
@@ -49,6 +50,10 @@ POD_FAILURE_POLICY = "PodFailurePolicy"
 RESTARTING_WORKERS = "RestartingWorkers"
 CANCELLED = "Cancelled"
 OOM_KILLED = "OOMKilled"
+VALIDATING = "Validating"  # the pre-flight runs
+PREFLIGHT_PASSED = "PreflightPassed"
+PREFLIGHT_SUSPENDED = "PreflightSuspended"  # someone else (Kueue without a queue for it) holds the pre-flight Job
+PREFLIGHT_QUEUED = "PreflightQueued"  # the pre-flight waits for Kueue to admit it through its own (CPU) LocalQueue
 OOM_KILLS_TO_FAIL = 2  # the first OOM kill is retried (a leak or one long batch may not recur), the second fails
 EXIT_REASONS = {
     exitcodes.DATA_ERROR: "DataError",
@@ -92,6 +97,8 @@ class Observation:
     secret_refs: tuple[tuple[str, str, str], ...] = ()  # (what uses it, Secret, key): builders.secret_references
     start_timeout: float = 0.0  # seconds a pod may fail to start before the job fails; 0: it waits for ever
     memory: str | None = None  # spec.resources.memory, for the advice after an OOM kill
+    preflight: pf.PreflightView | None = None  # the pre-flight, when the job has one; `pods` are its pods until the Job
+    preflight_memory: str = ""  # the operator's memory for pre-flight pods, for the advice after an OOM kill
 
 
 def _live(pods: tuple[PodView, ...]) -> list[PodView]:
@@ -168,6 +175,11 @@ def _gave_up(obs: Observation) -> tuple[str, str] | None:
     if len(oom) >= OOM_KILLS_TO_FAIL:
         return OOM_KILLED, (f"the trainer was killed for exceeding its memory limit (OOMKilled) {len(oom)} times, "
                             f"last in pod {oom[-1].name}; not retried again: {memory_advice(obs.memory)}")
+    return _could_not_start(obs)
+
+
+def _could_not_start(obs: Observation) -> tuple[str, str] | None:
+    """A pod that could not start (missing Secret or key, image that cannot be pulled) for `start_timeout`."""
     deadline = start_deadline(obs.pods, obs.start_timeout)
     now = parse_time(obs.now)
     if deadline is None or now is None or now < deadline:
@@ -274,8 +286,12 @@ def _compute(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStatus:
         st.phase = "Pending"
         _set(st, "Created", "False", WEBHOOK_UNAVAILABLE, obs.unavailable, obs)
         return st
+    if obs.preflight is not None and obs.preflight.report is not None:
+        _preflight_passed(st, obs.preflight, obs)
     job = obs.job
     if job is None:
+        if obs.preflight is not None:
+            _validating(st, obs.preflight, obs)
         st.phase = st.phase or "Pending"
         return st
 
@@ -291,6 +307,68 @@ def _compute(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStatus:
     if not (_ended(st, job, obs) or _given_up(st, job, obs) or _held(st, job, obs)):
         _progressing(st, job, obs)
     return st
+
+
+def _preflight_passed(st: FineTuneJobStatus, view: pf.PreflightView, obs: Observation) -> None:
+    """What the pre-flight found goes to status.preflight, and Validated says it passed."""
+    found = view.report
+    assert found is not None
+    st.preflight = found
+    plan = found.memory_plan
+    fits = {True: "fits", False: "does not fit", None: "not checked (device memory unknown)"}[plan.fits]
+    est = f"; estimated {found.estimate.wall}" if found.estimate is not None else ""
+    _set(st, "Validated", "True", PREFLIGHT_PASSED,
+         f"{found.train.examples} training examples ({found.train.tokens} tokens, longest {found.train.longest}), "
+         f"{found.total_steps} steps; memory plan {plan.per_device_bytes / 1e9:.2f} GB per device: {fits}{est}", obs)
+
+
+def _validating(st: FineTuneJobStatus, view: pf.PreflightView, obs: Observation) -> None:
+    """Before the GPU Job: the pre-flight runs, cannot start, is held, or failed (at once, with the trainer's
+    words; no GPU was ever requested)."""
+    decided = _preflight_failure(view, obs) if view.state == pf.FAILED else _could_not_start(obs)
+    if decided is not None:
+        reason, message = decided
+        st.phase = "Failed"
+        _set(st, "Failed", "True", reason, message, obs)
+        _set(st, "Validated", "False", reason, message, obs)
+        _clear(st, "Running", reason, message, obs)
+        st.completion_time = st.completion_time or obs.now
+        return
+    st.phase = "Pending"
+    problem = pending_problem(obs.pods, obs.create_failure, obs.secret_refs, obs.start_timeout)
+    pod = next((p.name for p in _live(obs.pods)), None)
+    if problem is not None:
+        reason, message = problem[0], f"pre-flight {problem[1]}"
+    elif view.state == pf.SUSPENDED and view.queue_name:
+        reason = PREFLIGHT_QUEUED
+        message = (f"the pre-flight waits for Kueue to admit it through LocalQueue {view.queue_name} (CPU only; no "
+                   "GPU quota is held)")
+    elif view.state == pf.SUSPENDED:
+        reason = PREFLIGHT_SUSPENDED
+        message = ("the pre-flight Job was suspended by someone else (Kueue's manageJobsWithoutQueueName?), and no "
+                   "GPU Job is made until it passes: give pre-flights a CPU LocalQueue (FINETUNE_PREFLIGHT_QUEUE, "
+                   "chart preflight.queueName) or set spec.preflight.enabled to false")
+    elif view.state == pf.STALE:
+        reason, message = VALIDATING, "the spec changed before the job started: checking it again"
+    else:
+        reason = VALIDATING
+        message = ((f"pre-flight pod {pod}: " if pod else "pre-flight: ") + "reading and checking the data, "
+                   "tokenising it and planning memory on CPU; no GPU is requested until it passes")
+    _set(st, "Running", "False", reason, message, obs)
+
+
+def _preflight_failure(view: pf.PreflightView, obs: Observation) -> tuple[str, str]:
+    job = view.job
+    assert job is not None and job.failure is not None
+    reason, message = failure(job.failure, view.pods)
+    if reason == OOM_KILLED:
+        message = (f"the pre-flight pod exceeded its memory ({obs.preflight_memory or 'the operator setting'}, "
+                   "FINETUNE_PREFLIGHT_MEMORY): raise the chart's preflight.memory, or set spec.preflight.enabled to "
+                   "false")
+    elif reason == DEADLINE:
+        message = (f"it did not finish within {humanize_eta(pf.DEADLINE_SECONDS)} (is the data or the model "
+                   "reachable?); set spec.preflight.enabled to false to skip it")
+    return reason, f"pre-flight: {message}"
 
 
 def _fail(st: FineTuneJobStatus, job: JobView, obs: Observation, reason: str, message: str) -> None:
@@ -399,7 +477,11 @@ def _kstatus(st: FineTuneJobStatus, obs: Observation) -> None:
 _HEADLINE = {"Pending": "Running", "Queued": "Queued", "Running": "Running", "Succeeded": "Succeeded",
              "Failed": "Failed", "Suspended": "Suspended"}
 WARNING_REASONS = frozenset({NAME_CONFLICT, QUOTA_EXCEEDED, FAILED_CREATE, UNSCHEDULABLE, IMAGE_PULL, CONTAINER_CONFIG,
-                             RESTARTING_WORKERS, OOM_KILLED, WEBHOOK_UNAVAILABLE}) | queueing.WARNINGS
+                             RESTARTING_WORKERS, OOM_KILLED, PREFLIGHT_SUSPENDED, WEBHOOK_UNAVAILABLE}) \
+    | queueing.WARNINGS
+# (phase, reason) that are the normal course of events, announced by the next one: no Event of their own (pods
+# starting; the pre-flight checking; Kueue unsuspending the Job it admitted, announced as Admitted).
+QUIET = frozenset({("Pending", PODS_PENDING), ("Pending", VALIDATING), ("Queued", queueing.STARTING)})
 
 
 def headline(st: FineTuneJobStatus) -> tuple[str, str, str] | None:
@@ -416,8 +498,6 @@ def headline(st: FineTuneJobStatus) -> tuple[str, str, str] | None:
 
 # (phase, reason) a just-created job passes through on its way: not written as its first status within the settle time.
 SETTLING = frozenset({("Pending", PODS_PENDING), ("Queued", WAITING_FOR_ADMISSION)})
-# (phase, reason) that are the normal course of events, announced by the next one: no Event of their own.
-UNANNOUNCED = frozenset({("Pending", PODS_PENDING), ("Queued", queueing.STARTING)})
 
 
 def transition_event(prev: FineTuneJobStatus, new: FineTuneJobStatus) -> tuple[str, str, str] | None:
@@ -425,8 +505,8 @@ def transition_event(prev: FineTuneJobStatus, new: FineTuneJobStatus) -> tuple[s
     before, after = headline(prev), headline(new)
     if after is None or (before is not None and before[:2] == after[:2]):
         return None
-    if after[:2] in UNANNOUNCED:
-        return None  # pods starting, Kueue unsuspending an admitted Job: announced as Running (or as Admitted)
+    if after[:2] in QUIET:
+        return None  # the normal course of events: announced by what comes next (Running, Admitted)
     phase, reason, message = after
     kind = "Warning" if (phase == "Failed" and reason != CANCELLED) or reason in WARNING_REASONS else "Normal"
     return kind, reason, f"{phase}: {message}"

@@ -216,3 +216,20 @@ def test_why_a_pod_has_no_logs() -> None:
     assert pods.no_logs_reason(pulling) == "container trainer has not started: ImagePullBackOff: not found"
     assert pods.no_logs_reason(_pod("p", 0, "Running", "t", containerStatuses=[
         {"name": "trainer", "state": {"running": {}}}])) is None
+
+
+def test_describe_shows_what_the_preflight_found() -> None:
+    found = {"train": {"examples": 4000, "tokens": 86774, "longest": 55, "checked": 4000},
+             "validation": {"examples": 800, "tokens": 17983, "longest": 54, "checked": 200},
+             "stepsPerEpoch": 125, "totalSteps": 250,
+             "memoryPlan": {"sharding": "none", "reason": "auto", "perDeviceBytes": 1870000000,
+                            "deviceBytes": 4294967296, "deviceMemoryFrom": "spec.resources.memory", "fits": True},
+             "estimate": {"tokensPerSecond": 1164.0, "basis": "spec.preflight.tokensPerSecond", "wallSeconds": 72,
+                          "wall": "1m12s", "gpuSeconds": 0}}
+    text = view.describe({**RUNNING, "status": {**RUNNING["status"], "preflight": found}}, NOW)
+    assert ("Data:          train 4000 examples, 86774 tokens, longest 55; validation 800 examples, 17983 tokens, "
+            "longest 54 (checked a sample of 200)\n") in text
+    assert "Steps:         125 per epoch, 250 in all\n" in text
+    assert ("Memory plan:   1.87 GB per device of 4.29 GB (spec.resources.memory): fits, sharding none\n") in text
+    assert "Estimate:      1m12s at 1164 tokens/s per device (spec.preflight.tokensPerSecond)\n" in text
+    assert "Data:" not in view.describe(RUNNING, NOW)

@@ -122,6 +122,8 @@ def test_values_yaml_defaults_match_operator_defaults() -> None:
     assert values["operator"]["workers"] == defaults.workers
     assert values["trainer"]["gracePeriodSeconds"] == defaults.grace_period_seconds
     assert values["operator"]["leaderElection"]["enabled"] == defaults.leader_election
+    assert (values["preflight"]["enabled"], values["preflight"]["cpu"], values["preflight"]["memory"]) == (
+        defaults.preflight, defaults.preflight_cpu, defaults.preflight_memory)
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert defaults.trainer_image == f"{values['trainer']['image']['repository']}:{chart['appVersion']}"
 

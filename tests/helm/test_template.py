@@ -27,6 +27,8 @@ OPERATOR_ENV = {
     "FINETUNE_LOG_LEVEL", "FINETUNE_LOG_FORMAT", "FINETUNE_RESYNC_SECONDS", "FINETUNE_WORKERS",
     "FINETUNE_GRACE_PERIOD_SECONDS", "FINETUNE_START_TIMEOUT_SECONDS", "FINETUNE_PEERING", "FINETUNE_LEADER_ELECTION",
     "FINETUNE_LEASE_NAME", "FINETUNE_KUEUE", "POD_NAMESPACE", "POD_NAME", "POD_ID", "PYTHONDONTWRITEBYTECODE",
+    "FINETUNE_PREFLIGHT", "FINETUNE_PREFLIGHT_CPU", "FINETUNE_PREFLIGHT_MEMORY", "FINETUNE_PREFLIGHT_NODE_SELECTOR",
+    "FINETUNE_PREFLIGHT_TOLERATIONS", "FINETUNE_PREFLIGHT_QUEUE",
 }
 
 
@@ -159,8 +161,24 @@ def test_default_env(default: list[dict[str, Any]]) -> None:
     assert (env["FINETUNE_LEADER_ELECTION"], env["FINETUNE_LEASE_NAME"]) == ("true", "ft-finetune-operator")
     assert (env["FINETUNE_LOG_LEVEL"], env["FINETUNE_LOG_FORMAT"]) == ("INFO", "json")
     assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert (env["FINETUNE_PREFLIGHT"], env["FINETUNE_PREFLIGHT_CPU"], env["FINETUNE_PREFLIGHT_MEMORY"],
+            env["FINETUNE_PREFLIGHT_NODE_SELECTOR"], env["FINETUNE_PREFLIGHT_TOLERATIONS"],
+            env["FINETUNE_PREFLIGHT_QUEUE"]) == ("true", "250m", "2Gi", "", "", "")
     image = one(default, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
     assert image == f"ghcr.io/finetune-operator/finetune-operator:{__version__}"
+
+
+def test_preflight_values_reach_the_operator(helm: Helm) -> None:
+    """The pre-flight's placement and queue, from values to the settings the operator parses."""
+    settings = pytest.importorskip("finetune_operator.settings")
+    objects = helm.render(sets=["preflight.enabled=false", "preflight.memory=3Gi", "preflight.nodeSelector.pool=cpu",
+                                "preflight.nodeSelector.zone=a", "preflight.tolerations[0].key=cpu-only",
+                                "preflight.tolerations[0].operator=Exists", "preflight.queueName=cpu-queue"])
+    env = {k: v for k, v in env_of(one(objects, "Deployment")).items() if isinstance(v, str)}
+    parsed = settings.Settings.from_env({**env, "FINETUNE_PROGRESS_KEY": "k" * 48})
+    assert (parsed.preflight, parsed.preflight_memory, parsed.preflight_node_selector, parsed.preflight_queue) == (
+        False, "3Gi", (("pool", "cpu"), ("zone", "a")), "cpu-queue")
+    assert json.loads(parsed.preflight_tolerations) == [{"key": "cpu-only", "operator": "Exists"}]
 
 
 def test_env_is_what_the_operator_reads(default: list[dict[str, Any]]) -> None:

@@ -38,6 +38,10 @@ WRITABLE = "runs"
 STAGE_DEMO = REPO / "examples" / "stage_demo.py"
 BAD_DATA = "sentiment-bad"  # datasets/<BAD_DATA>/train.jsonl: the example's data with one label outside the set
 BAD_ROW = 3
+CHAT_MODEL = "tiny-llama"  # models/<CHAT_MODEL>: a tiny Llama with a word-level tokenizer and a chat template
+BROKEN_TOKENIZER = "tiny-llama-broken"  # the same with a tokenizer.json that is not one
+# datasets/<name>/train.jsonl: one file per kind of bad data the pre-flight meets (and the row that is bad)
+BAD_FILES = ("no-text-column", "too-long", "no-assistant", "empty")
 
 
 @dataclass(frozen=True)
@@ -69,10 +73,33 @@ def stage_storage(root: Path) -> None:
     rows[BAD_ROW - 1] = json.dumps(bad) + "\n"
     (root / "datasets" / BAD_DATA).mkdir(parents=True)
     (root / "datasets" / BAD_DATA / "train.jsonl").write_text("".join(rows))
+    _stage_bad_inputs(root, rows)
     (root / WRITABLE).mkdir()
     shutil.chown(root / WRITABLE, RUN_AS_USER, RUN_AS_USER)
     for claim in CLAIMS:  # the pods' fsGroup: the kubelet warns about a shared volume of another group
         shutil.chown(root / claim, group=RUN_AS_USER)
+
+
+def _stage_bad_inputs(root: Path, rows: list[str]) -> None:
+    """What the pre-flight scenarios read: a tiny chat model (and a copy whose tokenizer cannot load), and one data
+    file per kind of bad data: a missing column (row 1), an over-long example (row 2), a conversation without an
+    assistant message (row 2), an empty file."""
+    from tests.trainer.support import tiny_llama
+
+    chat = tiny_llama(root / "models" / CHAT_MODEL)
+    shutil.copytree(chat, root / "models" / BROKEN_TOKENIZER)
+    (root / "models" / BROKEN_TOKENIZER / "tokenizer.json").write_text("{not json")
+    good = [json.loads(r) for r in rows[:3]]
+    files = {
+        "no-text-column": [{"sentence": r["text"], "label": r["label"]} for r in good],
+        "too-long": [{"prompt": "the cat", "response": "yes"}, {"prompt": "the cat is red " * 20, "response": "no"}],
+        "no-assistant": [{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "yes"}]},
+                         {"messages": [{"role": "user", "content": "hello"}]}],
+        "empty": [],
+    }
+    for name, content in files.items():
+        (root / "datasets" / name).mkdir(parents=True)
+        (root / "datasets" / name / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in content))
 
 
 def provide_storage(cp: ControlPlane, namespace: str, root: Path, name: str) -> NodeStorage:

@@ -26,12 +26,14 @@ from finetune_api.times import parse_time
 from finetune_operator.builders import PVC_ROOT, RUN_AS_USER, BuildContext, Owner, pod_spec
 from tests.controlplane.cluster import ControlPlane
 from tests.controlplane.images import ProductImages
-from tests.controlplane.node import NODE_NAME, RealNode
+from tests.controlplane.node import NODE_NAME, RealNode, node_scheduling
 
 from .conftest import released
 from .jobs import (
     BAD_DATA,
     BAD_ROW,
+    BROKEN_TOKENIZER,
+    CHAT_MODEL,
     NodeStorage,
     PodRecorder,
     apply,
@@ -64,12 +66,27 @@ TRAIN = 600.0  # seconds a shortened run may take on a loaded 2-core machine, po
 SURFACED = 15.0  # seconds from the kubelet's report on the pod to the FineTuneJob's condition
 LATE = 20.0  # seconds after START_TIMEOUT by which a job whose pod cannot start has failed
 KUBELET_RETRY = 20.0  # the kubelet tries a pod that cannot start again after 10 s, then 20 s, ...
+PREFLIGHT_MEMORY = "1536Mi"  # each pre-flight pod's (the trainer's libraries and the example's data take about 1 GB)
+EXAMPLE_MEMORY = "2500Mi"  # scenario 1's limit: the memory plan (about 1.9 GB for batch 32 of the example's data) fits
+NO_PREFLIGHT = {"preflight": {"enabled": False}}  # scenarios about the trainer pods alone skip it (CI's time)
+
+
+def is_preflight(pod: dict[str, Any]) -> bool:
+    return pod["metadata"]["labels"].get("app.kubernetes.io/component") == "preflight"
+
+
+def trainer_pods(recorder: PodRecorder, name: str) -> list[dict[str, Any]]:
+    return [p for p in recorder.of_job(name) if not is_preflight(p)]
 
 
 @pytest.fixture(scope="module")
 def release(control_plane: ControlPlane, real_node: RealNode, node_images: ProductImages, finetune_crd: None,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
-    values = {"trainer": {"startTimeoutSeconds": START_TIMEOUT}}
+    placement = node_scheduling()
+    values = {"trainer": {"startTimeoutSeconds": START_TIMEOUT},
+              # the pre-flight pods go to the real node (the FineTuneJobs' GPU pods would go to kwok's GPU nodes)
+              "preflight": {"cpu": "100m", "memory": PREFLIGHT_MEMORY, "nodeSelector": placement["nodeSelector"],
+                            "tolerations": placement["tolerations"]}}
     with released(control_plane, node_images, tmp_path_factory.mktemp("release"), values) as release:
         yield release
 
@@ -115,15 +132,33 @@ def test_the_example_trains_in_a_real_pod_and_its_model_classifies_as_reported(
     control_plane: ControlPlane, release: Release, storage: NodeStorage, node_images: ProductImages,
     recorder: PodRecorder,
 ) -> None:
-    """Scenario 1: restricted pod, progress pushed through the operator's Service to ``kubectl get ftj``, Succeeded,
-    the model on the volume classifies the validation file as status.metrics says, the ledger matches the disk."""
+    """Scenario 1: the pre-flight passes (its findings in status, the tokenised data in the cache), then a restricted
+    trainer pod reads that cache instead of tokenising, under a memory limit the plan accepts (and the kernel does
+    not kill it), pushes progress through the operator's Service to ``kubectl get ftj``, Succeeded, the model on the
+    volume classifies the validation file as status.metrics says, the ledger matches the disk."""
     cp, ns, name = control_plane, release.watched[0], "sentiment"
     samples, every = 15 * BATCH, 3
-    manifest = sentiment_job(name, ns, samples=samples, checkpoint_every=every)
+    manifest = sentiment_job(name, ns, samples=samples, checkpoint_every=every, resources={"memory": EXAMPLE_MEMORY})
     ftj = apply(cp, manifest)
 
+    # The pre-flight first: no trainer Job until it passed; its findings in status and in `kubectl get ftj`.
+    checked = wait_ftj(cp, ns, name, lambda f: f if status(f).get("preflight") else None, timeout=TRAIN,
+                       desc="the pre-flight's findings")
+    found = status(checked)["preflight"]
+    assert found["train"] == {"examples": samples, "checked": samples, "tokens": found["train"]["tokens"],
+                              "longest": found["train"]["longest"]} and 0 < found["train"]["longest"] <= 128, found
+    assert found["totalSteps"] == samples // BATCH and found["tokenCache"].startswith(f"{PVC_ROOT}/runs/{name}/")
+    plan = found["memoryPlan"]
+    assert plan["deviceMemoryFrom"] == "spec.resources.memory" and plan["fits"] is True, plan
+    assert condition(checked, "Validated")["reason"] == "PreflightPassed"
+    assert get_ftj_row(cp, ns, name)["EXAMPLES"] == str(samples)
+    [pre] = [p for p in recorder.of_job(name) if is_preflight(p)]
+    assert pre["spec"]["nodeName"] == NODE_NAME and recorder.wait_terminated(pre["metadata"]["uid"], 30)[
+        "exitCode"] == 0
+
     # The pod the Job controller made from the operator's template, on the real node, in the trainer image.
-    pod = cp.wait_for(lambda: next(iter(pods_of(cp, ns, name)), None), timeout=120, desc="the trainer pod")
+    pod = cp.wait_for(lambda: next(iter(p for p in pods_of(cp, ns, name) if not is_preflight(p)), None),
+                      timeout=120, desc="the trainer pod")
     container = pod["spec"]["containers"][0]
     assert container["image"] == node_images.trainer
     built = pod_spec(Owner(name, ns, ftj["metadata"]["uid"]), FineTuneJobSpec.model_validate(manifest["spec"]),
@@ -155,8 +190,11 @@ def test_the_example_trains_in_a_real_pod_and_its_model_classifies_as_reported(
     plan = st["memoryPlan"]  # the trainer's memory plan, reported before the first step, kept by the CRD's schema
     assert plan["sharding"] == "none" and plan["reason"].startswith("auto: ") and plan["perDeviceBytes"] > 0
 
-    # One pod, on the real node, exited 0; it ran as the operator's uid: the files it wrote on the volume are its.
-    [pod] = recorder.of_job(name)
+    # One pod, on the real node, exited 0 (never OOM-killed under the limit the plan accepted); it read the
+    # pre-flight's tokens; it ran as the operator's uid: the files it wrote on the volume are its.
+    [pod] = trainer_pods(recorder, name)
+    said = trainer_log(cp, ns, pod["metadata"]["name"]).text
+    assert "using tokenised train from cache" in said, said[-3000:]
     assert pod["spec"]["nodeName"] == NODE_NAME
     assert recorder.wait_terminated(pod["metadata"]["uid"], timeout=30)["exitCode"] == 0
     out = storage.host_path(st["output"]["path"])
@@ -232,7 +270,7 @@ def test_a_deleted_trainer_pod_checkpoints_exits_75_and_its_replacement_resumes_
     period and exit 75; the Job's replacement pod resumes from it; one restart, and the Job's backoffLimit is not
     used up (a deletion that is not a disruption counts one failure; exit 75 is not in the FailJob rule)."""
     cp, ns, name, every = control_plane, release.watched[0], "preempted", 3
-    apply(cp, sentiment_job(name, ns, samples=21 * BATCH, checkpoint_every=every))
+    apply(cp, sentiment_job(name, ns, samples=21 * BATCH, checkpoint_every=every, **NO_PREFLIGHT))
     _first_checkpoint(cp, storage, ns, name)
     [first] = live_pods(cp, ns, name)
     cp.kubectl("-n", ns, "delete", "pod", first["metadata"]["name"], "--wait=false")
@@ -265,7 +303,7 @@ def test_suspend_stops_the_pod_after_a_checkpoint_and_resume_continues_from_it(
     """Scenario 3: ``runPolicy.suspend: true`` mid-run stops the pod (SIGTERM, checkpoint, exit 75), counted neither
     as a failure nor as a restart; ``false`` starts a pod that resumes from that checkpoint."""
     cp, ns, name, every = control_plane, release.watched[0], "suspended", 3
-    apply(cp, sentiment_job(name, ns, samples=21 * BATCH, checkpoint_every=every))
+    apply(cp, sentiment_job(name, ns, samples=21 * BATCH, checkpoint_every=every, **NO_PREFLIGHT))
     _first_checkpoint(cp, storage, ns, name)
     [first] = live_pods(cp, ns, name)
 
@@ -295,28 +333,69 @@ def test_suspend_stops_the_pod_after_a_checkpoint_and_resume_continues_from_it(
     cp.kubectl("-n", ns, "delete", "ftj", name, "--wait=false")  # the rest of the run proves nothing new
 
 
+# What each FineTuneJob of the pre-flight scenario changes in the example, and what its Failed condition must say.
+# Each asks for a GPU (so its trainer pods would go to kwok's GPU nodes) except the CPU job whose memory the plan
+# refuses; the pre-flight pods run on the real node.
+GPU = {"gpusPerWorker": 1, "nodeSelector": None, "tolerations": None, "memory": None}
+CHAT = {"task": {"type": "causal-lm", "labels": None}, "model": {"source": f"pvc://models/{CHAT_MODEL}"},
+        "checkpointing": {"selectBest": None}, "hyperparameters": {"maxSeqLength": 32, "evalEverySteps": None}}
+PREFLIGHT_FAILURES: dict[str, tuple[dict[str, Any], str, tuple[str, ...]]] = {
+    "missing-column": ({"dataset": {"train": "pvc://datasets/no-text-column/train.jsonl"}}, "DataError",
+                       (f"{PVC_ROOT}/datasets/no-text-column/train.jsonl", "column 'text' (dataset.columns.text) is "
+                        "missing; columns found: sentence, label")),
+    "bad-label": ({"dataset": {"train": f"pvc://datasets/{BAD_DATA}/train.jsonl"}}, "DataError",
+                  (f"{PVC_ROOT}/datasets/{BAD_DATA}/train.jsonl, row {BAD_ROW}: field 'label' has label 'neutral', "
+                   "outside the label set",)),
+    "too-long": ({**CHAT, "dataset": {"train": "pvc://datasets/too-long/train.jsonl", "validation": None,
+                                      "columns": {"text": None, "label": None}}}, "DataError",
+                 (f"{PVC_ROOT}/datasets/too-long/train.jsonl, row 2: prompt + response is", "longer than "
+                  "hyperparameters.maxSeqLength 32")),
+    "bad-chat": ({**CHAT, "dataset": {"train": "pvc://datasets/no-assistant/train.jsonl", "validation": None,
+                                      "columns": {"text": None, "label": None, "messages": "messages"}}},
+                 "DataError", (f"{PVC_ROOT}/datasets/no-assistant/train.jsonl, row 2: field 'messages' has no "
+                               "assistant message",)),
+    "empty": ({"dataset": {"train": "pvc://datasets/empty/train.jsonl"}}, "DataError",
+              ("dataset.train pvc://datasets/empty/train.jsonl is empty",)),
+    "no-tokenizer": ({"model": {"source": f"pvc://models/{BROKEN_TOKENIZER}"}}, "ConfigError",
+                     (f"model.source '{PVC_ROOT}/models/{BROKEN_TOKENIZER}': cannot load the tokenizer",)),
+    "too-big-gpu": ({"preflight": {"gpuMemory": "100Mi"}}, "ConfigError",
+                    ("the training state would not fit", "with spec.resources.sharding none",
+                     "GB usable of 0.10 GB")),
+    "too-big-cpu": ({"resources": {"memory": "600Mi"}}, "ConfigError",
+                    ("the training process would not fit", "is the process itself",
+                     "set spec.resources.memory to at least")),
+}
+
+
 @pytest.mark.timeout(600)
-def test_a_label_outside_the_set_fails_at_once_with_the_trainers_message_from_the_termination_log(
+def test_a_job_that_cannot_train_fails_in_the_preflight_and_never_gets_a_gpu_job(
     control_plane: ControlPlane, release: Release, storage: NodeStorage, recorder: PodRecorder,
 ) -> None:
-    """Scenario 4: exit 65 naming the file and row, delivered through the real /dev/termination-log (not the log
-    tail the kubelet falls back to), Failed/DataError with that message, no retry."""
-    cp, ns, name = control_plane, release.watched[0], "bad-data"
-    apply(cp, sentiment_job(name, ns, samples=8 * BATCH, checkpoint_every=4,
-                            dataset={"train": f"pvc://datasets/{BAD_DATA}/train.jsonl"}))
-    failed = wait_ftj(cp, ns, name, phase_is("Failed"), timeout=TRAIN, desc="Failed", failed_ok=True)
-    [pod] = recorder.of_job(name)
-    ended = recorder.wait_terminated(pod["metadata"]["uid"], timeout=30)
-    said = (f"{PVC_ROOT}/datasets/{BAD_DATA}/train.jsonl, row {BAD_ROW}: field 'label' has label 'neutral', outside "
-            "the label set (expected one of ['negative', 'positive'] or an index 0..1) [exit 65: ")
-    assert ended["exitCode"] == 65 and ended["message"].startswith(said), ended
-    assert ended["message"].count("\n") == 1, "one paragraph from the file, not the log's last lines"
-    reason = condition(failed, "Failed")
-    assert reason["reason"] == "DataError" and ended["message"].strip() in reason["message"], reason
-    job = job_of(cp, ns, name)
-    assert job is not None and any(c["type"] == "Failed" and c["status"] == "True"
-                                   for c in job["status"].get("conditions") or []), job["status"]
-    assert len(pods_of(cp, ns, name)) == 1 and job["status"].get("failed") == 1, "retried"
+    """Scenario 4: each failure class a user meets (a missing column, a label outside the set, an over-long example,
+    a conversation without an assistant reply, an empty split, a tokenizer that cannot load, a memory plan that
+    cannot fit the GPU or the pod's memory limit) fails in its pre-flight pod on the real node with the trainer's
+    own exit code and message (file, row, field) through the real /dev/termination-log; the FineTuneJob is Failed
+    with that message at once and one Warning Event; no trainer Job is ever created (kwok's GPU nodes stay unused)
+    and nothing is counted as a restart."""
+    cp, ns = control_plane, release.watched[0]
+    for case, (change, _, _) in PREFLIGHT_FAILURES.items():
+        spec = {**change, "resources": {**(GPU if case != "too-big-cpu" else {}), **change.get("resources", {})}}
+        apply(cp, sentiment_job(case, ns, samples=8 * BATCH, checkpoint_every=4, **spec))
+    for case, (_, reason, said) in PREFLIGHT_FAILURES.items():
+        failed = wait_ftj(cp, ns, case, phase_is("Failed"), timeout=TRAIN, desc="Failed", failed_ok=True)
+        why = condition(failed, "Failed")
+        assert why["reason"] == reason and why["message"].startswith("pre-flight: trainer exited with code "), why
+        assert all(part in why["message"] for part in said), (case, why)
+        assert condition(failed, "Validated")["status"] == "False" and not status(failed).get("restarts")
+        [pod] = recorder.of_job(case)
+        assert is_preflight(pod) and pod["spec"]["nodeName"] == NODE_NAME, pod["spec"].get("nodeName")
+        ended = recorder.wait_terminated(pod["metadata"]["uid"], timeout=30)
+        code = {"DataError": 65, "ConfigError": 78}[reason]
+        assert ended["exitCode"] == code and ended["message"].count("\n") == 1, ended
+        assert ended["message"].strip() in why["message"], (ended, why)
+        assert job_of(cp, ns, case) is None, "never a trainer Job"
+        warnings = [e for e in events_of(cp, ns, case) if e["type"] == "Warning"]
+        assert [e["reason"] for e in warnings] == [reason], warnings
 
 
 @pytest.mark.timeout(600)
@@ -346,7 +425,7 @@ def test_a_pod_that_cannot_start_is_named_at_once_and_fails_the_job_after_the_st
                      f'cannot pull image "{missing_image}": '),
     }
     for name, (spec, *_) in cases.items():
-        apply(cp, sentiment_job(name, ns, samples=8 * BATCH, checkpoint_every=4, **spec))
+        apply(cp, sentiment_job(name, ns, samples=8 * BATCH, checkpoint_every=4, **spec, **NO_PREFLIGHT))
 
     for name, (_, reason, first_named, named) in cases.items():
         ftj = wait_ftj(cp, ns, name, lambda f, r=reason: f if condition_reason(f, "Running") == r else None,  # type: ignore[misc]
@@ -384,35 +463,6 @@ def test_a_pod_that_cannot_start_is_named_at_once_and_fails_the_job_after_the_st
         assert [e["type"] for e in events_of(cp, ns, name) if e["message"].startswith("Failed:")] == ["Warning"]
 
 
-@pytest.mark.timeout(600)
-def test_an_oom_killed_trainer_is_named_with_advice_retried_once_and_not_again(
-    control_plane: ControlPlane, release: Release, storage: NodeStorage, recorder: PodRecorder,
-) -> None:
-    """Scenario 7: a memory limit the trainer cannot fit in (the process needs well over 600 MiB: torch,
-    transformers, MiniLM, its gradients and AdamW state); the kernel kills it in its cgroup, the kubelet reports
-    OOMKilled, the operator names it with the advice to raise resources.memory, retries once, and fails the job at
-    the second kill though backoffLimit allows more. Batch 8 of 32 tokens: the trainer's memory plan (training state
-    and activations, 0.51 GB) then fits the limit, so the trainer starts instead of refusing at once (exit 78, as it
-    does for the example's batch 32 of 128 tokens, estimated 3.1 GB)."""
-    cp, ns, name, memory = control_plane, release.watched[0], "oom", "600Mi"
-    apply(cp, sentiment_job(name, ns, samples=8 * BATCH, checkpoint_every=4, resources={"memory": memory},
-                            hyperparameters={"batchSize": 8, "maxSeqLength": 32}))
-    failed = wait_ftj(cp, ns, name, phase_is("Failed"), timeout=TRAIN, desc="Failed", failed_ok=True)
-    why = condition(failed, "Failed")
-    assert why["reason"] == "OOMKilled" and "(OOMKilled) 2 times" in why["message"], why
-    assert f"larger spec.resources.memory (now {memory})" in why["message"], why
-    pods = recorder.of_job(name)
-    ended = [recorder.terminated(p["metadata"]["uid"]) for p in pods]
-    assert [(e or {}).get("reason") for e in ended] == ["OOMKilled", "OOMKilled"], ended
-    assert all(e and e["exitCode"] == 137 for e in ended), ended
-    assert status(failed)["restarts"] == 1
-    cp.wait_for(lambda: job_of(cp, ns, name) is None, timeout=60, desc="the Job deleted: no third try")
-    kills = [e for e in events_of(cp, ns, name) if e["reason"] == "OOMKilled"]
-    assert [e["message"].split(":")[0] for e in kills] == ["Pending", "Failed"] and all(
-        e["type"] == "Warning" for e in kills), kills
-    assert "a second OOM kill fails the job" in kills[0]["message"]
-
-
 def _exec_python(cp: ControlPlane, ns: str, pod: str, code: str) -> Any:
     out = cp.kubectl("-n", ns, "exec", pod, "-c", "trainer", "--", "python", "-c", code).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -431,7 +481,7 @@ def test_two_cpu_workers_rendezvous_over_cluster_dns_and_a_killed_worker_restart
     latest checkpoint, and the job ends Succeeded."""
     cp, ns, name, every = control_plane, release.watched[0], "pair", 3
     apply(cp, sentiment_job(name, ns, samples=32 * BATCH, checkpoint_every=every,
-                            resources={"workers": 2, "cpu": "900m"}))
+                            resources={"workers": 2, "cpu": "900m"}, **NO_PREFLIGHT))
     _first_checkpoint(cp, storage, ns, name)
     pods = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p
             for p in live_pods(cp, ns, name)}

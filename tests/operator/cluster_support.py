@@ -51,6 +51,9 @@ class OperatorProcess:
             "FINETUNE_LEASE_NAMESPACE": "default",
             "FINETUNE_LEASE_DURATION_SECONDS": "3",
             "FINETUNE_LOG_LEVEL": "INFO",
+            # kwok's pods run no program, so no pre-flight could pass: these tests start at the trainer Job (the
+            # pre-flight is proven in tests/operator/test_preflight.py and on the real node).
+            "FINETUNE_PREFLIGHT": "false",
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None

@@ -135,8 +135,9 @@ class World:
     def __init__(self, **settings: Any) -> None:
         self.kube = FakeKube()
         self.clock = Clock()
+        # The pre-flight is off here: these tests are about the trainer Job; test_preflight.py turns it on.
         env = {"FINETUNE_PROGRESS_KEY": KEY.decode(), "FINETUNE_TRAINER_IMAGE": "registry.example.com/t:1",
-               "FINETUNE_STATUS_SETTLE_SECONDS": "5", **settings}
+               "FINETUNE_STATUS_SETTLE_SECONDS": "5", "FINETUNE_PREFLIGHT": "false", **settings}
         self.ctl = Controller(Settings.from_env(env), self.kube, Metrics(), clock=self.clock)  # type: ignore[arg-type]
         self.jobs: dict[tuple[str, str], list[Any]] = {}
         self.pods: dict[tuple[str, str], list[PodView]] = {}

@@ -59,6 +59,22 @@ def _peer_loss(exc: BaseException, world: int) -> bool:
     return is_peer_loss(exc, world)
 
 
+def _preflight(cfg: object, termination: Path | None) -> int:
+    """The pre-flight passed: its findings as one line of JSON in the termination message (what the operator reads,
+    within the kubelet's 4 KB), and for people on stdout."""
+    from finetune_trainer import preflight
+
+    found = preflight.run(cfg)  # type: ignore[arg-type]
+    document = found.model_dump_json(by_alias=True, exclude_none=True)
+    if termination is not None:
+        try:
+            termination.write_text(document + "\n")
+        except OSError as exc:
+            print(f"warning: cannot write the termination message to {termination}: {exc}", file=sys.stderr)
+    print(preflight.summary(found), flush=True)
+    return exitcodes.OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one job; return the exit code (the console scripts pass it to sys.exit)."""
     _setup_logging()
@@ -68,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.parse(sys.argv[1:] if argv is None else argv)
         termination = cfg.termination_log
+        if cfg.preflight:
+            return _preflight(cfg, termination)
         from finetune_trainer import job
 
         outcome = job.run(cfg)

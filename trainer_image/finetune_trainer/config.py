@@ -36,6 +36,7 @@ class RunConfig:
     threads: int = 1
     cache_dir: Path | None = None
     termination_log: Path | None = None
+    preflight: bool = False  # only the pre-flight: check, tokenise into the cache, plan; no weights, no training
 
 
 def cpu_limit(cgroup: Path = CGROUP) -> float | None:
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help=f"CPU threads per process (env {var.THREADS}, default physical "
                    "cores divided among local processes)")
     p.add_argument("--no-progress-bar", action="store_true", help="log progress lines instead of a bar")
+    p.add_argument("--preflight", action="store_true", help="only the pre-flight check: read and check all the "
+                   "data, tokenise it into the token cache, plan memory for the requested devices and estimate the "
+                   "time, without loading weights or training (what the operator runs before the GPU pods)")
     return p
 
 
@@ -144,4 +148,5 @@ def parse(argv: list[str] | None, env: Mapping[str, str] | None = None) -> RunCo
         threads=threads,
         cache_dir=Path(env[var.CACHE_DIR]) if env.get(var.CACHE_DIR) else None,
         termination_log=Path(env[var.TERMINATION_LOG]) if env.get(var.TERMINATION_LOG) else None,
+        preflight=args.preflight,
     )

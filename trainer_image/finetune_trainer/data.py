@@ -261,19 +261,35 @@ def cache_key(split: Split, settings: Any, tok_fp: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def _cache_path(split: Split, settings: Any, cache_dir: Path | None, tok_fp: str) -> Path | None:
+    return cache_dir / "tokens" / f"{split.name}-{cache_key(split, settings, tok_fp)}.npz" if cache_dir else None
+
+
+def cached_tokens(split: Split, settings: Any, cache_dir: Path | None, tok_fp: str) -> Encoded | None:
+    """The split's tokens from `<cache>/tokens/<key>.npz` when the data, tokenizer and settings are unchanged. Only a
+    split that passed the task's checks is ever tokenised, so an entry also means: checked."""
+    path = _cache_path(split, settings, cache_dir, tok_fp)
+    if path is None or not path.exists():
+        return None
+    try:
+        enc = Encoded.load(path)
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("ignoring unreadable token cache %s: %s", path, exc)
+        return None
+    if len(enc) != len(split):
+        return None
+    log.info("using tokenised %s from cache %s", split.name, path)
+    return enc
+
+
 def encode_cached(split: Split, settings: Any, encode: Callable[[], Encoded], cache_dir: Path | None, tok_fp: str,
                   write: bool = True) -> Encoded:
     """Tokenise once: reuse `<cache>/tokens/<key>.npz` when the data, tokenizer and settings are unchanged."""
-    path = cache_dir / "tokens" / f"{split.name}-{cache_key(split, settings, tok_fp)}.npz" if cache_dir else None
-    if path is not None and path.exists():
-        try:
-            enc = Encoded.load(path)
-            if len(enc) == len(split):
-                log.info("using tokenised %s from cache %s", split.name, path)
-                return enc
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("ignoring unreadable token cache %s: %s", path, exc)
+    enc = cached_tokens(split, settings, cache_dir, tok_fp)
+    if enc is not None:
+        return enc
     enc = encode()
+    path = _cache_path(split, settings, cache_dir, tok_fp)
     if path is not None and write:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

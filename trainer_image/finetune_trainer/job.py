@@ -2,8 +2,9 @@
 output.
 
 The order is chosen so that mistakes surface early and cheaply: QLoRA without a GPU fails first; storage is probed;
-the memory plan (from the model's configuration, no weights) fails a job that cannot fit; the data is checked and
-tokenised before the model's weights are loaded, and all of it before the first optimizer step.
+the model's configuration is read (no weights); the data is checked and tokenised (or read from the token cache the
+pre-flight wrote); the memory plan, for the widest batch of that data, fails a job that cannot fit; only then are the
+weights loaded, and all of it before the first optimizer step.
 """
 
 from __future__ import annotations
@@ -163,31 +164,41 @@ def load_splits(spec: FineTuneJobSpec, cfg: RunConfig, task: Task,
 
 def prepare_data(spec: FineTuneJobSpec, cfg: RunConfig, task: Task, tok: Any, where: Places,
                  write_cache: bool) -> tuple[data_mod.Encoded, data_mod.Encoded | None]:
-    """Load, check and tokenise both splits (reusing the token cache)."""
+    """Load, check and tokenise both splits; a split in the token cache (the pre-flight's, or an earlier pod's) was
+    checked when it was tokenised, and is neither checked nor tokenised again."""
     train, val = load_splits(spec, cfg, task, where.cache)
-    for split in (train, val):
-        if split is not None:
-            task.check(split)
     fp = data_mod.tokenizer_fingerprint(tok)
-
-    def encoded(split: data_mod.Split) -> data_mod.Encoded:
-        return data_mod.encode_cached(split, task.info, lambda: task.encode(split, tok), where.tokens, fp,
-                                      write_cache)
-
-    train_enc = encoded(train)
-    val_enc = encoded(val) if val is not None else None
+    train_enc = encode_split(train, task, tok, where, fp, write_cache)
+    val_enc = encode_split(val, task, tok, where, fp, write_cache) if val is not None else None
     log.info("data: %d training and %d validation examples, %.1f tokens per training example on average",
              len(train_enc), len(val_enc) if val_enc is not None else 0, float(train_enc.lengths().mean()))
     return train_enc, val_enc
 
 
-def plan_memory(spec: FineTuneJobSpec, task: Task, source: str, dist: Dist, precision: Precision) -> memory.Plan:
-    """The sharding and per-device estimate for this job, from the model built on the meta device (no weights);
-    ConfigError (exit 78) naming the field to change when it cannot fit."""
+def model_shape(spec: FineTuneJobSpec, task: Task, source: str) -> memory.ModelShape:
+    """The job's model (head and adapters included) built on the meta device: its shape, no weights read."""
     meta = meta_model(task, source, spec.model.revision, spec.model.trust_remote_code, spec.method.type,
                       spec.method.lora)
+    return memory.model_shape(meta)
+
+
+def encode_split(split: data_mod.Split, task: Task, tok: Any, where: Places, tok_fp: str,
+                 write_cache: bool) -> data_mod.Encoded:
+    """A split checked and tokenised, through the token cache (the pre-flight writes it, the trainer pods read it)."""
+    if (enc := data_mod.cached_tokens(split, task.info, where.tokens, tok_fp)) is not None:
+        return enc
+    task.check(split)
+    return data_mod.encode_cached(split, task.info, lambda: task.encode(split, tok), where.tokens, tok_fp, write_cache)
+
+
+def plan_memory(spec: FineTuneJobSpec, shape: memory.ModelShape, data: memory.DataShape, dist: Dist,
+                precision: Precision) -> memory.Plan:
+    """The sharding and per-device estimate for this job, for the widest batch of its data and, on CPU, with this
+    process as it is now (libraries imported, data read) counted; ConfigError (exit 78) naming the field to change
+    when it cannot fit."""
     device_bytes = memory.device_memory(dist.device, memory.local_processes())
-    plan = memory.for_job(spec, memory.model_shape(meta), dist.world, precision.name, dist.device.type, device_bytes)
+    baseline = memory.process_baseline() if dist.device.type == "cpu" else 0.0
+    plan = memory.for_job(spec, shape, dist.world, precision.name, dist.device.type, device_bytes, data, baseline)
     log.info("%s", plan.describe())
     return plan
 
@@ -243,9 +254,12 @@ def _run(job: FineTuneJob, cfg: RunConfig, dist: Dist, stop: StopSignal) -> Outc
     task = tasks.for_spec(spec)
     source = model_source(spec, cfg, where.cache)
     precision = choose_precision(hp.precision, dist.device)
-    plan = plan_memory(spec, task, source, dist, precision)
+    shape = model_shape(spec, task, source)  # a configuration that cannot be read fails before the data is read
+    device_bytes = memory.device_memory(dist.device, memory.local_processes())
+    memory.state_fits(spec, shape, dist.world, precision.name, dist.device.type, device_bytes)  # before the data
     tok = load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code, task)
     train_enc, val_enc = _data_everywhere(spec, cfg, task, tok, where, dist)
+    plan = plan_memory(spec, shape, memory.DataShape.of(train_enc), dist, precision)
     model = load_trainable(spec, task, source, tok, dist, precision)
     layout = Layout(plan.sharding, precision.autocast_dtype, precision.grad_scaling, hp.activation_checkpointing)
 

@@ -93,3 +93,13 @@ helm.sh/resource-policy: keep
 {{- end }}
 {{- end }}
 
+{{/*
+A map as key=value pairs joined by commas, keys sorted (FINETUNE_PREFLIGHT_NODE_SELECTOR).
+*/}}
+{{- define "finetune-operator.pairs" -}}
+{{- $pairs := list -}}
+{{- range $key := keys . | sortAlpha -}}
+{{- $pairs = append $pairs (printf "%s=%s" $key (index $ $key)) -}}
+{{- end -}}
+{{- join "," $pairs -}}
+{{- end -}}
