@@ -218,14 +218,16 @@ def test_label_keys_are_spelled_only_in_labels_py() -> None:
 
 def test_kueue_decides_suspend_only_through_suspend_owner() -> None:
     """Who holds a Job's suspend (the user, a group restart, Kueue) is decided in suspend_owner.py alone: no other
-    module reads the Job's queue label or the operator's suspension mark to decide it."""
+    module reads a Job's queue label (`job.queue_name`) or the operator's suspension mark to decide it (queueing.py
+    and preflight.py name the queue in what they report)."""
     for module, tree in _modules().items():
         if module in ("suspend_owner", "observe", "builders", "labels"):
             continue
         for node in ast.walk(tree):
-            # queueing.py and preflight.py name the queue in what they report; neither decides a suspension.
-            if isinstance(node, ast.Attribute) and node.attr in ("queue_name", "suspended_by") \
-                    and not (node.attr == "queue_name" and module in ("queueing", "preflight")):
+            if not isinstance(node, ast.Attribute):
+                continue
+            on_job = isinstance(node.value, ast.Name) and node.value.id == "job"
+            if node.attr == "suspended_by" or (node.attr == "queue_name" and on_job and module not in ("queueing", "preflight")):
                 raise AssertionError(f"{module}.py reads .{node.attr}: who holds suspend is suspend_owner.py's call")
 
 
