@@ -227,7 +227,8 @@ def test_kueue_decides_suspend_only_through_suspend_owner() -> None:
             if not isinstance(node, ast.Attribute):
                 continue
             on_job = isinstance(node.value, ast.Name) and node.value.id == "job"
-            if node.attr == "suspended_by" or (node.attr == "queue_name" and on_job and module not in ("queueing", "preflight")):
+            reports = module in ("queueing", "preflight")
+            if node.attr == "suspended_by" or (node.attr == "queue_name" and on_job and not reports):
                 raise AssertionError(f"{module}.py reads .{node.attr}: who holds suspend is suspend_owner.py's call")
 
 
