@@ -38,7 +38,15 @@ from .jobs import (
     wait_ftj,
 )
 from .support import RESTRICTED, Release, install_operator, unique
-from .test_finetunejobs import BATCH, TRAIN, _first_checkpoint, _replacement, _stopped_at, _trains_on_past
+from .test_finetunejobs import (
+    BATCH,
+    NO_PREFLIGHT,
+    TRAIN,
+    _first_checkpoint,
+    _replacement,
+    _stopped_at,
+    _trains_on_past,
+)
 
 pytestmark = [pytest.mark.node, pytest.mark.e2e]
 
@@ -104,7 +112,7 @@ def test_a_preempted_job_checkpoints_waits_in_its_queue_and_resumes_from_the_che
 ) -> None:
     cp, ns, every = control_plane, kueue_release.watched[0], 3
     with PodRecorder(cp, ns) as recorder:
-        apply(cp, sentiment_job("low", ns, samples=21 * BATCH, checkpoint_every=every,
+        apply(cp, sentiment_job("low", ns, samples=21 * BATCH, checkpoint_every=every, **NO_PREFLIGHT,
                                 runPolicy={"queueName": one_slot["lq"], "priorityClass": one_slot["low"]}))
         _first_checkpoint(cp, storage, ns, "low")
         running = wait_ftj(cp, ns, "low", lambda f: status(f) if status(f).get("phase") == "Running" else None,
@@ -113,7 +121,7 @@ def test_a_preempted_job_checkpoints_waits_in_its_queue_and_resumes_from_the_che
         [first] = live_pods(cp, ns, "low")
 
         # The preemptor: Kueue evicts "low" (suspends its Job), its trainer checkpoints on SIGTERM and exits 75.
-        apply(cp, sentiment_job("high", ns, samples=21 * BATCH, checkpoint_every=every,
+        apply(cp, sentiment_job("high", ns, samples=21 * BATCH, checkpoint_every=every, **NO_PREFLIGHT,
                                 runPolicy={"queueName": one_slot["lq"], "priorityClass": one_slot["high"]}))
         ended = recorder.wait_terminated(first["metadata"]["uid"], timeout=180)
         assert ended["exitCode"] == 75, ended
