@@ -41,9 +41,9 @@ demo: $(STAMP)
 	$(PY) examples/stage_demo.py
 	HF_HUB_OFFLINE=1 $(VENV)/bin/finetune run examples/sentiment.yaml
 
-# The control plane and the real node's programs, from Go modules (cached).
+# The control plane, the real node's programs and Kueue, from Go modules (cached).
 controlplane-bin:
-	bash tests/controlplane/build.sh --with-node
+	bash tests/controlplane/build.sh --with-node --with-kueue
 
 # Debian packages of the real node and the image builds (apt-get as root when one is missing), a Docker daemon.
 host-setup:

@@ -1,13 +1,21 @@
-"""Operator scale: N FineTuneJobs applied at once, across namespaces, on the real test control plane.
+"""Operator scale: N FineTuneJobs applied at once, across namespaces, on the real test control plane, against a
+baseline without the operator measured in the same run.
 
-A fresh control plane per run (etcd, kube-apiserver, controller-manager, scheduler, kwok as the kubelet of enough fake
-GPU nodes for one 1-GPU pod per job), the CRD, and the real operator as a subprocess (`python -m finetune_operator`,
-started by tests/operator/cluster_support.OperatorProcess). Then:
+Absolute times depend on the machine (the API server, not the operator, is the bottleneck, and its speed varies by a
+factor of two between machines of the same kind), so the operator is reported as a ratio to the baseline: the same N
+trainer Jobs (as the builders make them) created directly by the benchmark, with nothing else, on a fresh control
+plane of the same shape. Each part gets a fresh control plane (etcd, kube-apiserver, controller-manager, scheduler,
+kwok as the kubelet of enough fake GPU nodes for one 1-GPU pod per job) with the CRD; the operator part runs the real
+operator as a subprocess (`python -m finetune_operator`, started by tests/operator/cluster_support.OperatorProcess):
 
-  1. POST N FineTuneJobs (8 client threads) spread over the namespaces;
+  1. POST N FineTuneJobs (8 client threads) spread over the namespaces (baseline: POST N Jobs);
   2. wait until every Job exists, then until every FineTuneJob is Running (its pod runs on a kwok node);
   3. finish every pod with exit code 0 (the fake kubelet's annotation, as ControlPlane.finish_pod does, in bulk);
-  4. wait until every FineTuneJob is Succeeded.
+  4. wait until every FineTuneJob is Succeeded (baseline: every Job Complete).
+
+The operator's /metrics is scraped throughout (its gauges say when every job is Running): every scrape's latency is
+recorded, a scrape that gets no answer within SCRAPE_TIMEOUT is retried, and the run fails only if the operator stays
+silent for SCRAPE_DEADLINE. The table reports the slowest scrape, so a busy event loop shows as a number, not a crash.
 
 Measured: the time to each milestone from the first POST; the operator's writes per job, counted by the API server
 itself (apiserver_request_total by verb and resource, diffed; Events by listing those whose source is the operator,
@@ -21,9 +29,11 @@ Prometheus histogram; the ERROR lines in its log. Writes per job "to Running" co
 
 The last line is machine-readable (of the largest run):
 
-  RESULT jobs=<n> all_jobs_created_s=<s> all_succeeded_s=<s> writes_per_job=<w> operator_peak_rss_mib=<m> errors=<e>
+  RESULT jobs=<n> all_jobs_created_s=<s> all_succeeded_s=<s> jobs_ratio=<r> running_ratio=<r> succeeded_ratio=<r>
+         writes_per_job=<w> operator_peak_rss_mib=<m> slowest_scrape_s=<s> errors=<e>
 
-where writes_per_job counts from creation to Running (the target: at most 6).
+where writes_per_job counts from creation to Running (the target: at most 6) and each ratio is the operator's time to
+that milestone over the baseline's.
 """
 
 from __future__ import annotations
@@ -37,7 +47,10 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +64,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make `tests.*` importable
     sys.path.insert(0, str(REPO))
 
+from finetune_api.spec import FineTuneJobSpec  # noqa: E402
+from finetune_operator import builders  # noqa: E402
 from finetune_operator.settings import Settings  # noqa: E402
 from tests.controlplane.cluster import (  # noqa: E402
     EXIT_CODE_ANNOTATION,
@@ -64,6 +79,9 @@ from tests.operator.helpers import manifest  # noqa: E402
 GPUS_PER_NODE = 64  # fewer, bigger fake nodes: less kwok heartbeat traffic for the same GPU count
 CLIENT_THREADS = 8
 POLL = 0.5
+SCRAPE_TIMEOUT = 30.0  # seconds one /metrics request may take before it is retried
+SCRAPE_DEADLINE = 180.0  # seconds of no answer at all after which the operator counts as hung
+BASELINE_LABEL = "finetune.dev/benchmark"  # on the baseline's Jobs and pods (they carry no operator label)
 MANAGED = "app.kubernetes.io/managed-by%3Dfinetune-operator"
 # Writes that only the operator makes here: (verb, API group, resource, subresource) as the API server counts them.
 OPERATOR_WRITES = {
@@ -96,9 +114,46 @@ def apiserver_requests(cp: ControlPlane) -> Counter[tuple[str, str, str, str]]:
     return counts
 
 
+@dataclass
+class Scrapes:
+    """Every /metrics scrape of the operator: latencies, and those that got no answer in time (then retried)."""
+
+    latencies: list[float] = field(default_factory=list)
+    unanswered: int = 0
+
+    def get(self, op: OperatorProcess) -> str:
+        deadline = time.monotonic() + SCRAPE_DEADLINE
+        while True:
+            t0 = time.monotonic()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{op.metrics_port}/metrics",
+                                            timeout=SCRAPE_TIMEOUT) as resp:
+                    text = resp.read().decode()
+                self.latencies.append(time.monotonic() - t0)
+                return text
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+                self.unanswered += 1
+                log(f"  /metrics gave no answer in {time.monotonic() - t0:.1f}s ({exc}); retrying")
+                if not op.alive:
+                    raise RuntimeError(f"the operator exited:\n{op.log_text()[-3000:]}") from exc
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the operator's /metrics gave no answer for {SCRAPE_DEADLINE:.0f}s") from exc
+
+    @property
+    def slowest(self) -> float:
+        return max(self.latencies, default=math.nan)
+
+    def quantile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else math.nan
+
+
+SCRAPES = Scrapes()
+
+
 def operator_metrics(op: OperatorProcess) -> list[tuple[str, dict[str, str], float]]:
     out = []
-    for line in op.metrics().splitlines():
+    for line in SCRAPES.get(op).splitlines():
         m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{([^}]*)\})?\s+(\S+)$", line)
         if m:
             out.append((m.group(1), dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or "")), float(m.group(3))))
@@ -238,6 +293,28 @@ class Result:
     load_after: float = math.nan
     cpu_to_jobs: str = ""
     cpu_to_running: str = ""
+    baseline_jobs_created_s: float = math.nan
+    baseline_running_s: float = math.nan
+    baseline_succeeded_s: float = math.nan
+    scrapes: int = 0
+    scrape_p50_s: float = math.nan
+    slowest_scrape_s: float = math.nan
+    unanswered_scrapes: int = 0
+
+    def ratio(self, attr: str) -> float:
+        return getattr(self, attr) / getattr(self, f"baseline_{attr.removeprefix('all_').removesuffix('_s')}_s")
+
+
+def install_crd(cp: ControlPlane) -> None:
+    """The FineTuneJob CRD, Established (polled: `kubectl wait` fails outright before the API server wrote any
+    condition)."""
+    from finetune_api.crd import CRD_PATH
+
+    cp.apply(CRD_PATH.read_text())
+    crd = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.finetune.dev"
+    wait_until(lambda: any(c.get("type") == "Established" and c.get("status") == "True"
+                           for c in (cp.request("GET", crd).get("status") or {}).get("conditions") or []),
+               60, "the CRD Established")
 
 
 def _lists(cp: ControlPlane, path: str) -> bool:
@@ -257,6 +334,9 @@ def operator_writes(before: Counter[tuple[str, str, str, str]], after: Counter[t
 
 def run(n: int, namespaces: int, workdir: Path, operator_env: dict[str, str], timeout: float) -> Result:
     result = Result(jobs=n, namespaces=namespaces)
+    run_baseline(result, workdir, timeout)
+    SCRAPES.latencies.clear()
+    SCRAPES.unanswered = 0
     nodes = math.ceil(n / GPUS_PER_NODE) + 1
     result.load_before = os.getloadavg()[0]
     log(f"[{n} jobs] starting a control plane with {nodes} kwok nodes x {GPUS_PER_NODE} GPUs")
@@ -265,10 +345,7 @@ def run(n: int, namespaces: int, workdir: Path, operator_env: dict[str, str], ti
     op: OperatorProcess | None = None
     sampler: ProcessSampler | None = None
     try:
-        from finetune_api.crd import CRD_PATH
-
-        cp.apply(CRD_PATH.read_text())
-        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.finetune.dev")
+        install_crd(cp)
         # Established is not "served": until the CRD's storage is initialised a LIST answers 429, which kopf logs as
         # a WARNING and retries. Wait for a LIST to work so the operator starts as it would in a settled cluster.
         wait_until(lambda: _lists(cp, "/apis/finetune.dev/v1alpha1/finetunejobs"), 60, "FineTuneJobs served")
@@ -325,16 +402,7 @@ def run(n: int, namespaces: int, workdir: Path, operator_env: dict[str, str], ti
         writes, _ = operator_writes(base, at_running, operator_events(cp) - base_events)
         result.writes_to_running = writes / n
 
-        pods = cp.request("GET", f"/api/v1/pods?labelSelector={MANAGED}", timeout=120)["items"]
-        finish = {"metadata": {"annotations": {FINISH_ANNOTATION: "Succeeded", EXIT_CODE_ANNOTATION: "0"}}}
-
-        def finish_pod(pod: dict[str, Any]) -> None:
-            meta = pod["metadata"]
-            cp.request("PATCH", f"/api/v1/namespaces/{meta['namespace']}/pods/{urllib.parse.quote(meta['name'])}",
-                       finish, content_type="application/merge-patch+json")
-
-        with ThreadPoolExecutor(CLIENT_THREADS) as pool:
-            list(pool.map(finish_pod, pods))
+        finish_all(cp, cp.request("GET", f"/api/v1/pods?labelSelector={MANAGED}", timeout=120)["items"])
         result.all_succeeded_s = wait_until(phase_count("Succeeded"), timeout, "every FineTuneJob Succeeded") - t0
         done = listed_phases(cp)
         if done.get("Succeeded", 0) != n:
@@ -367,6 +435,8 @@ def run(n: int, namespaces: int, workdir: Path, operator_env: dict[str, str], ti
             sampler.stop()
             result.peak_rss_mib = sampler.peak_rss / 2**20
             result.cpu_s = sampler.cpu_seconds
+        result.scrapes, result.unanswered_scrapes = len(SCRAPES.latencies), SCRAPES.unanswered
+        result.scrape_p50_s, result.slowest_scrape_s = SCRAPES.quantile(0.5), SCRAPES.slowest
         if op is not None:
             lines = op.log_text().splitlines()
             result.errors = len(operator_errors(op))
@@ -379,6 +449,107 @@ def run(n: int, namespaces: int, workdir: Path, operator_env: dict[str, str], ti
         cp.stop()
         result.load_after = os.getloadavg()[0]
     return result
+
+
+def baseline_jobs(n: int, ns_names: list[str]) -> list[dict[str, Any]]:
+    """The Jobs the operator would create for the same N FineTuneJobs, as the builders make them, without an owner
+    (garbage collection would delete Jobs whose owner does not exist) and with a label of their own."""
+    ctx = builders.BuildContext(trainer_image="registry.example.com/finetune-trainer:bench",
+                                progress_url="http://127.0.0.1:9/progress")
+    jobs = []
+    for i in range(n):
+        body = manifest(f"job-{i:05d}", ns_names[i % len(ns_names)])
+        owner = builders.Owner(body["metadata"]["name"], body["metadata"]["namespace"], str(uuid.uuid4()))
+        job = builders.build_job(owner, FineTuneJobSpec.model_validate(body["spec"]), ctx)
+        job["metadata"].pop("ownerReferences")
+        job["metadata"]["labels"][BASELINE_LABEL] = "true"
+        job["spec"]["template"]["metadata"]["labels"][BASELINE_LABEL] = "true"
+        jobs.append(job)
+    return jobs
+
+
+class Tally:
+    """Counts objects by a predicate from one watch stream (a list of a selected or filtered collection carries no
+    remainingItemCount, and listing 1,000 pods every second would load the API server it measures)."""
+
+    def __init__(self, cp: ControlPlane, kind: str, selector: str, state: Callable[[Any], str]) -> None:
+        from kubernetes import client, watch
+
+        self._api = client.CoreV1Api(cp.api_client()) if kind == "pods" else client.BatchV1Api(cp.api_client())
+        self._list = (self._api.list_pod_for_all_namespaces if kind == "pods"
+                      else self._api.list_job_for_all_namespaces)
+        self._watch, self._selector, self._state = watch.Watch(), selector, state
+        self.states: dict[str, str] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            try:
+                for event in self._watch.stream(self._list, label_selector=self._selector, timeout_seconds=3600):
+                    obj = event["object"]
+                    self.states[obj.metadata.uid] = self._state(obj)
+            except Exception as exc:  # a dropped stream: watch again
+                if not self._stopped:
+                    log(f"  watch: {exc}")
+                    time.sleep(1)
+
+    def count(self, state: str) -> int:
+        return sum(1 for s in list(self.states.values()) if s == state)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._watch.stop()
+
+
+def run_baseline(result: Result, workdir: Path, timeout: float) -> None:
+    """The same N trainer Jobs created by the benchmark itself on a fresh control plane: the pace of the API server,
+    the Job controller, the scheduler and kwok on this machine, now, without the operator."""
+    n, nodes = result.jobs, math.ceil(result.jobs / GPUS_PER_NODE) + 1
+    log(f"[{n} jobs, baseline] starting a control plane with {nodes} kwok nodes x {GPUS_PER_NODE} GPUs")
+    cp = start_control_plane(workdir=workdir / "controlplane-baseline", stream=sys.stderr, node_count=nodes,
+                             gpus_per_node=GPUS_PER_NODE)
+    tallies: list[Tally] = []
+    try:
+        ns_names = [f"bench-{i}" for i in range(result.namespaces)]
+        for ns in ns_names:
+            cp.create_namespace(ns)
+        jobs = baseline_jobs(n, ns_names)
+        pods = Tally(cp, "pods", f"{BASELINE_LABEL}=true", lambda p: p.status.phase or "Pending")
+        done = Tally(cp, "jobs", f"{BASELINE_LABEL}=true", lambda j: "Complete" if j.status.succeeded else "")
+        tallies += [pods, done]
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(CLIENT_THREADS) as pool:
+            list(pool.map(lambda j: cp.request("POST", f"/apis/batch/v1/namespaces/{j['metadata']['namespace']}/jobs",
+                                               j), jobs))
+        result.baseline_jobs_created_s = time.monotonic() - t0  # every POST answered 201: every Job exists
+        result.baseline_running_s = wait_until(lambda: pods.count("Running") >= n, timeout, "every pod Running") - t0
+        log(f"[{n} jobs, baseline] all Jobs after {result.baseline_jobs_created_s:.1f}s, all pods Running after "
+            f"{result.baseline_running_s:.1f}s")
+        finish_all(cp, cp.request("GET", f"/api/v1/pods?labelSelector={urllib.parse.quote(BASELINE_LABEL)}%3Dtrue",
+                                  timeout=120)["items"])
+        result.baseline_succeeded_s = wait_until(lambda: done.count("Complete") >= n, timeout,
+                                                 "every Job Complete") - t0
+        log(f"[{n} jobs, baseline] all Jobs succeeded after {result.baseline_succeeded_s:.1f}s")
+    finally:
+        for tally in tallies:
+            tally.stop()
+        cp.stop()
+
+
+def finish_all(cp: ControlPlane, pods: list[dict[str, Any]]) -> None:
+    """The fake kubelet ends every pod's container with exit code 0 (ControlPlane.finish_pod, in bulk)."""
+    finish = {"metadata": {"annotations": {FINISH_ANNOTATION: "Succeeded", EXIT_CODE_ANNOTATION: "0"}}}
+
+    def finish_pod(pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        cp.request("PATCH", f"/api/v1/namespaces/{meta['namespace']}/pods/{urllib.parse.quote(meta['name'])}",
+                   finish, content_type="application/merge-patch+json")
+
+    with ThreadPoolExecutor(CLIENT_THREADS) as pool:
+        list(pool.map(finish_pod, pods))
 
 
 def listed_phases(cp: ControlPlane) -> Counter[str]:
@@ -402,12 +573,28 @@ COLUMNS = [
     ("p99 ms", "p99_ms", "{:.1f}"), ("peak RSS MiB", "peak_rss_mib", "{:.0f}"), ("CPU s", "cpu_s", "{:.1f}"),
     ("errors", "errors", "{:d}"), ("warnings", "warnings", "{:d}"),
 ]
+RATIO_COLUMNS = [
+    ("jobs", "jobs", "{:d}"), ("baseline all Jobs s", "baseline_jobs_created_s", "{:.1f}"),
+    ("baseline all Running s", "baseline_running_s", "{:.1f}"),
+    ("baseline all Succeeded s", "baseline_succeeded_s", "{:.1f}"),
+    ("all Jobs ratio", "jobs_ratio", "{:.2f}"), ("all Running ratio", "running_ratio", "{:.2f}"),
+    ("all Succeeded ratio", "succeeded_ratio", "{:.2f}"), ("scrapes", "scrapes", "{:d}"),
+    ("scrape p50 s", "scrape_p50_s", "{:.2f}"), ("slowest scrape s", "slowest_scrape_s", "{:.2f}"),
+    ("unanswered", "unanswered_scrapes", "{:d}"),
+]
 
 
-def table(results: list[Result]) -> str:
-    head = "| " + " | ".join(c[0] for c in COLUMNS) + " |"
-    rule = "|" + "|".join("-" * (len(c[0]) + 2) for c in COLUMNS) + "|"
-    rows = ["| " + " | ".join(fmt.format(getattr(r, attr)) for _, attr, fmt in COLUMNS) + " |" for r in results]
+def _value(r: Result, attr: str) -> Any:
+    if attr.endswith("_ratio"):
+        return r.ratio({"jobs": "all_jobs_created_s", "running": "all_running_s",
+                        "succeeded": "all_succeeded_s"}[attr.removesuffix("_ratio")])
+    return getattr(r, attr)
+
+
+def table(results: list[Result], columns: list[tuple[str, str, str]] = COLUMNS) -> str:
+    head = "| " + " | ".join(c[0] for c in columns) + " |"
+    rule = "|" + "|".join("-" * (len(c[0]) + 2) for c in columns) + "|"
+    rows = ["| " + " | ".join(fmt.format(_value(r, attr)) for _, attr, fmt in columns) + " |" for r in results]
     return "\n".join([head, rule, *rows])
 
 
@@ -431,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run(n, args.namespaces, workdir, operator_env, args.timeout))
             log(table(results[-1:]))
     print(table(results))
+    print("\nthe operator against the baseline (the same Jobs created by the benchmark, no operator) in this run:")
+    print(table(results, RATIO_COLUMNS))
     last = results[-1]
     print("\noperator writes per job, by kind (largest run, creation to Succeeded, from the API server's counters):")
     for kind, value in sorted(last.breakdown.items()):
@@ -447,8 +636,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in results], indent=2))
     print(f"RESULT jobs={last.jobs} all_jobs_created_s={last.all_jobs_created_s:.1f} "
-          f"all_succeeded_s={last.all_succeeded_s:.1f} writes_per_job={last.writes_to_running:.2f} "
-          f"operator_peak_rss_mib={last.peak_rss_mib:.0f} errors={last.errors}")
+          f"all_succeeded_s={last.all_succeeded_s:.1f} jobs_ratio={last.ratio('all_jobs_created_s'):.2f} "
+          f"running_ratio={last.ratio('all_running_s'):.2f} succeeded_ratio={last.ratio('all_succeeded_s'):.2f} "
+          f"writes_per_job={last.writes_to_running:.2f} operator_peak_rss_mib={last.peak_rss_mib:.0f} "
+          f"slowest_scrape_s={last.slowest_scrape_s:.2f} errors={last.errors}")
     return 0
 
 

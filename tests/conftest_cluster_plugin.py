@@ -10,6 +10,9 @@ The ``real_node`` fixture adds the real node (tests/controlplane/node.py) to tha
 asks for it, so runs without node tests never start it; ``node_images`` builds the operator and trainer images
 (tests/controlplane/images.py) and loads them into the node. Where the node cannot come up, its tests FAIL with the
 reason (component, log tail); they are skipped only when FINETUNE_SKIP_NODE=1 (or FINETUNE_SKIP_CLUSTER=1) is set.
+
+The ``kueue`` fixture starts Kueue's controller manager (tests/controlplane/kueue.py) beside the scheduler the first
+time a test asks for it, so runs without Kueue tests never build or start it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ if str(_REPO_ROOT) not in sys.path:  # "tests.controlplane" must import however 
 
 from tests.controlplane.cluster import BuildError, ControlPlane, ControlPlaneError, build_binaries  # noqa: E402
 from tests.controlplane.images import ImageError, ProductImages, Steps, build_product_images  # noqa: E402
+from tests.controlplane.kueue import Kueue  # noqa: E402
 from tests.controlplane.node import RealNode  # noqa: E402
 
 SKIP_ENV = "FINETUNE_SKIP_CLUSTER"
@@ -121,8 +125,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     capman = session.config.pluginmanager.getplugin("capturemanager")
     uncaptured = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
+    with_kueue = any("kueue" in getattr(i, "fixturenames", ()) for i in session.items)
     with uncaptured, contextlib.suppress(BuildError):
-        build_binaries()
+        build_binaries(with_kueue=with_kueue)
 
 
 @pytest.fixture(scope="session")
@@ -195,6 +200,37 @@ def node_images(real_node: RealNode, request: pytest.FixtureRequest) -> ProductI
     if problem:
         pytest.fail(problem, pytrace=False)
     return tags
+
+
+@pytest.fixture(scope="session")
+def kueue_process(control_plane: ControlPlane, request: pytest.FixtureRequest,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kueue]:
+    """Kueue's controller manager beside the control plane (CRDs, webhooks on loopback), installed on first use;
+    stopped at the end of the session. Tests take it through ``kueue``, which starts it again if a test stopped it."""
+    problem = None
+    kueue = None
+    try:
+        with _uncaptured(request):
+            binaries = build_binaries(with_kueue=True)
+        assert binaries.kueue is not None
+        kueue = Kueue(control_plane, binaries.kueue, tmp_path_factory.mktemp("kueue")).start()
+    except ControlPlaneError as exc:
+        problem = f"Kueue did not come up: {exc}"
+    if problem or kueue is None:
+        pytest.fail(problem or "Kueue did not come up", pytrace=False)
+    try:
+        yield kueue
+    finally:
+        kueue.stop()
+
+
+@pytest.fixture
+def kueue(kueue_process: Kueue) -> Iterator[Kueue]:
+    """The session's Kueue, running with its base configuration; a test that stopped or reconfigured it leaves it
+    that way only until the next test asks for it."""
+    if kueue_process.config or not kueue_process.running:
+        kueue_process.restart()
+    yield kueue_process
 
 
 @pytest.fixture

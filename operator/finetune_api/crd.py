@@ -169,6 +169,14 @@ PRINTER_COLUMNS = [
      "description": "Restarts from a checkpoint."},
     {"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Failed\")].reason",
      "priority": 1, "description": "Why it failed."},
+    {"name": "Queue", "type": "string", "jsonPath": ".status.queue.localQueue", "priority": 1,
+     "description": "Kueue LocalQueue."},
+    {"name": "Queued", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Queued\")].reason",
+     "priority": 1, "description": "Why Kueue holds it (WaitingForQuota, Preempted, ...), or Admitted."},
+    {"name": "Flavor", "type": "string", "jsonPath": ".status.queue.flavor", "priority": 1,
+     "description": "ResourceFlavor of Kueue's admission."},
+    {"name": "Requeues", "type": "integer", "jsonPath": ".status.queue.requeues", "priority": 1,
+     "description": "Times Kueue evicted and requeued it."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -481,6 +481,23 @@ class Toleration(SpecModel):
     )
 
 
+class TopologySpec(SpecModel):
+    """Kueue's Topology-Aware Scheduling: where the workers may be placed relative to each other."""
+
+    required: str | None = Field(default=None, description="Every worker within one domain of this topology level "
+                                 "(a node label key of the Topology the ResourceFlavor names, e.g. "
+                                 "cloud.google.com/gce-topology-block), or the job is not admitted.",
+                                 max_length=317, pattern=LABEL_KEY)
+    preferred: str | None = Field(default=None, description="Workers within one domain of this topology level if "
+                                  "possible, else spread over as few as possible.", max_length=317, pattern=LABEL_KEY)
+
+    rules = (
+        Rule(cel="has(self.required) != has(self.preferred)",
+             message="resources.topology: set exactly one of required and preferred",
+             check=lambda t: exactly_one(t.required, t.preferred)),
+    )
+
+
 class ResourcesSpec(SpecModel):
     """Compute for the trainer pods: one pod per worker, one process per GPU."""
 
@@ -498,6 +515,9 @@ class ResourcesSpec(SpecModel):
     image: str | None = Field(default=None, description="Trainer image; default is the operator's configured "
                               "image. May be restricted to allowed registries by the platform.", max_length=512,
                               pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._/:@-]*$")
+    topology: TopologySpec | None = Field(default=None, description="Kueue Topology-Aware Scheduling of the workers "
+                                          "(the podset-required-topology or podset-preferred-topology annotation of "
+                                          "the pods); Kueue admits every worker together, or none.")
     sharding: Literal["auto", "none", "fsdp"] = Field(
         default="auto",
         description="How training state is spread over the processes (workers x gpusPerWorker). none: every device "
@@ -587,6 +607,10 @@ class RunPolicy(SpecModel):
     )
     queue_name: str | None = Field(default=None, description="Kueue LocalQueue: the Job is created suspended and "
                                    "Kueue admits it.", max_length=63, pattern=DNS_LABEL)
+    priority_class: Annotated[str | None, Immutable(why="it is the Job's Kueue priority label, set at creation")] = \
+        Field(default=None, description="Kueue WorkloadPriorityClass of the job (the kueue.x-k8s.io/priority-class "
+              "label of its Job): its order in the queue and which jobs it may preempt. Immutable.",
+              max_length=253, pattern=DNS_SUBDOMAIN)
 
 
 class S3Credentials(SpecModel):

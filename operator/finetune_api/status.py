@@ -93,6 +93,18 @@ class MemoryPlanStatus(SpecModel):
                                              max_length=8)
 
 
+class QueueStatus(SpecModel):
+    """Where Kueue holds the job, read from its Workload (the Queued condition says why it waits)."""
+
+    workload: str | None = Field(default=None, description="Kueue's Workload of the job's Job.", max_length=253)
+    local_queue: str | None = Field(default=None, description="The LocalQueue it was submitted to.", max_length=63)
+    cluster_queue: str | None = Field(default=None, description="The ClusterQueue whose quota it holds, while "
+                                      "admitted.", max_length=253)
+    flavor: str | None = Field(default=None, description="The ResourceFlavor(s) of the admission, while admitted "
+                               "(resource=flavor pairs when they differ by resource).", max_length=512)
+    priority_class: str | None = Field(default=None, description="Its WorkloadPriorityClass.", max_length=253)
+    requeues: int | None = Field(default=None, description="Times Kueue evicted it and put it back in its queue "
+                                 "(preemption, a PodsReady timeout, ...).", ge=0)
 class SplitStats(SpecModel):
     """One split as the pre-flight read it."""
 
@@ -180,5 +192,7 @@ class FineTuneJobStatus(SpecModel):
                                         json_schema_extra={"format": "date-time"})
     gpu_seconds: float | None = Field(default=None, description="GPU-seconds consumed by trainer pods so far.", ge=0)
     job_name: str | None = Field(default=None, description="The batch/v1 Job running the trainer.", max_length=63)
+    queue: QueueStatus | None = Field(default=None, description="Kueue: the Workload, its queues, the flavor of "
+                                      "the admission and the requeues.")
     observed_generation: int | None = Field(default=None, description="The .metadata.generation last reconciled.",
                                             ge=0)

@@ -143,6 +143,21 @@ def metrics_text(metrics: Mapping[str, Any] | None) -> str:
     return " ".join(f"{k}={number(v)}" for k, v in sorted((metrics or {}).items())) or "-"
 
 
+def queue_text(obj: Mapping[str, Any]) -> str:
+    """Where Kueue holds the job: `team-a -> cq-a (h100), priority high, 1 requeue`, or "-" outside Kueue."""
+    queue = _status(obj).get("queue") or {}
+    if not queue:
+        return "-"
+    text = str(queue.get("localQueue") or "(no LocalQueue)")
+    if queue.get("clusterQueue"):
+        text += f" -> {queue['clusterQueue']}" + (f" ({queue['flavor']})" if queue.get("flavor") else "")
+    if queue.get("priorityClass"):
+        text += f", priority {queue['priorityClass']}"
+    if requeues := queue.get("requeues"):
+        text += f", {requeues} requeue{'s' if requeues != 1 else ''}"
+    return text
+
+
 # ------------------------------------------------------------------------------------------------------ list
 
 
@@ -166,13 +181,13 @@ def list_row(obj: Mapping[str, Any], now: datetime, wide: bool = False) -> list[
         reason or "-",
     ]
     if wide:
-        row.append(metrics_text(status.get("metrics")))
+        row += [queue_text(obj), metrics_text(status.get("metrics"))]
     return row
 
 
 def list_table(items: Sequence[Mapping[str, Any]], now: datetime, all_namespaces: bool = False,
                wide: bool = False) -> str:
-    headers = list(LIST_HEADERS) + (["METRICS"] if wide else [])
+    headers = list(LIST_HEADERS) + (["QUEUE", "METRICS"] if wide else [])
     rows = []
     for obj in items:
         row = list_row(obj, now, wide)
@@ -258,6 +273,8 @@ def describe(obj: Mapping[str, Any], now: datetime) -> str:
             lines.append(("Final metrics", metrics_text(output["metrics"])))
     if status.get("jobName"):
         lines.append(("Job", f"batch/v1 Job {status['jobName']}"))
+    if queue := status.get("queue"):
+        lines.append(("Queue", queue_text(obj) + (f"; Workload {queue['workload']}" if queue.get("workload") else "")))
     text = _fields(lines, 15)
     conditions = status.get("conditions") or []
     if conditions:

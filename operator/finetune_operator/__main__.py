@@ -15,7 +15,7 @@ import sys
 
 import kopf
 
-from finetune_operator import __version__, handlers, logs
+from finetune_operator import __version__, handlers, kinds, logs
 from finetune_operator.controller import Controller
 from finetune_operator.k8s import Kube
 from finetune_operator.leader import LeaderElector
@@ -32,18 +32,34 @@ DESCRIPTION = """Runs the FineTuneJob operator. It takes no arguments: it is con
   FINETUNE_LOG_LEVEL, FINETUNE_LOG_FORMAT, FINETUNE_PEERING, FINETUNE_RESYNC_SECONDS, FINETUNE_WORKERS,
   FINETUNE_LEADER_ELECTION, FINETUNE_LEASE_NAME, FINETUNE_LEASE_NAMESPACE, FINETUNE_LEASE_DURATION_SECONDS,
   FINETUNE_GRACE_PERIOD_SECONDS,
-  FINETUNE_BIND_ADDRESS, FINETUNE_STATUS_SETTLE_SECONDS, FINETUNE_START_TIMEOUT_SECONDS
+  FINETUNE_BIND_ADDRESS, FINETUNE_STATUS_SETTLE_SECONDS, FINETUNE_START_TIMEOUT_SECONDS, FINETUNE_KUEUE
 """
 
 
-async def _lead(settings: Settings, controller: Controller, stop: asyncio.Event, kopf_ready: asyncio.Event,
-                elector: LeaderElector | None) -> int:
+async def integrations(settings: Settings, kube: Kube) -> frozenset[str]:
+    """The integrations whose kinds are watched: Kueue's Workloads when FINETUNE_KUEUE is auto and the API serves
+    them now. Without them the operator runs as before (Kueue-labelled Jobs are reported Queued until they run);
+    installing Kueue later needs an operator restart, said once here rather than by a failing watch."""
+    if settings.kueue == "false":
+        return frozenset()
+    workload = kinds.by_kind("Workload")
+    if await kube.serves(workload):
+        log.info("Kueue's %s %s are served: watching them", workload.api_version, workload.plural)
+        return frozenset({kinds.KUEUE})
+    log.warning("FINETUNE_KUEUE is auto but the API serves no %s %s: Kueue is not installed (or an older version); "
+                "running without Workloads (restart the operator after installing Kueue)", workload.api_version,
+                workload.plural)
+    return frozenset()
+
+
+async def _lead(settings: Settings, kube: Kube, controller: Controller, stop: asyncio.Event,
+                kopf_ready: asyncio.Event, elector: LeaderElector | None) -> int:
     """As the leader: run kopf (and through it the controller) until a stop signal, a lost lease or kopf's own end.
     Returns the exit code."""
     loop = asyncio.get_running_loop()
     kopf_stop = asyncio.Event()
     operator = asyncio.create_task(kopf.operator(
-        registry=handlers.REGISTRY,
+        registry=handlers.registry(await integrations(settings, kube)),
         memo=kopf.Memo(controller=controller),
         standalone=not settings.peering,
         peering_name=settings.peering or None,
@@ -108,7 +124,7 @@ async def run(settings: Settings) -> int:
             kube.write_guard = elector.holds
         leading = True
         metrics.leader.set(1)
-        code = await _lead(settings, controller, stop, kopf_ready, elector)
+        code = await _lead(settings, kube, controller, stop, kopf_ready, elector)
     finally:
         metrics.leader.set(0)
         await controller.stop()

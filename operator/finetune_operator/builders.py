@@ -17,11 +17,16 @@ from finetune_api import exitcodes, kubeyaml, names
 from finetune_api import trainer_env as env_names
 from finetune_api.progress import progress_path
 from finetune_api.spec import FineTuneJobSpec, SecretKeyRef, checkpoint_storage
+from finetune_operator import suspend_owner
 from finetune_operator.labels import (
     CONFIG,
+    KUEUE_PREFERRED_TOPOLOGY,
+    KUEUE_PRIORITY,
     KUEUE_QUEUE,
+    KUEUE_REQUIRED_TOPOLOGY,
     PROGRESS_TOKEN,
     RENDEZVOUS,
+    SUSPENDED_BY,
     TRAINER,
     child_labels,
     selector,
@@ -321,11 +326,6 @@ def pod_failure_policy() -> dict[str, Any]:
     }
 
 
-def desired_suspend(spec: FineTuneJobSpec) -> bool:
-    """Kueue admits queued Jobs by unsuspending them, so they are created suspended."""
-    return spec.run_policy.suspend or spec.run_policy.queue_name is not None
-
-
 def trainer_container(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext,
                       mounts: list[dict[str, Any]]) -> dict[str, Any]:
     """The one container of a trainer pod: restricted, read-only root, credentials only by reference."""
@@ -396,43 +396,73 @@ def pod_spec(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[str
     return out
 
 
+def kueue_labels(spec: FineTuneJobSpec) -> dict[str, str]:
+    """The Job's Kueue labels: its LocalQueue and WorkloadPriorityClass."""
+    rp = spec.run_policy
+    out = {KUEUE_QUEUE: rp.queue_name} if rp.queue_name else {}
+    if rp.priority_class:
+        out[KUEUE_PRIORITY] = rp.priority_class
+    return out
+
+
+def topology_annotations(spec: FineTuneJobSpec) -> dict[str, str]:
+    """Kueue's Topology-Aware Scheduling request on the pod template (its one pod set)."""
+    topology = spec.resources.topology
+    if topology is None:
+        return {}
+    if topology.required:
+        return {KUEUE_REQUIRED_TOPOLOGY: topology.required}
+    return {KUEUE_PREFERRED_TOPOLOGY: topology.preferred} if topology.preferred else {}
+
+
 def build_job(owner: Owner, spec: FineTuneJobSpec, ctx: BuildContext) -> dict[str, Any]:
     r, rp = spec.resources, spec.run_policy
-    job_labels = {KUEUE_QUEUE: rp.queue_name} if rp.queue_name else {}
+    suspend, mark = suspend_owner.at_creation(spec)
+    template_meta: dict[str, Any] = {"labels": labels(owner)}
+    if annotations := topology_annotations(spec):
+        template_meta["annotations"] = annotations
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": r.workers,
         "parallelism": r.workers,
         "backoffLimit": rp.backoff_limit,
-        "suspend": desired_suspend(spec),
+        "suspend": suspend,
         "podFailurePolicy": pod_failure_policy(),
-        "template": {"metadata": {"labels": labels(owner)}, "spec": pod_spec(owner, spec, ctx)},
+        "template": {"metadata": template_meta, "spec": pod_spec(owner, spec, ctx)},
     }
     if rp.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = rp.active_deadline_seconds
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": child_metadata(owner, job_name(owner), TRAINER, job_labels),
-        "spec": job_spec,
-    }
+    metadata = child_metadata(owner, job_name(owner), TRAINER, kueue_labels(spec))
+    if mark is not None:
+        metadata["annotations"] = {SUSPENDED_BY: mark}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
 
 
-def job_spec_patch(spec: FineTuneJobSpec, current: dict[str, Any], kueue_managed: bool,
-                   hold: bool = False) -> dict[str, Any]:
+def job_patch(spec: FineTuneJobSpec, current: dict[str, Any], suspend: bool | None = None,
+              mark: str | None = None) -> dict[str, Any]:
     """The merge patch that brings a live Job's mutable fields to the spec; empty when nothing differs.
 
-    `current` holds the Job's live suspend, backoffLimit and activeDeadlineSeconds. `hold` keeps the Job suspended
-    whatever the spec says (a whole-group restart, see gang.py). A Job carrying a Kueue queue label is never
-    (un)suspended here: Kueue owns that switch.
+    `current` holds the Job's live backoffLimit and activeDeadlineSeconds. `suspend` is what suspend_owner decided
+    (None: the operator does not hold the switch, or it is already right); it is written with the operator's mark
+    (`mark`, or the mark removed), so that a suspension without the mark is known to be someone else's.
     """
     rp = spec.run_policy
     patch: dict[str, Any] = {}
-    suspend = rp.suspend or hold
-    if not kueue_managed and bool(current.get("suspend")) != suspend:
-        patch["suspend"] = suspend
+    if suspend is not None:
+        patch["spec"] = {"suspend": suspend}
+        patch["metadata"] = {"annotations": {SUSPENDED_BY: mark}}
+    edits = {}
     if current.get("backoffLimit") != rp.backoff_limit:
-        patch["backoffLimit"] = rp.backoff_limit
+        edits["backoffLimit"] = rp.backoff_limit
     if current.get("activeDeadlineSeconds") != rp.active_deadline_seconds:
-        patch["activeDeadlineSeconds"] = rp.active_deadline_seconds
-    return {"spec": patch} if patch else {}
+        edits["activeDeadlineSeconds"] = rp.active_deadline_seconds
+    if edits:
+        patch.setdefault("spec", {}).update(edits)
+    return patch
+
+
+def workload_patch(active: bool) -> dict[str, Any]:
+    """Kueue's way to suspend a job it admits: deactivate its Workload (Kueue evicts it and frees the quota), marked as
+    the operator's doing; activate it again to resume."""
+    return {"spec": {"active": active},
+            "metadata": {"annotations": {SUSPENDED_BY: None if active else suspend_owner.BY_USER}}}

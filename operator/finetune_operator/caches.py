@@ -1,14 +1,15 @@
-"""The watch caches: kopf indices of the operator's Jobs, Pods, ConfigMaps and Services, by FineTuneJob key.
+"""The watch caches: one kopf index per watched kind of kinds.py (Jobs, Pods, ConfigMaps, Services, and Kueue's
+Workloads where that integration is on), each holding small views by FineTuneJob key.
 
 A pass reads only these (and the FineTuneJob's record), never the API, so a steady job costs no request. kopf fills
-them from watches with a server-side label selector; tests hand in plain dicts of the same shape.
+them from watches; tests hand in plain dicts of the same shape.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from finetune_operator.observe import ConfigMapView, JobView, PodView, ServiceView
+from finetune_operator.observe import ConfigMapView, JobView, PodView, ServiceView, WorkloadView
 from finetune_operator.record import Key
 
 
@@ -24,24 +25,24 @@ def _read(index: Any, key: Key) -> list[Any]:
 
 
 class Caches:
-    """Read-only views of the four indices, bound at startup."""
+    """Read-only views of the indices, bound at startup by cache name (`kinds.Watch.cache`)."""
 
     def __init__(self) -> None:
-        self.jobs: Any = None  # kopf.Index[Key, JobView]
-        self.pods: Any = None  # kopf.Index[Key, PodView]
-        self.configmaps: Any = None  # kopf.Index[Key, ConfigMapView]; None: no drift repair
-        self.services: Any = None  # kopf.Index[Key, ServiceView]
+        self.indices: dict[str, Any] = {}  # cache name -> kopf.Index[Key, <view>]
 
-    def bind(self, jobs: Any, pods: Any, configmaps: Any = None, services: Any = None) -> None:
-        self.jobs, self.pods, self.configmaps, self.services = jobs, pods, configmaps, services
+    def bind(self, **indices: Any) -> None:
+        self.indices = {name: index for name, index in indices.items() if index is not None}
+
+    def bound(self, cache: str) -> bool:
+        return cache in self.indices
 
     @property
     def drift_repair(self) -> bool:
         """Whether ConfigMaps and Services are watched, so that a drifted or missing one can be seen."""
-        return self.configmaps is not None and self.services is not None
+        return self.bound("configmaps") and self.bound("services")
 
     def jobs_of(self, key: Key, owner_uid: str) -> list[JobView]:
-        return [j for j in _read(self.jobs, key) if j.owner_uid == owner_uid]
+        return [j for j in _read(self.indices.get("jobs"), key) if j.owner_uid == owner_uid]
 
     def job(self, key: Key, owner_uid: str, name: str) -> JobView | None:
         return next((j for j in self.jobs_of(key, owner_uid) if j.name == name), None)
@@ -49,15 +50,24 @@ class Caches:
     def pods_of(self, key: Key, job_uid: str) -> list[PodView]:
         """The pods of one Job. Not tolerant like the others: a pass on a partial pod list could report a running
         job as Pending, so a concurrent change fails the pass, and it is retried."""
-        if self.pods is None:
+        pods = self.indices.get("pods")
+        if pods is None:
             return []
-        return [p for p in list(self.pods.get(key, ())) if p.job_uid == job_uid]
+        return [p for p in list(pods.get(key, ())) if p.job_uid == job_uid]
 
     def configmap(self, key: Key, owner_uid: str, name: str) -> ConfigMapView | None:
-        return next((c for c in _read(self.configmaps, key) if c.owner_uid == owner_uid and c.name == name), None)
+        return next((c for c in _read(self.indices.get("configmaps"), key)
+                     if c.owner_uid == owner_uid and c.name == name), None)
 
     def service(self, key: Key, owner_uid: str, name: str) -> ServiceView | None:
-        return next((s for s in _read(self.services, key) if s.owner_uid == owner_uid and s.name == name), None)
+        return next((s for s in _read(self.indices.get("services"), key)
+                     if s.owner_uid == owner_uid and s.name == name), None)
 
     def services_of(self, key: Key, owner_uid: str) -> list[ServiceView]:
-        return [s for s in _read(self.services, key) if s.owner_uid == owner_uid]
+        return [s for s in _read(self.indices.get("services"), key) if s.owner_uid == owner_uid]
+
+    def workload_of(self, key: Key, job_uid: str) -> WorkloadView | None:
+        """Kueue's Workload of one Job (Kueue keeps one; while a replaced one is being deleted, the live one)."""
+        found = [w for w in _read(self.indices.get("workloads"), key) if w.job_uid == job_uid]
+        found.sort(key=lambda w: w.deleting)
+        return found[0] if found else None

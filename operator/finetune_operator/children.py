@@ -1,11 +1,13 @@
-"""A FineTuneJob's children on the API: create them, keep them as the builders say, stop a broken group, clean up.
+"""A FineTuneJob's children on the API: create them, control the live Job, clean up (drift repair: repair.py).
 
 Every child create goes through `Children.create_one`, where a 409 means "already done" (a restarted operator, an
 earlier pass that failed half-way, a watch that is behind) unless the object there belongs to someone else: that is
 a refusal (`NameConflict`), and a foreign object is never adopted or changed. A 422 (the API server, or an admission
 policy, finds the object invalid) is a refusal too, and a permanent one: the children already made for the job are
-deleted again, so a job that can never run leaves nothing behind. Repairs compare against the watch caches, so a
-steady job costs no request.
+deleted again, so a job that can never run leaves nothing behind. An admission webhook that cannot be called (Kueue's,
+while Kueue is down) refuses the Job only: the ConfigMap and Secret made before it are reused when the create is
+retried, and no Job exists that Kueue has not seen. The live Job's `suspend` is written only as suspend_owner.py
+decides; under Kueue the Workload's `spec.active` is written instead.
 """
 
 from __future__ import annotations
@@ -20,16 +22,17 @@ import kopf
 
 from finetune_api import names
 from finetune_api.spec import FineTuneJobSpec
-from finetune_operator import builders, gang
+from finetune_operator import builders, gang, suspend_owner
 from finetune_operator.caches import Caches
 from finetune_operator.k8s import ApiError, Kube
-from finetune_operator.observe import JobView, PodView, data_digest, service_shape, summarize_job
+from finetune_operator.kinds import by_kind
+from finetune_operator.observe import JobView, PodView, WorkloadView, summarize_job
 from finetune_operator.progress import job_token
-from finetune_operator.record import JobRecord, Key
+from finetune_operator.record import Key
 
 log = logging.getLogger(__name__)
 
-SECRET_RETRIES = 3  # passes that try the progress Secret again after its ConfigMap was recreated (GC race)
+WORKLOAD = by_kind("Workload")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Created:
     conflict: str | None = None  # another owner's object holds the name: left alone
     stale: bool = False  # owned by an earlier FineTuneJob of the same name, which garbage collection is removing
     invalid: str | None = None  # the API server refused the object (422): permanent, nothing will change that
+    unavailable: str | None = None  # an admission webhook could not be called (Kueue down): retried with backoff
 
     @property
     def refused(self) -> bool:
@@ -97,11 +101,11 @@ class Children:
                 return await self._refusal(owner, result, made)
         configmap = first[0]
         assert isinstance(configmap, Created) and configmap.obj is not None
-        secret = await self.create_one(owner, self._secret(owner, configmap.obj["metadata"]["uid"]))
+        secret = await self.create_one(owner, self.secret(owner, configmap.obj["metadata"]["uid"]))
         if secret.invalid is not None:
             return await self._refusal(owner, secret, made)
         created = await self.create_one(owner, job or builders.build_job(owner, spec, self.ctx))
-        if created.obj is None:
+        if created.obj is None:  # a webhook that did not answer keeps what was made: the retry reuses it (409)
             return await self._refusal(owner, created, made)
         return CreateResult(job=summarize_job(created.obj))
 
@@ -139,6 +143,12 @@ class Children:
                 log.warning("%s/%s: the API server refused %s %s: %s", owner.namespace, owner.name, kind, child_name,
                             exc.message)
                 return Created(invalid=f"the API server refused the {kind} built from this spec: {exc.message}")
+            if exc.webhook_unavailable:
+                log.warning("%s/%s: %s %s not created, an admission webhook did not answer: %s", owner.namespace,
+                            owner.name, kind, child_name, exc.message)
+                return Created(unavailable=f"the API server refused to create {kind} {child_name} because an "
+                                           f"admission webhook with failurePolicy Fail could not be called (Kueue's, "
+                                           f"when Kueue is down): {exc.message}; retrying with backoff")
             if not exc.conflict:
                 raise
             if kind == "Secret":
@@ -161,25 +171,37 @@ class Children:
         return Created(conflict=f"{kind} {child_name} already exists and is not owned by this FineTuneJob; "
                                 f"it is left alone (rename the FineTuneJob or delete the {kind})")
 
-    def _secret(self, owner: builders.Owner, configmap_uid: str) -> dict[str, Any]:
+    def secret(self, owner: builders.Owner, configmap_uid: str) -> dict[str, Any]:
         token = job_token(self.progress_key, owner.namespace, owner.name, owner.uid)
         return builders.build_secret(owner, token, configmap_uid)
 
     # ------------------------------------------------------------------------------------------- the live Job
 
-    async def sync_job(self, key: Key, spec: FineTuneJobSpec, job: JobView, hold: bool = False) -> JobView:
-        """Carry allowed spec edits (suspend, backoffLimit, activeDeadlineSeconds) to the live Job, and keep it
-        suspended while `hold` (a broken torchrun group is being stopped). Returns the Job as patched."""
+    async def sync_job(self, key: Key, spec: FineTuneJobSpec, job: JobView,
+                       actions: suspend_owner.Actions) -> JobView:
+        """Carry allowed spec edits (backoffLimit, activeDeadlineSeconds) to the live Job, and its `suspend` where the
+        operator holds it (suspend_owner.py decided `actions`). Returns the Job as patched."""
         if job.finished:
             return job
-        patch = builders.job_spec_patch(spec, job.live_spec, kueue_managed=job.queue_name is not None, hold=hold)
+        patch = builders.job_patch(spec, job.live_spec, actions.job_suspend, actions.mark)
         if not patch:
             return job
         await self.kube.patch("batch/v1", "Job", key[0], job.name, patch)
-        log.info("%s/%s: updated Job %s: %s", *key, job.name, patch["spec"])
-        if "suspend" in patch["spec"]:
-            return dataclasses.replace(job, suspend=patch["spec"]["suspend"])
+        log.info("%s/%s: updated Job %s: %s", *key, job.name, patch)
+        if actions.job_suspend is not None:
+            return dataclasses.replace(job, suspend=actions.job_suspend, suspended_by=actions.mark)
         return job
+
+    async def set_workload_active(self, key: Key, workload: WorkloadView, active: bool) -> None:
+        """Kueue's way to suspend and resume a job it holds: deactivate or activate its Workload."""
+        try:
+            await self.kube.patch(WORKLOAD.api_version, WORKLOAD.kind, key[0], workload.name,
+                                  builders.workload_patch(active))
+        except ApiError as exc:
+            if exc.not_found:
+                return  # replaced or deleted meanwhile: the next pass sees the new one
+            raise
+        log.info("%s/%s: %s Workload %s", *key, "activated" if active else "deactivated", workload.name)
 
     async def delete_job(self, key: Key, job: JobView, why: str) -> None:
         """Delete a Job the operator failed (its pods go too: background propagation)."""
@@ -187,7 +209,7 @@ class Children:
             log.info("%s/%s: deleted Job %s: %s", *key, job.name, why)
 
     async def evict_group(self, key: Key, pods: list[PodView], doomed: set[str], broken: PodView) -> None:
-        """Kueue owns `suspend` of its Jobs, so their broken groups are stopped by evicting the survivors instead
+        """Kueue holds `suspend` of its Jobs, so their broken groups are stopped by evicting the survivors instead
         (ignored by the pod failure policy like any disruption); the Job controller replaces them, and a replacement
         that meets a dying member exits 76 (peer lost), also ignored, until the whole group is new."""
         for pod in gang.survivors(pods, doomed, broken):
@@ -196,67 +218,6 @@ class Children:
             if await self.kube.evict(key[0], pod.name, pod.uid):
                 log.info("%s/%s: evicted pod %s: worker %d failed and its group must restart", *key, pod.name,
                          broken.index)
-
-    # ------------------------------------------------------------------------------------------------ repair
-
-    async def repair(self, record: JobRecord, key: Key, owner: builders.Owner, spec: FineTuneJobSpec) -> bool:
-        """Put the ConfigMap and the Service (multi-pod jobs) back as the builders say: recreate a missing one, patch
-        (ConfigMap data) or recreate (Service) a drifted one. A spec edit refreshes the ConfigMap the same way
-        (restarted pods read the new configuration). True: look again soon (an old object is still being removed)."""
-        if not self.caches.drift_repair:
-            return False  # no caches to compare against (drift repair needs the ConfigMap and Service watches)
-        again = await self._repair_configmap(record, key, owner, spec)
-        if builders.needs_service(spec):
-            again = await self._repair_service(key, owner) or again
-        return again
-
-    async def _repair_configmap(self, record: JobRecord, key: Key, owner: builders.Owner,
-                                spec: FineTuneJobSpec) -> bool:
-        desired = builders.build_configmap(owner, spec)
-        name = desired["metadata"]["name"]
-        cm = self.caches.configmap(key, owner.uid, name)
-        if cm is not None:
-            if not cm.deleting and cm.data_digest != data_digest(desired["data"]):
-                await self.kube.patch("v1", "ConfigMap", owner.namespace, cm.name, {"data": desired["data"]})
-                log.info("%s/%s: ConfigMap %s put back to the spec", *key, cm.name)
-            return await self._recreate_secret(record, owner, cm.uid)
-        created = await self.create_one(owner, desired)
-        if created.obj is None:
-            return _refused(key, created)
-        if created.existed:  # the watch is behind
-            if created.obj.get("data") != desired["data"]:
-                await self.kube.patch("v1", "ConfigMap", owner.namespace, name, {"data": desired["data"]})
-            return False
-        log.info("%s/%s: ConfigMap %s recreated", *key, name)
-        record.secret_retries = SECRET_RETRIES
-        return await self._recreate_secret(record, owner, created.obj["metadata"]["uid"])
-
-    async def _recreate_secret(self, record: JobRecord, owner: builders.Owner, configmap_uid: str) -> bool:
-        """The progress Secret is owned by the ConfigMap: a recreated ConfigMap needs a new one. The old one may still
-        be on its way out (garbage collection), answering 409; a few later passes try again (Secrets are not read)."""
-        if record.secret_retries <= 0:
-            return False
-        created = await self.create_one(owner, self._secret(owner, configmap_uid))
-        if not created.existed:
-            record.secret_retries = 0
-            return False
-        record.secret_retries -= 1
-        return record.secret_retries > 0
-
-    async def _repair_service(self, key: Key, owner: builders.Owner) -> bool:
-        desired = builders.build_service(owner)
-        svc = self.caches.service(key, owner.uid, desired["metadata"]["name"])
-        if svc is not None and not svc.deleting and svc.shape != service_shape(desired["spec"]):
-            await self.kube.delete("v1", "Service", owner.namespace, svc.name)
-            log.info("%s/%s: Service %s differed from the spec; recreating it", *key, svc.name)
-            svc = None
-        if svc is not None:
-            return False
-        created = await self.create_one(owner, desired)
-        if created.obj is None:
-            return _refused(key, created)
-        log.info("%s/%s: Service %s recreated", *key, desired["metadata"]["name"])
-        return False
 
     # ---------------------------------------------------------------------------------------------- clean up
 
@@ -270,7 +231,7 @@ class Children:
         cm = await self.kube.get("v1", "ConfigMap", ns, builders.configmap_name(owner))
         if cm is None or not owned(cm, owner):
             return
-        if self.caches.services is not None:  # the watch cache says whether there is one (single-pod jobs have none)
+        if self.caches.bound("services"):  # the watch cache says whether there is one (single-pod jobs have none)
             services = [s.name for s in self.caches.services_of(key, owner.uid)]
         else:
             svc = await self.kube.get("v1", "Service", ns, builders.service_name(owner))
@@ -280,10 +241,3 @@ class Children:
         await self.kube.delete("v1", "ConfigMap", ns, builders.configmap_name(owner), propagation="Background")
         log.info("%s/%s: children deleted: %s", *key, why)
 
-
-def _refused(key: Key, created: Created) -> bool:
-    """A repair that met an object it may not touch (or may not create): log it; a stale owner's object is waited
-    out."""
-    if created.conflict is not None or created.invalid is not None:
-        log.warning("%s/%s: %s", *key, created.conflict or created.invalid)
-    return created.stale

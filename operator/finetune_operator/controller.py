@@ -1,6 +1,7 @@
 """The operator's core, assembled: what the watches and the trainers report comes in here and becomes queued passes.
 
-kopf feeds `observe_ftj` (FineTuneJobs) and `observe_child` (the operator's own Jobs, Pods, ConfigMaps and Services)
+kopf feeds `observe_ftj` (FineTuneJobs) and `observe_child` (every other watched kind of kinds.py: the operator's
+Jobs, Pods, ConfigMaps and Services, and Kueue's Workloads)
 and fills the watch caches bound by `bind_indices`; the progress server feeds `accept_report`. Each updates the job's
 record and queues its key; the runner hands keys to the reconcile pass, one at a time per key.
 
@@ -25,6 +26,7 @@ from finetune_operator.metrics import JobSample, Metrics
 from finetune_operator.progress import token_valid
 from finetune_operator.reconcile import Reconciler
 from finetune_operator.record import JobRecord, Key, key_of
+from finetune_operator.repair import Repair
 from finetune_operator.runner import Runner
 from finetune_operator.settings import Settings
 from finetune_operator.sharing import footprint
@@ -52,7 +54,8 @@ class Controller:
                 node_selector=settings.preflight_node_selector, tolerations=settings.preflight_tolerations,
                 queue_name=settings.preflight_queue or None))
         children = Children(kube, self.caches, self.ctx, settings.progress_key)
-        self.reconciler = Reconciler(settings, kube, metrics, clock, self.records, self.caches, children, self.queue)
+        self.reconciler = Reconciler(settings, kube, metrics, clock, self.records, self.caches, children,
+                                     Repair(kube, self.caches, children), self.queue)
         self.runner = Runner(self.queue, self.reconcile, lambda: list(self.records), metrics, settings.workers,
                              settings.resync_seconds)
         metrics.bind_jobs(self.samples)
@@ -68,8 +71,9 @@ class Controller:
 
     # ------------------------------------------------------------------------------------------ watch intake
 
-    def bind_indices(self, jobs: Any, pods: Any, configmaps: Any = None, services: Any = None) -> None:
-        self.caches.bind(jobs, pods, configmaps, services)
+    def bind_indices(self, **indices: Any) -> None:
+        """The watch caches by name (kinds.Watch.cache: jobs, pods, configmaps, services, workloads)."""
+        self.caches.bind(**indices)
 
     def observe_ftj(self, event_type: str | None, body: dict[str, Any]) -> None:
         key = key_of(body)

@@ -3,6 +3,9 @@
 Only watching handlers (`on.event`, `index`) are used on purpose. kopf's change-detection handlers (`on.create`,
 `on.update`) persist progress and a diff-base on every object (an extra write per job), and daemons and timers
 always add a finalizer (deletion would hang while the operator is down). The controller does the rest.
+
+`registry(integrations)` registers one index and one event handler per watched kind of kinds.py, so the watched
+kinds are those of that declaration and no other list.
 """
 
 from __future__ import annotations
@@ -14,33 +17,28 @@ from typing import Any
 import kopf
 
 from finetune_api import names
-from finetune_operator import k8s, labels
-from finetune_operator.observe import (
-    owner_key,
-    summarize_configmap,
-    summarize_job,
-    summarize_pod,
-    summarize_service,
-)
+from finetune_operator import k8s, kinds, labels, observe
 
 log = logging.getLogger(__name__)
 
-REGISTRY = kopf.OperatorRegistry()
 # kopf's client-side filter, from the same definition as the server-side selector below.
 _CHILD_LABELS = {key: kopf.PRESENT if value is None else value for key, value in labels.SELECTOR_MATCH.items()}
-# Every kind of child the operator watches: (resource, index id, event handler id, summary kept in the index).
-_CHILDREN: tuple[tuple[tuple[str, ...], str, str, Callable[[dict[str, Any]], Any]], ...] = (
-    (("batch", "v1", "jobs"), "jobs_by_owner", "job_event", summarize_job),
-    (("v1", "pods"), "pods_by_owner", "pod_event", summarize_pod),
-    (("v1", "configmaps"), "configmaps_by_owner", "configmap_event", summarize_configmap),
-    (("v1", "services"), "services_by_owner", "service_event", summarize_service),
-)
 
 
-def configure(settings: kopf.OperatorSettings) -> None:
+def index_id(kind: kinds.Kind) -> str:
+    assert kind.watch is not None
+    return f"{kind.watch.cache}_by_owner"
+
+
+def _resource(kind: kinds.Kind) -> tuple[str, ...]:
+    return (kind.group, kind.version, kind.plural) if kind.group else (kind.version, kind.plural)
+
+
+def configure(settings: kopf.OperatorSettings, watched: tuple[kinds.Kind, ...]) -> None:
     """kopf settings: server-side selectors for the children, no scanning (no CRD/namespace RBAC), no kopf Events."""
-    for resource, *_ in _CHILDREN:
-        settings.watching.label_selectors[resource] = labels.SELECTOR
+    for kind in watched:
+        if kind.watch is not None and kind.watch.selected:
+            settings.watching.label_selectors[_resource(kind)] = labels.SELECTOR
     settings.scanning.disabled = True
     settings.posting.enabled = False
     settings.watching.server_timeout = 300
@@ -48,40 +46,51 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.networking.request_timeout = 60
 
 
-@kopf.on.login(registry=REGISTRY)
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return k8s.login(**kwargs)
 
 
-@kopf.on.startup(registry=REGISTRY)
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, jobs_by_owner: kopf.Index,
-                  pods_by_owner: kopf.Index, configmaps_by_owner: kopf.Index, services_by_owner: kopf.Index,
-                  **_: Any) -> None:
-    configure(settings)
-    memo.controller.bind_indices(jobs_by_owner, pods_by_owner, configmaps_by_owner, services_by_owner)
-    memo.controller.start()
-
-
-@kopf.on.cleanup(registry=REGISTRY)
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await memo.controller.stop()
 
 
-@kopf.on.event(names.GROUP, names.VERSION, names.PLURAL, registry=REGISTRY)
 async def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     memo.controller.observe_ftj(event.get("type"), event["object"])
 
 
-async def _by_owner(body: kopf.Body, param: Callable[[dict[str, Any]], Any], **_: Any) -> dict[Any, Any] | None:
-    """Index entry of a child: its summary under its FineTuneJob's key."""
-    key = owner_key(dict(body))
-    return {key: param(dict(body))} if key else None
+Reader = Callable[[dict[str, Any]], Any]
 
 
-async def _child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    memo.controller.observe_child(owner_key(event["object"]))
+async def _by_owner(body: kopf.Body, param: tuple[Reader, Reader], **_: Any) -> dict[Any, Any] | None:
+    """Index entry of a watched object: its summary under its FineTuneJob's key (param: key and summary functions)."""
+    key_of, summary = param
+    key = key_of(dict(body))
+    return {key: summary(dict(body))} if key else None
 
 
-for _resource, _index_id, _event_id, _summary in _CHILDREN:
-    kopf.index(*_resource, id=_index_id, param=_summary, labels=_CHILD_LABELS, registry=REGISTRY)(_by_owner)
-    kopf.on.event(*_resource, id=_event_id, labels=_CHILD_LABELS, registry=REGISTRY)(_child_event)
+async def _watched_event(event: kopf.RawEvent, memo: kopf.Memo, param: Reader, **_: Any) -> None:
+    memo.controller.observe_child(param(event["object"]))
+
+
+def registry(integrations: frozenset[str] = frozenset()) -> kopf.OperatorRegistry:
+    """The operator's handlers: the FineTuneJob watch, and an index plus an event handler per watched kind."""
+    reg = kopf.OperatorRegistry()
+    watched = kinds.watched(integrations)
+    kopf.on.login(registry=reg)(login)
+    kopf.on.cleanup(registry=reg)(cleanup)
+    kopf.on.event(names.GROUP, names.VERSION, names.PLURAL, registry=reg)(finetunejob_event)
+
+    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **indices: Any) -> None:
+        configure(settings, watched)
+        memo.controller.bind_indices(**{k.watch.cache: indices[index_id(k)] for k in watched if k.watch})
+        memo.controller.start()
+
+    kopf.on.startup(registry=reg)(startup)
+    for kind in watched:
+        assert kind.watch is not None
+        key_of, summary = getattr(observe, kind.watch.key), getattr(observe, kind.watch.summary)
+        selected = {"labels": _CHILD_LABELS} if kind.watch.selected else {}
+        kopf.index(*_resource(kind), id=index_id(kind), param=(key_of, summary), registry=reg, **selected)(_by_owner)
+        kopf.on.event(*_resource(kind), id=f"{kind.watch.cache}_event", param=key_of, registry=reg,
+                      **selected)(_watched_event)
+    return reg

@@ -25,6 +25,7 @@ import kopf
 
 from finetune_api import names
 from finetune_api.times import format_time
+from finetune_operator.kinds import KINDS, Kind
 from finetune_operator.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -32,16 +33,8 @@ log = logging.getLogger(__name__)
 MERGE_PATCH = "application/merge-patch+json"
 REQUEST_TIMEOUT = 30.0
 USER_AGENT = "finetune-operator"
-_ROUTES: dict[tuple[str, str], tuple[str, str]] = {
-    ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
-    ("v1", "Secret"): ("/api/v1", "secrets"),
-    ("v1", "Service"): ("/api/v1", "services"),
-    ("v1", "Event"): ("/api/v1", "events"),
-    ("v1", "Pod"): ("/api/v1", "pods"),
-    ("batch/v1", "Job"): ("/apis/batch/v1", "jobs"),
-    ("coordination.k8s.io/v1", "Lease"): ("/apis/coordination.k8s.io/v1", "leases"),
-    (names.API_VERSION, names.KIND): (f"/apis/{names.API_VERSION}", names.PLURAL),
-}
+# Request paths of every kind the operator uses (kinds.py); evictions are the Pod's subresource.
+_ROUTES: dict[tuple[str, str], tuple[str, str]] = {(k.api_version, k.kind): (k.prefix, k.plural) for k in KINDS}
 
 
 class ApiError(Exception):
@@ -66,6 +59,12 @@ class ApiError(Exception):
         """422: the object itself is refused (validation, or an admission policy answering Invalid); sending it
         again changes nothing."""
         return self.status == 422
+
+    @property
+    def webhook_unavailable(self) -> bool:
+        """An admission webhook with failurePolicy Fail could not be called (e.g. Kueue is down): the API server
+        refused the request without looking at it, and the same request succeeds once the webhook answers."""
+        return self.status == 500 and "failed calling webhook" in self.message
 
     @property
     def namespace_terminating(self) -> bool:
@@ -233,6 +232,17 @@ class Kube:
                 return False
             raise
         return True
+
+    async def serves(self, kind: Kind) -> bool:
+        """Whether the API serves `kind` now (discovery: its group version lists its resource). Discovery is open to
+        every authenticated client, so this needs no RBAC of its own."""
+        try:
+            found = await self.request("GET", kind.prefix, resource="discovery")
+        except ApiError as exc:
+            if exc.not_found:
+                return False
+            raise
+        return any(r.get("name") == kind.plural for r in (found or {}).get("resources") or [])
 
     async def patch_ftj_status(self, namespace: str, name: str, status_patch: dict[str, Any]) -> dict[str, Any]:
         return await self.patch(names.API_VERSION, names.KIND, namespace, name, {"status": status_patch}, "status")

@@ -21,8 +21,14 @@ APP = "finetune-job"  # what every child is part of running: one FineTuneJob (th
 TRAINER, CONFIG, PROGRESS_TOKEN, RENDEZVOUS = "trainer", "config", "progress-token", "rendezvous"  # components
 PREFLIGHT = "preflight"  # component of the pre-flight Job and its pod
 JOB_NAME = f"{names.GROUP}/job-name"  # the FineTuneJob a child belongs to: the key of every watch cache
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"  # on the Job: Kueue admits it (and holds its `suspend`)
+KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"  # on the Job: its WorkloadPriorityClass
+KUEUE_REQUIRED_TOPOLOGY = "kueue.x-k8s.io/podset-required-topology"  # on the pod template: TAS, all in one domain
+KUEUE_PREFERRED_TOPOLOGY = "kueue.x-k8s.io/podset-preferred-topology"  # on the pod template: TAS, as few as possible
+# Annotation on a Job the operator suspended (value: why, see suspend_owner.py), written in the same patch as
+# `spec.suspend`, and on a Workload the operator deactivated: a suspension without it is someone else's (Kueue's).
+SUSPENDED_BY = f"{names.GROUP}/suspended-by"
 SPEC_HASH = f"{names.GROUP}/spec-hash"  # annotation on the pre-flight Job: the spec it checked
-KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"  # on the Job: Kueue admits it (and owns its `suspend`)
 JOB_CONTROLLER_UID = "batch.kubernetes.io/controller-uid"  # set by the Job controller on the Job's pods
 JOB_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # annotation (and label) on Indexed Job pods
 

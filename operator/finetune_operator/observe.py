@@ -14,7 +14,14 @@ from typing import Any
 
 from finetune_api import names
 from finetune_operator.builders import GPU_RESOURCE
-from finetune_operator.labels import JOB_COMPLETION_INDEX, JOB_CONTROLLER_UID, JOB_NAME, KUEUE_QUEUE, SPEC_HASH
+from finetune_operator.labels import (
+    JOB_COMPLETION_INDEX,
+    JOB_CONTROLLER_UID,
+    JOB_NAME,
+    KUEUE_QUEUE,
+    SPEC_HASH,
+    SUSPENDED_BY,
+)
 
 
 def controller_uid(meta: dict[str, Any], kind: str | None = None) -> str | None:
@@ -45,6 +52,7 @@ class JobView:
     backoff_limit: int | None = None
     active_deadline_seconds: int | None = None
     queue_name: str | None = None
+    suspended_by: str | None = None  # the operator's mark on a suspension of its own (suspend_owner.py)
     completions: int = 1
     active: int = 0
     ready: int = 0
@@ -127,6 +135,7 @@ def summarize_job(body: dict[str, Any]) -> JobView:
         backoff_limit=spec.get("backoffLimit"),
         active_deadline_seconds=spec.get("activeDeadlineSeconds"),
         queue_name=(meta.get("labels") or {}).get(KUEUE_QUEUE),
+        suspended_by=(meta.get("annotations") or {}).get(SUSPENDED_BY),
         completions=int(spec.get("completions") or 1),
         active=int(status.get("active") or 0),
         ready=int(status.get("ready") or 0),
@@ -256,6 +265,82 @@ def summarize_service(body: dict[str, Any]) -> ServiceView:
     return ServiceView(name=meta.get("name", ""), uid=meta.get("uid", ""),
                        owner_uid=controller_uid(meta, names.KIND), shape=service_shape(body.get("spec")),
                        deleting=bool(meta.get("deletionTimestamp")))
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """One entry of a Workload's eviction statistics: why, and how often."""
+
+    reason: str
+    cause: str = ""  # Kueue's underlyingCause (e.g. RequeuingLimitExceeded for a Deactivated eviction)
+    count: int = 0
+
+
+@dataclass(frozen=True)
+class WorkloadView:
+    """What the operator needs from Kueue's Workload of its Job (kueue.x-k8s.io/v1beta2)."""
+
+    name: str
+    uid: str
+    job_uid: str | None  # the Job that owns it (controller reference)
+    queue_name: str | None = None  # the LocalQueue
+    active: bool = True  # spec.active: false once deactivated (a user suspend, or Kueue's requeuing limit)
+    suspended_by: str | None = None  # the operator's mark when it deactivated the Workload
+    priority_class: str | None = None
+    cluster_queue: str | None = None  # from the admission (quota reserved)
+    flavors: tuple[tuple[str, str], ...] = ()  # (resource, ResourceFlavor) of the admission, every pod set
+    conditions: tuple[JobCondition, ...] = ()
+    evictions: tuple[Eviction, ...] = ()
+    requeue_at: str | None = None  # when a PodsReady-timeout backoff ends
+    deleting: bool = False
+
+    def condition(self, type_: str) -> JobCondition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+    def is_true(self, type_: str) -> bool:
+        c = self.condition(type_)
+        return c is not None and c.status == "True"
+
+    @property
+    def requeues(self) -> int:
+        """Times Kueue evicted the workload (preemption, PodsReady timeout, ...), each sending it back to its queue."""
+        return sum(e.count for e in self.evictions)
+
+
+def summarize_workload(body: dict[str, Any]) -> WorkloadView:
+    meta, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
+    admission = status.get("admission") or {}
+    flavors = sorted({(res, flavor) for ps in admission.get("podSetAssignments") or []
+                      for res, flavor in (ps.get("flavors") or {}).items()})
+    return WorkloadView(
+        name=meta.get("name", ""),
+        uid=meta.get("uid", ""),
+        job_uid=controller_uid(meta, "Job"),
+        queue_name=spec.get("queueName") or None,
+        active=spec.get("active", True) is not False,
+        suspended_by=(meta.get("annotations") or {}).get(SUSPENDED_BY),
+        priority_class=(spec.get("priorityClassRef") or {}).get("name"),
+        cluster_queue=admission.get("clusterQueue"),
+        flavors=tuple(flavors),
+        conditions=tuple(JobCondition(type=c.get("type", ""), status=c.get("status", ""),
+                                      reason=c.get("reason") or "", message=c.get("message") or "")
+                         for c in status.get("conditions") or []),
+        evictions=tuple(Eviction(reason=e.get("reason", ""), cause=e.get("underlyingCause") or "",
+                                 count=int(e.get("count") or 0))
+                        for e in (status.get("schedulingStats") or {}).get("evictions") or []),
+        requeue_at=(status.get("requeueState") or {}).get("requeueAt"),
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def workload_key(body: dict[str, Any]) -> tuple[str, str] | None:
+    """(namespace, FineTuneJob name) of a Workload owned by a Job: the operator names each Job after its FineTuneJob.
+    A Workload of someone else's Job maps to a key too; the cache read keeps only the one owned by the job's Job."""
+    meta = body.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == "Job" and ref.get("apiVersion") == "batch/v1":
+            return meta.get("namespace", ""), ref.get("name", "")
+    return None
 
 
 def owner_key(body: dict[str, Any]) -> tuple[str, str] | None:

@@ -21,22 +21,24 @@ from finetune_api import errors
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import TERMINAL_PHASES, FineTuneJobStatus
 from finetune_api.times import format_time, parse_time
-from finetune_operator import builders, gang, image_policy, preflight, sharing, state
+from finetune_operator import builders, gang, image_policy, preflight, sharing, state, suspend_owner
 from finetune_operator import conditions as cond
 from finetune_operator.caches import Caches
 from finetune_operator.children import Children, Created
-from finetune_operator.create_failures import create_failure
 from finetune_operator.k8s import ApiError, Kube
 from finetune_operator.ledger import update as update_ledger
 from finetune_operator.metrics import Metrics
-from finetune_operator.observe import JobView, PodView
+from finetune_operator.observe import JobView, PodView, WorkloadView
 from finetune_operator.record import JobRecord, Key
+from finetune_operator.repair import Repair
 from finetune_operator.settings import Settings
 from finetune_operator.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
 STALE_OWNER_RETRY = 2.0  # a same-named child of a deleted FineTuneJob is being garbage-collected
+QUOTA_RECHECK = 10.0  # seconds between looks at a pod-less Job's FailedCreate events
+CREATE_GRACE = 2.0  # seconds a new Job may have no pods before its FailedCreate events are read
 
 
 def parse_status(raw: dict[str, Any] | None) -> FineTuneJobStatus:
@@ -85,6 +87,7 @@ class Reconciler:
     records: dict[Key, JobRecord]
     caches: Caches
     children: Children
+    repair: Repair
     queue: WorkQueue[Key]  # passes ask for their next look through it (settle time, TTL, FailedCreate re-checks)
 
     async def reconcile(self, key: Key) -> None:
@@ -107,6 +110,8 @@ class Reconciler:
         new = p.prev if obs is None else state.compute_status(p.prev, obs)
         if obs is not None and not self._settling(p, new) and await self._write(p, new):
             await self._announce(p, new)
+        if obs is not None and obs.unavailable is not None:  # after the status says so: back off like any API error
+            raise ApiError("POST", "Job", 500, obs.unavailable)
         if spec is not None and new.phase in TERMINAL_PHASES:
             if obs is not None and record.report is obs.report:
                 record.report = None  # the status holds it now (one that came in meanwhile waits for the next pass)
@@ -160,7 +165,7 @@ class Reconciler:
         and look at it. Its pods are the job's pods until the GPU Job exists."""
         if checked is None:
             if self.caches.configmap(p.key, p.owner.uid, builders.configmap_name(p.owner)) is not None:
-                await self.children.repair(p.record, p.key, p.owner, spec)  # a spec edited since: the new one
+                await self.repair(p.record, p.key, p.owner, spec)  # a spec edited since: the new one
             result = await self.children.create(p.owner, spec,
                                                 preflight.build_job(p.owner, spec, self.children.ctx))
             if result.refusal is not None:
@@ -174,8 +179,7 @@ class Reconciler:
             self.queue.add(p.key, max(0.0, deadline - p.now))  # a pre-flight pod that cannot start: fail it on time
         failed_create = None
         if checked.job is not None and checked.state == preflight.RUNNING:
-            failed_create = await create_failure(self.kube, self.queue, p.key, p.record, p.now, checked.job,
-                                                 list(pods))
+            failed_create = await self._create_failure(p, checked.job, list(pods))
         return p.seen(preflight=checked, pods=pods, create_failure=failed_create,
                       secret_refs=builders.secret_references(p.owner, spec),
                       start_timeout=self.settings.start_timeout_seconds,
@@ -188,17 +192,20 @@ class Reconciler:
                                       delay=STALE_OWNER_RETRY)
         if refusal.invalid is not None:  # permanent: Failed/InvalidSpec, nothing left behind
             return p.seen(invalid=refusal.invalid)
+        if refusal.unavailable is not None:  # Kueue down: said in the status, retried with backoff
+            return p.seen(unavailable=refusal.unavailable)
         return p.seen(conflict=refusal.conflict)
 
     async def _observe_job(self, p: Pass, spec: FineTuneJobSpec, job: JobView, tend: bool,
                            checked: preflight.PreflightView | None = None) -> state.Observation:
-        """The Job and its pods: the ledger, a broken group, why pods are missing."""
+        """The Job, its pods and its Workload: the ledger, a broken group, why pods are missing."""
         pods = self.caches.pods_of(p.key, job.uid)
+        workload = self.caches.workload_of(p.key, job.uid)
         ledger = p.record.ledger = update_ledger(p.record.ledger, job, pods, p.prev.restarts, p.prev.gpu_seconds,
                                                  p.now)
         broken = None
         if tend:
-            job, broken = await self._tend(p, spec, job, pods)
+            job, broken = await self._tend(p, spec, job, pods, workload)
         self.metrics.add_delta(self.metrics.gpu_seconds, *p.key, ledger.gpu_seconds)
         if (deadline := state.start_deadline(tuple(pods), self.settings.start_timeout_seconds)) is not None:
             self.queue.add(p.key, max(0.0, deadline - p.now))  # a pod that cannot start: fail it on time
@@ -208,10 +215,11 @@ class Reconciler:
             suspend_requested=spec.run_policy.suspend,
             job_name=job.name,
             job=job,
+            workload=workload,
             pods=tuple(pods),
             restarts=ledger.restarts,
             gpu_seconds=ledger.gpu_seconds,
-            create_failure=await create_failure(self.kube, self.queue, p.key, p.record, p.now, job, pods),
+            create_failure=await self._create_failure(p, job, pods),
             report=p.record.report,
             restarting=gang.restart_message(broken, spec.resources.workers) if broken is not None else None,
             secret_refs=builders.secret_references(p.owner, spec),
@@ -220,33 +228,66 @@ class Reconciler:
             preflight=checked if checked is not None and checked.report is not None else None,
         )
 
-    async def _tend(self, p: Pass, spec: FineTuneJobSpec, job: JobView,
-                    pods: list[PodView]) -> tuple[JobView, PodView | None]:
-        """An existing Job: restart a broken torchrun group (gang.py), carry spec edits, repair the children.
+    async def _tend(self, p: Pass, spec: FineTuneJobSpec, job: JobView, pods: list[PodView],
+                    workload: WorkloadView | None) -> tuple[JobView, PodView | None]:
+        """An existing Job: restart a broken torchrun group (gang.py), write its suspension as suspend_owner.py
+        decides (the Job's suspend, or under Kueue the Workload's active), carry spec edits, repair the children.
         Returns the Job as patched and the failed member that broke its group, if any."""
         ledger = p.record.ledger
         assert ledger is not None
-        kueue = job.queue_name is not None
+        kueue = suspend_owner.holder(job, workload).kueue
         broken = None
         if not job.finished and not (kueue and job.suspend):  # a Kueue-suspended Job is Kueue's (queued, preempted)
             broken = gang.broken_member(spec.resources.workers, pods, ledger.doomed, ledger.stopped)
-        job = await self.children.sync_job(p.key, spec, job, hold=broken is not None and not kueue)
-        if broken is not None and kueue:
+        actions = suspend_owner.decide(spec, job, workload, restarting=broken is not None)
+        job = await self.children.sync_job(p.key, spec, job, actions)
+        if actions.workload_active is not None and workload is not None:
+            await self.children.set_workload_active(p.key, workload, actions.workload_active)
+        if broken is not None and actions.evict_broken_group:
             await self.children.evict_group(p.key, pods, ledger.doomed, broken)
-        if not job.finished and await self.children.repair(p.record, p.key, p.owner, spec):
+        if not job.finished and await self.repair(p.record, p.key, p.owner, spec):
             self.queue.add(p.key, STALE_OWNER_RETRY)
         return job, broken
+
+    async def _create_failure(self, p: Pass, job: JobView, pods: list[PodView]) -> str | None:
+        """Why a Job that should have pods has none (a quota, an admission policy refusing them): the latest of the
+        Job controller's FailedCreate Events. Pod creates are the Job controller's, so their refusals reach the
+        operator only as Events on the Job; they are listed at most once per QUOTA_RECHECK per job, and only while
+        the Job is short of pods."""
+        record = p.record
+        live = [pod for pod in pods if pod.phase not in ("Succeeded", "Failed")]
+        if job.suspend or job.finished or live or job.active or job.succeeded >= job.completions:
+            # (every index succeeded: the Job is about to be Complete, not short of pods)
+            record.create_failure_checked, record.create_failure = 0.0, None
+            return None
+        if job.start_time is None:
+            # The Job controller has not synced this Job yet (a backlog after a burst): its first sync sets startTime
+            # even when every pod create fails, and that update comes through the Job watch. Until then no Event
+            # can exist, so none is listed.
+            return None
+        age = p.now - (parse_time(job.created) or p.now)
+        if age < CREATE_GRACE:  # the Job controller has not had its chance yet: look again then
+            self.queue.add(p.key, CREATE_GRACE - age)
+            return None
+        if p.now - record.create_failure_checked >= QUOTA_RECHECK:
+            events = await self.kube.job_events(p.key[0], job.uid, "FailedCreate")
+            events.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+            record.create_failure_checked = p.now
+            record.create_failure = events[-1].get("message") if events else None
+        self.queue.add(p.key, QUOTA_RECHECK)
+        return record.create_failure
 
     # ------------------------------------------------------------------------------------- write, announce
 
     def _settling(self, p: Pass, new: FineTuneJobStatus) -> bool:
         """Just created and nothing wrong: pods usually run within moments, and one write (Running) beats two
-        (Pending, then Running). A problem (Unschedulable, QuotaExceeded, ...) is written at once."""
+        (Pending, then Running); a queued Job's Workload usually comes within a second with Kueue's reason, which is
+        the first thing worth writing. A problem (Unschedulable, QuotaExceeded, ...) is written at once."""
         created = p.record.created_at
         if p.prev.phase is not None or created is None or p.now - created >= self.settings.settle_seconds:
             return False
         head = state.headline(new)
-        if head is None or head[:2] != ("Pending", state.PODS_PENDING):
+        if head is None or head[:2] not in state.SETTLING:
             return False
         self.queue.add(p.key, created + self.settings.settle_seconds - p.now)
         return True

@@ -56,6 +56,7 @@ class Settings:
     grace_period_seconds: int = 120
     settle_seconds: float = 10.0
     start_timeout_seconds: float = 300.0  # a pod that cannot start (missing Secret, unpullable image) fails the job
+    kueue: str = "auto"  # auto: watch Kueue's Workloads when the API serves them at startup; false: never
     preflight: bool = True  # run the pre-flight (CPU) before the GPU Job of every job whose spec does not opt out
     preflight_cpu: str = "250m"
     preflight_memory: str = "2Gi"
@@ -107,6 +108,7 @@ class Settings:
             grace_period_seconds=_int(env, "FINETUNE_GRACE_PERIOD_SECONDS", 120, minimum=1, maximum=86400),
             settle_seconds=_float(env, "FINETUNE_STATUS_SETTLE_SECONDS", 10.0, minimum=0.0),
             start_timeout_seconds=_float(env, "FINETUNE_START_TIMEOUT_SECONDS", 300.0, minimum=0.0),
+            kueue=_choice(env, "FINETUNE_KUEUE", "auto", ("auto", "false")),
             preflight=_bool(env, "FINETUNE_PREFLIGHT", True),
             preflight_cpu=_quantity(env, "FINETUNE_PREFLIGHT_CPU", "250m"),
             preflight_memory=_quantity(env, "FINETUNE_PREFLIGHT_MEMORY", "2Gi"),
@@ -149,6 +151,13 @@ def _number(env: Mapping[str, str], name: str, default: N, parse: Callable[[str]
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or default
+    if raw not in allowed:
+        raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+    return raw
 
 
 def _quantity(env: Mapping[str, str], name: str, default: str) -> str:

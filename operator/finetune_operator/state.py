@@ -23,7 +23,8 @@ from finetune_api.status import TERMINAL_PHASES, FineTuneJobStatus, OutputStatus
 from finetune_api.times import humanize_eta, parse_time
 from finetune_operator import conditions as cond
 from finetune_operator import preflight as pf
-from finetune_operator.observe import JobCondition, JobView, PodView
+from finetune_operator import queueing, suspend_owner
+from finetune_operator.observe import JobCondition, JobView, PodView, WorkloadView
 from finetune_operator.progress import apply_report
 
 # Reasons (CamelCase, stable: dashboards and alerts match on them).
@@ -38,8 +39,9 @@ IMAGE_PULL = "ImagePullBackOff"
 CONTAINER_CONFIG = "CreateContainerConfigError"
 QUOTA_EXCEEDED = "QuotaExceeded"
 FAILED_CREATE = "FailedCreate"
-WAITING_FOR_ADMISSION = "WaitingForAdmission"
-ADMITTED = "Admitted"
+WEBHOOK_UNAVAILABLE = "AdmissionWebhookUnavailable"  # the Job create was refused: a webhook (Kueue's) did not answer
+WAITING_FOR_ADMISSION = queueing.WAITING_FOR_ADMISSION
+ADMITTED = queueing.ADMITTED
 SUSPENDED = "Suspended"
 RESUMED = "Resumed"
 COMPLETED = "Completed"
@@ -61,7 +63,8 @@ EXIT_REASONS = {
 }
 IMAGE_WAIT_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull",
                       "RegistryUnavailable", "SignatureValidationFailed")
-STOPS_THE_JOB = frozenset({IMAGE_PULL, CONTAINER_CONFIG, OOM_KILLED})  # Failed reasons after which the Job is deleted
+# Failed reasons after which the Job is deleted (its pods hold their nodes; a Workload Kueue gave up on, its queue slot)
+STOPS_THE_JOB = frozenset({IMAGE_PULL, CONTAINER_CONFIG, OOM_KILLED, queueing.REQUEUING_LIMIT})
 MAX_TRAINER_MESSAGE = 4096
 # The kubelet's words for a missing Secret or key (pkg/kubelet/kubelet_pods.go, the secret manager's NotFound).
 _SECRET_MISSING = re.compile(r'secrets? "([^"]+)" not found')
@@ -86,12 +89,14 @@ class Observation:
     cancel_requested: bool = False
     job_name: str | None = None
     job: JobView | None = None
+    workload: WorkloadView | None = None  # Kueue's Workload of the Job (watched only with the Kueue integration)
     pods: tuple[PodView, ...] = ()
     restarts: int = 0
     gpu_seconds: float = 0.0
     create_failure: str | None = None  # the Job controller's latest FailedCreate message, when it has no pods
     conflict: str | None = None
     storage_conflict: str | None = None  # an older live job writes where this one would (sharing.py)
+    unavailable: str | None = None  # the Job create was refused because an admission webhook could not be called
     invalid: str | None = None
     report: ProgressReport | None = None
     restarting: str | None = None  # why a broken torchrun group is being stopped and restarted (gang.py)
@@ -167,8 +172,10 @@ def start_deadline(pods: tuple[PodView, ...], timeout: float) -> float | None:
 
 
 def _gave_up(obs: Observation) -> tuple[str, str] | None:
-    """A failure the operator decides (the Job would wait or retry for ever): repeated OOM kills, or a pod that could
-    not start within `start_timeout`."""
+    """A failure the operator decides (the Job would wait or retry for ever): repeated OOM kills, a pod that could
+    not start within `start_timeout`, or a Workload Kueue deactivated for good."""
+    if (kueue_gave_up := queueing.gave_up(obs.workload)) is not None:
+        return kueue_gave_up
     oom = sorted((p for p in obs.pods if p.phase == "Failed" and p.terminated_reason == OOM_KILLED),
                  key=lambda p: (parse_time(p.finished_at) or 0.0, p.name))
     if len(oom) >= OOM_KILLS_TO_FAIL:
@@ -285,6 +292,10 @@ def _compute(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStatus:
         return st
     if (held := cond.find(st.conditions, "Created")) is not None and held.reason == STORAGE_CONFLICT:
         st.conditions = [c for c in st.conditions or [] if c is not held]  # no longer held: the pre-flight or Job next
+    if obs.unavailable is not None:
+        st.phase = "Pending"
+        _set(st, "Created", "False", WEBHOOK_UNAVAILABLE, obs.unavailable, obs)
+        return st
     if obs.preflight is not None and obs.preflight.report is not None:
         _preflight_passed(st, obs.preflight, obs)
     job = obs.job
@@ -299,6 +310,8 @@ def _compute(prev: FineTuneJobStatus, obs: Observation) -> FineTuneJobStatus:
     _set(st, "Created", "True", JOB_CREATED, f"Job {job.name} exists with its {children}", obs)
     st.restarts = obs.restarts
     st.gpu_seconds = round(obs.gpu_seconds, 1)
+    if suspend_owner.holder(job, obs.workload).kueue:
+        st.queue = queueing.queue_status(job, obs.workload)
     if obs.report is not None:
         st = apply_report(st, obs.report)
     if not (_ended(st, job, obs) or _given_up(st, job, obs) or _held(st, job, obs)):
@@ -409,23 +422,28 @@ def _held(st: FineTuneJobStatus, job: JobView, obs: Observation) -> bool:
         return True
     if not job.suspend:
         return False
-    if job.queue_name and not obs.suspend_requested:
+    who = suspend_owner.holder(job, obs.workload)
+    if who.kueue and not obs.suspend_requested:
+        reason, message = queueing.waiting(who, job, obs.workload)
         st.phase = "Queued"
-        _set(st, "Queued", "True", WAITING_FOR_ADMISSION,
-             f"waiting for Kueue to admit the Job through LocalQueue {job.queue_name}", obs)
-        _clear(st, "Running", WAITING_FOR_ADMISSION, "queued", obs)
-    else:
-        st.phase = "Suspended"
-        _set(st, "Suspended", "True", SUSPENDED,
-             "runPolicy.suspend is true: pods were stopped and resume from the latest checkpoint", obs)
-        _clear(st, "Running", SUSPENDED, "suspended", obs)
+        _set(st, "Queued", "True", reason, message, obs)
+        _clear(st, "Running", reason, "queued", obs)
+        return True
+    st.phase = "Suspended"
+    how = ("its Workload is deactivated, so Kueue stopped the pods (each saved a checkpoint) and freed its quota; "
+           "false activates it, and training resumes from the checkpoint once Kueue admits it again" if who.kueue
+           else "pods were stopped and resume from the latest checkpoint")
+    _set(st, "Suspended", "True", SUSPENDED, f"runPolicy.suspend is true: {how}", obs)
+    _clear(st, "Running", SUSPENDED, "suspended", obs)
     return True
 
 
 def _progressing(st: FineTuneJobStatus, job: JobView, obs: Observation) -> None:
     """Admitted and not suspended: Running once every worker is up, else Pending with the reason why not."""
-    if cond.is_true(st.conditions, "Queued"):
-        _set(st, "Queued", "False", ADMITTED, "Kueue admitted the Job", obs)
+    queued = cond.find(st.conditions, "Queued")
+    if (queued is not None and queued.status == "True") or (
+            queued is None and suspend_owner.holder(job, obs.workload).kueue):  # admitted without waiting
+        _set(st, "Queued", "False", ADMITTED, queueing.admitted(obs.workload), obs)
     if cond.is_true(st.conditions, "Suspended"):
         _set(st, "Suspended", "False", RESUMED, "resumed from the latest checkpoint", obs)
 
@@ -469,8 +487,12 @@ def _kstatus(st: FineTuneJobStatus, obs: Observation) -> None:
 _HEADLINE = {"Pending": "Running", "Queued": "Queued", "Running": "Running", "Succeeded": "Succeeded",
              "Failed": "Failed", "Suspended": "Suspended"}
 WARNING_REASONS = frozenset({NAME_CONFLICT, STORAGE_CONFLICT, QUOTA_EXCEEDED, FAILED_CREATE, UNSCHEDULABLE,
-                             IMAGE_PULL, CONTAINER_CONFIG, RESTARTING_WORKERS, OOM_KILLED, PREFLIGHT_SUSPENDED})
-QUIET = frozenset({("Pending", PODS_PENDING), ("Pending", VALIDATING)})  # the normal course of events: no Event
+                             IMAGE_PULL, CONTAINER_CONFIG, RESTARTING_WORKERS, OOM_KILLED, PREFLIGHT_SUSPENDED,
+                             WEBHOOK_UNAVAILABLE}) \
+    | queueing.WARNINGS
+# (phase, reason) that are the normal course of events, announced by the next one: no Event of their own (pods
+# starting; the pre-flight checking; Kueue unsuspending the Job it admitted, announced as Admitted).
+QUIET = frozenset({("Pending", PODS_PENDING), ("Pending", VALIDATING), ("Queued", queueing.STARTING)})
 
 
 def headline(st: FineTuneJobStatus) -> tuple[str, str, str] | None:
@@ -485,13 +507,17 @@ def headline(st: FineTuneJobStatus) -> tuple[str, str, str] | None:
     return st.phase, c.reason, c.message
 
 
+# (phase, reason) a just-created job passes through on its way: not written as its first status within the settle time.
+SETTLING = frozenset({("Pending", PODS_PENDING), ("Queued", WAITING_FOR_ADMISSION)})
+
+
 def transition_event(prev: FineTuneJobStatus, new: FineTuneJobStatus) -> tuple[str, str, str] | None:
     """(type, reason, message) of the Kubernetes Event for a change of phase or of its explaining reason."""
     before, after = headline(prev), headline(new)
     if after is None or (before is not None and before[:2] == after[:2]):
         return None
     if after[:2] in QUIET:
-        return None  # pods starting is the normal course of events; their arrival is announced as Running
+        return None  # the normal course of events: announced by what comes next (Running, Admitted)
     phase, reason, message = after
     kind = "Warning" if (phase == "Failed" and reason != CANCELLED) or reason in WARNING_REASONS else "Normal"
     return kind, reason, f"{phase}: {message}"
@@ -516,10 +542,20 @@ def secret_learned(prev: FineTuneJobStatus, new: FineTuneJobStatus) -> tuple[str
     return "Warning", after[1], f"{after[0]}: {after[2]}"
 
 
+def admission_event(prev: FineTuneJobStatus, new: FineTuneJobStatus) -> tuple[str, str, str] | None:
+    """Kueue admitted a queued job: where (ClusterQueue, flavor). Pods starting are not announced, so this is the
+    only news between Queued and Running."""
+    before, after = cond.find(prev.conditions, "Queued"), cond.find(new.conditions, "Queued")
+    if (before is not None and before.status != "True") or after is None or after.status != "False" \
+            or after.reason != ADMITTED:
+        return None
+    return "Normal", after.reason, after.message
+
+
 def transition_events(prev: FineTuneJobStatus, new: FineTuneJobStatus) -> list[tuple[str, str, str]]:
     """Every Event a written status change calls for, in order: the reconcile pass posts exactly these."""
-    event = transition_event(prev, new) or secret_learned(prev, new)
-    return [event] if event is not None else []
+    events = [admission_event(prev, new), transition_event(prev, new) or secret_learned(prev, new)]
+    return [e for e in events if e is not None]
 
 
 def merge_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

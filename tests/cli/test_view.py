@@ -70,8 +70,26 @@ def test_list_table() -> None:
         "queued-one   Queued    -             -        -       -            0          30s   WaitingForAdmission\n"
     )
     wide = view.list_table([RUNNING], NOW, all_namespaces=True, wide=True).splitlines()
-    assert wide[0].split() == ["NAMESPACE", *view.LIST_HEADERS, "METRICS"]
-    assert wide[1].startswith("team-a ") and wide[1].endswith("evalAccuracy=0.75 evalLoss=0.52")
+    assert wide[0].split() == ["NAMESPACE", *view.LIST_HEADERS, "QUEUE", "METRICS"]
+    assert wide[1].startswith("team-a ") and wide[1].split()[-3:] == ["-", "evalAccuracy=0.75", "evalLoss=0.52"]
+
+
+def test_where_kueue_holds_a_job_is_listed_and_described() -> None:
+    preempted = copy.deepcopy(RUNNING)
+    preempted["status"].update({"phase": "Queued", "queue": {
+        "workload": "job-sentiment-1a2b3", "localQueue": "team-a", "priorityClass": "low", "requeues": 2}})
+    preempted["status"]["conditions"].append({
+        "type": "Queued", "status": "True", "reason": "Preempted", "lastTransitionTime": "2026-01-01T11:59:00Z",
+        "message": "evicted by Kueue (InClusterQueue): Preempted to accommodate a workload"})
+    row = view.list_row(preempted, NOW, wide=True)
+    assert row[8] == "Preempted" and row[9] == "team-a, priority low, 2 requeues"
+    text = view.describe(preempted, NOW)
+    assert "Phase:         Queued (Preempted)\n" in text
+    assert "Message:       evicted by Kueue (InClusterQueue): Preempted to accommodate a workload\n" in text
+    assert "Queue:         team-a, priority low, 2 requeues; Workload job-sentiment-1a2b3\n" in text
+    admitted = copy.deepcopy(preempted)
+    admitted["status"]["queue"].update({"clusterQueue": "cq-a", "flavor": "h100"})
+    assert view.queue_text(admitted) == "team-a -> cq-a (h100), priority low, 2 requeues"
 
 
 def test_describe_running_job() -> None:

@@ -9,6 +9,10 @@
 # the same Kubernetes build module, CoreDNS from its module (go/coredns: only the plugins the node's DNS uses), and the
 # pause program of the sandbox image (go/pause; its version is a hash of its source).
 #
+# With --with-kueue it also builds Kueue's controller manager (sigs.k8s.io/kueue/cmd/kueue) from the same Kubernetes
+# build module, which requires it: one module graph, so the Kubernetes libraries both use are one version and compile
+# once. Kueue's CRD manifests (shipped in its module) are copied beside the binary, into crds/.
+#
 # A component whose binary already exists is not rebuilt, so a warm run only checks files. Progress and timings go to
 # stderr; stdout carries one "BIN <component> <path>" line per component for tests/controlplane/cluster.py.
 # Only the Go module proxy is contacted (GOTOOLCHAIN=local: the installed Go is used, never downloaded).
@@ -25,11 +29,12 @@ K8S_VERSION="$(module_version "$HERE/go/k8s/go.mod" k8s.io/kubernetes)"
 ETCD_VERSION="$(module_version "$HERE/go/etcd/go.mod" go.etcd.io/etcd/server/v3)"
 PROMQL_VERSION="$(module_version "$HERE/go/promql/go.mod" github.com/prometheus/prometheus)"
 COREDNS_VERSION="$(module_version "$HERE/go/coredns/go.mod" github.com/coredns/coredns)"
+KUEUE_VERSION="$(module_version "$HERE/go/k8s/go.mod" sigs.k8s.io/kueue)"
 PAUSE_VERSION="src-$(cat "$HERE/go/pause/go.mod" "$HERE/go/pause/main.go" | sha256sum | cut -c1-12)"
 KWOK_VERSION="v0.8.0"
 HELM_VERSION="v3.19.5"
 
-if [[ -z "$K8S_VERSION" || -z "$ETCD_VERSION" || -z "$PROMQL_VERSION" || -z "$COREDNS_VERSION" ]]; then
+if [[ -z "$K8S_VERSION" || -z "$ETCD_VERSION" || -z "$PROMQL_VERSION" || -z "$COREDNS_VERSION" || -z "$KUEUE_VERSION" ]]; then
   echo "build.sh: cannot read pinned versions from $HERE/go/*/go.mod" >&2
   exit 2
 fi
@@ -97,6 +102,22 @@ build_k8s() {
   rm -rf "$tmp"
 }
 
+# build_kueue: Kueue's controller manager from the Kubernetes build module (its go.mod requires sigs.k8s.io/kueue), and
+# the manifests its module ships (the CRDs, the webhook configurations) beside it: kueue-<version>/{kueue,crds/,webhook/}.
+build_kueue() {
+  local tmp mod dest ldflags
+  tmp="$(mktemp -d "$BIN_ROOT/.kueue-build.XXXXXX")"
+  ldflags="-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION"
+  ldflags+=" -X sigs.k8s.io/kueue/pkg/version.GitCommit=module-$KUEUE_VERSION -X sigs.k8s.io/kueue/pkg/version.BuildDate=1970-01-01"
+  (cd "$HERE/go/k8s" && "$GO" build "${BUILD_FLAGS[@]}" -ldflags "$ldflags" -o "$tmp/kueue" sigs.k8s.io/kueue/cmd/kueue)
+  mod="$(cd "$HERE/go/k8s" && "$GO" list -m -f '{{.Dir}}' sigs.k8s.io/kueue)/config/components"
+  dest="$(dirname "$(bin_path kueue "$KUEUE_VERSION")")"
+  mkdir -p "$dest/crds" "$dest/webhook"
+  install -m 0644 "$mod"/crd/bases/*.yaml "$dest/crds/"
+  install -m 0644 "$mod/webhook/manifests.yaml" "$dest/webhook/"
+  install_from "$tmp" kueue "$KUEUE_VERSION"
+  rm -rf "$tmp"
+}
 
 # build_module DIR COMPONENT VERSION [LDFLAGS]: `go build` of the main package of the build module go/DIR: etcd,
 # promql-check (a small program around github.com/prometheus/prometheus/promql/parser, about 30 s cold), CoreDNS with
@@ -136,12 +157,14 @@ build_helm() {
 
 
 main() {
-  local with_node=0
-  case "${1:-}" in
-    --with-node) with_node=1 ;;
-    "") ;;
-    *) echo "usage: $0 [--with-node]" >&2; exit 2 ;;
-  esac
+  local with_node=0 with_kueue=0 arg
+  for arg in "$@"; do
+    case "$arg" in
+      --with-node) with_node=1 ;;
+      --with-kueue) with_kueue=1 ;;
+      *) echo "usage: $0 [--with-node] [--with-kueue]" >&2; exit 2 ;;
+    esac
+  done
   local k8s_components=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
   local specs=("etcd $ETCD_VERSION" "kwok $KWOK_VERSION" "helm $HELM_VERSION")
   ((with_node)) && k8s_components+=(kubelet kube-proxy) && specs+=("coredns $COREDNS_VERSION")
@@ -160,6 +183,7 @@ main() {
   done
   have promql-check "$PROMQL_VERSION" || missing=1
   ((with_node)) && ! have pause "$PAUSE_VERSION" && missing=1
+  ((with_kueue)) && ! have kueue "$KUEUE_VERSION" && missing=1
   if [[ $missing == 1 ]]; then
     require_go
     log "cache: $BIN_ROOT (go: $("$GO" version | awk '{print $3}'), parallel jobs: $GO_PARALLEL)"
@@ -182,6 +206,10 @@ main() {
       "$COREDNS_VERSION" "-X github.com/coredns/coredns/coremain.GitCommit=module-$COREDNS_VERSION"
     have pause "$PAUSE_VERSION" || timed "pause $PAUSE_VERSION" build_module pause pause "$PAUSE_VERSION"
     specs+=("pause $PAUSE_VERSION")
+  fi
+  if ((with_kueue)); then
+    have kueue "$KUEUE_VERSION" || timed "kueue $KUEUE_VERSION" build_kueue
+    specs+=("kueue $KUEUE_VERSION")
   fi
 
   [[ $missing == 1 ]] && log "all components ready in $(($(date +%s) - t0)) s"

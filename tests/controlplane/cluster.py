@@ -152,6 +152,9 @@ class Binaries:
     kube_proxy: Path | None = None
     coredns: Path | None = None
     pause: Path | None = None
+    # Kueue's controller manager (tests/controlplane/kueue.py), built only with ``build_binaries(with_kueue=True)``;
+    # its module's CRDs and webhook configurations lie beside it.
+    kueue: Path | None = None
 
     @classmethod
     def parse(cls, build_output: str) -> Binaries:
@@ -171,9 +174,9 @@ class Binaries:
         return [p for p in vars(self).values() if p is not None and not (p.is_file() and os.access(p, os.X_OK))]
 
 
-def build_binaries(stream: IO[str] | None = None, with_node: bool = False) -> Binaries:
+def build_binaries(stream: IO[str] | None = None, with_node: bool = False, with_kueue: bool = False) -> Binaries:
     """Builds missing binaries with build.sh (minutes when cold; a file check when cached) and returns their paths;
-    ``with_node`` adds the real node's kubelet, kube-proxy, CoreDNS and pause.
+    ``with_node`` adds the real node's kubelet, kube-proxy, CoreDNS and pause, ``with_kueue`` Kueue.
 
     build.sh's progress is forwarded line by line to ``stream`` (default: stderr) so a long first build is visibly
     alive; its last lines are also put into the BuildError message, so a failure explains itself.
@@ -181,7 +184,8 @@ def build_binaries(stream: IO[str] | None = None, with_node: bool = False) -> Bi
     if shutil.which("bash") is None:
         raise BuildError("bash is required to run tests/controlplane/build.sh")
     out = stream if stream is not None else sys.stderr
-    argv = ["bash", str(BUILD_SCRIPT), *(["--with-node"] if with_node else [])]
+    flags = [flag for flag, wanted in (("--with-node", with_node), ("--with-kueue", with_kueue)) if wanted]
+    argv = ["bash", str(BUILD_SCRIPT), *flags]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
     stdout_chunks: list[str] = []
     reader = threading.Thread(target=lambda: stdout_chunks.append(proc.stdout.read() if proc.stdout else ""))

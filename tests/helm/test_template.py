@@ -27,8 +27,8 @@ OPERATOR_ENV = {
     "FINETUNE_HEALTH_PORT", "FINETUNE_PROGRESS_PORT", "FINETUNE_PROGRESS_URL", "FINETUNE_PROGRESS_KEY",
     "FINETUNE_LOG_LEVEL", "FINETUNE_LOG_FORMAT", "FINETUNE_RESYNC_SECONDS", "FINETUNE_WORKERS",
     "FINETUNE_GRACE_PERIOD_SECONDS", "FINETUNE_START_TIMEOUT_SECONDS", "FINETUNE_PEERING", "FINETUNE_LEADER_ELECTION",
-    "FINETUNE_LEASE_NAME", "POD_NAMESPACE", "POD_NAME", "POD_ID", "PYTHONDONTWRITEBYTECODE", "FINETUNE_PREFLIGHT",
-    "FINETUNE_PREFLIGHT_CPU", "FINETUNE_PREFLIGHT_MEMORY", "FINETUNE_PREFLIGHT_NODE_SELECTOR",
+    "FINETUNE_LEASE_NAME", "FINETUNE_KUEUE", "POD_NAMESPACE", "POD_NAME", "POD_ID", "PYTHONDONTWRITEBYTECODE",
+    "FINETUNE_PREFLIGHT", "FINETUNE_PREFLIGHT_CPU", "FINETUNE_PREFLIGHT_MEMORY", "FINETUNE_PREFLIGHT_NODE_SELECTOR",
     "FINETUNE_PREFLIGHT_TOLERATIONS", "FINETUNE_PREFLIGHT_QUEUE",
 }
 
@@ -158,6 +158,7 @@ def test_default_env(default: list[dict[str, Any]]) -> None:
     assert env["FINETUNE_PROGRESS_KEY"] == {"secretKeyRef": {"name": "ft-finetune-operator-progress-key",
                                                              "key": "key"}}
     assert env["FINETUNE_PEERING"] == ""
+    assert env["FINETUNE_KUEUE"] == "false"
     assert (env["FINETUNE_LEADER_ELECTION"], env["FINETUNE_LEASE_NAME"]) == ("true", "ft-finetune-operator")
     assert (env["FINETUNE_LOG_LEVEL"], env["FINETUNE_LOG_FORMAT"]) == ("INFO", "json")
     assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
@@ -270,6 +271,22 @@ def test_operator_never_writes_spec_or_reads_cluster_scope(default: list[dict[st
     assert {v for g, r, v in rules if r == "finetunejobs/finalizers"} == {"update"}
     assert {r for _, r, _ in rules} <= {"finetunejobs", "finetunejobs/status", "finetunejobs/finalizers", "jobs",
                                         "pods", "pods/eviction", "configmaps", "services", "secrets", "events"}
+
+
+def test_kueue_workloads_are_granted_only_with_kueue_enabled(default: list[dict[str, Any]], helm: Helm) -> None:
+    """The rules come from operator/finetune_operator/kinds.py; Kueue's Workloads only with `kueue.enabled`, and then
+    list, watch and patch (spec.active: a user suspend), nothing else."""
+    from finetune_operator import kinds
+
+    rules = set(_rules(one(default, "ClusterRole", "ft-finetune-operator")))
+    assert not [r for g, r, v in rules if g == "kueue.x-k8s.io"]
+    assert rules == {(g, r, v) for rule in kinds.rules() for g in rule["apiGroups"] for r in rule["resources"]
+                     for v in rule["verbs"]}
+    enabled = helm.render(sets=["kueue.enabled=true"])
+    rules = set(_rules(one(enabled, "ClusterRole", "ft-finetune-operator")))
+    assert {(r, v) for g, r, v in rules if g == "kueue.x-k8s.io"} == {("workloads", v) for v in ("list", "watch",
+                                                                                                  "patch")}
+    assert env_of(one(enabled, "Deployment"))["FINETUNE_KUEUE"] == "auto"
 
 
 def test_leader_election_role_is_pinned_to_its_lease(default: list[dict[str, Any]]) -> None:

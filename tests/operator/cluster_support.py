@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from finetune_operator import kinds
 from tests.controlplane.cluster import ApiError, ControlPlane, _die_with_parent, _free_ports
 
 PROGRESS_KEY = "operator-test-progress-key-0123456789"
@@ -260,19 +261,9 @@ def operator_errors(process: OperatorProcess) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- RBAC
 
-# Keep in sync with operator/README.md ("RBAC") and the chart's ClusterRole.
-OPERATOR_RULES: list[dict[str, Any]] = [
-    {"apiGroups": ["finetune.dev"], "resources": ["finetunejobs"], "verbs": ["list", "watch"]},
-    {"apiGroups": ["finetune.dev"], "resources": ["finetunejobs/status"], "verbs": ["patch"]},
-    {"apiGroups": ["finetune.dev"], "resources": ["finetunejobs/finalizers"], "verbs": ["update"]},
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "get", "create", "patch", "delete"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
-    {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
-    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
-    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "delete"]},
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]},
-]
+# The operator's namespaced rules, as the chart grants them (both come from operator/finetune_operator/kinds.py), with
+# Kueue's Workloads: an operator started after Kueue's CRDs were installed watches them.
+OPERATOR_RULES: list[dict[str, Any]] = kinds.rules({kinds.KUEUE})
 LEASE_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "update"],

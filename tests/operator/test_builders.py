@@ -137,6 +137,35 @@ def test_single_worker_job_is_exactly_this() -> None:
     assert builders.build_job(OWNER, s, CTX) == expected
 
 
+def test_kueue_priority_class_and_topology_pass_through_to_the_job_and_its_pods() -> None:
+    s = spec(resources={"workers": 4, "gpusPerWorker": 8, "topology": {"required": "cloud.example.com/rack"}},
+             run_policy={"queueName": "team-a", "priorityClass": "urgent"})
+    job = builders.build_job(OWNER, s, CTX)
+    assert job["metadata"]["labels"] == {**LABELS, "kueue.x-k8s.io/queue-name": "team-a",
+                                         "kueue.x-k8s.io/priority-class": "urgent"}
+    assert "annotations" not in job["metadata"], "a queued Job's suspension is Kueue's: it carries no mark"
+    assert job["spec"]["template"]["metadata"] == {
+        "labels": LABELS, "annotations": {"kueue.x-k8s.io/podset-required-topology": "cloud.example.com/rack"}}
+    preferred = spec(resources={"workers": 2, "topology": {"preferred": "cloud.example.com/block"}})
+    assert builders.build_job(OWNER, preferred, CTX)["spec"]["template"]["metadata"]["annotations"] == {
+        "kueue.x-k8s.io/podset-preferred-topology": "cloud.example.com/block"}
+
+
+def test_topology_needs_exactly_one_level() -> None:
+    with pytest.raises(ValueError, match="set exactly one of required and preferred"):
+        spec(resources={"topology": {"required": "a/b", "preferred": "c/d"}})
+    with pytest.raises(ValueError, match="set exactly one of required and preferred"):
+        spec(resources={"topology": {}})
+
+
+def test_a_job_created_suspended_by_its_user_carries_the_operators_mark() -> None:
+    job = builders.build_job(OWNER, spec(run_policy={"suspend": True}), CTX)
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["annotations"] == {"finetune.dev/suspended-by": "user"}
+    running = builders.build_job(OWNER, spec(), CTX)
+    assert running["spec"]["suspend"] is False and "annotations" not in running["metadata"]
+
+
 def test_multi_worker_job_runs_torchrun_with_rendezvous_on_index_zero() -> None:
     s = spec(resources={"workers": 4, "gpusPerWorker": 8}, run_policy={"queueName": "gpu-queue"},
              credentials={"s3": {"accessKeyId": {"name": "s3", "key": "id"},
@@ -249,22 +278,30 @@ def test_pvc_claims_merge_read_only_inputs_with_writable_storage() -> None:
 
 
 @pytest.mark.parametrize(
-    ("run_policy", "live", "kueue", "expected"),
+    ("run_policy", "suspend", "mark", "expected"),
     [
-        ({}, {"suspend": False, "backoffLimit": 3, "activeDeadlineSeconds": None}, False, {}),
-        ({"suspend": True}, {"suspend": False, "backoffLimit": 3, "activeDeadlineSeconds": None}, False,
-         {"spec": {"suspend": True}}),
-        ({"backoffLimit": 7}, {"suspend": False, "backoffLimit": 3, "activeDeadlineSeconds": None}, False,
-         {"spec": {"backoffLimit": 7}}),
-        ({"activeDeadlineSeconds": 60}, {"suspend": False, "backoffLimit": 3, "activeDeadlineSeconds": None}, False,
-         {"spec": {"activeDeadlineSeconds": 60}}),
-        # Kueue owns suspend of a queued Job: admitted (suspend false) stays as it is, whatever the spec.
-        ({"queueName": "q"}, {"suspend": False, "backoffLimit": 3, "activeDeadlineSeconds": None}, True, {}),
-        ({"queueName": "q"}, {"suspend": True, "backoffLimit": 3, "activeDeadlineSeconds": None}, True, {}),
+        ({}, None, None, {}),
+        # suspend_owner decided: the switch is written together with the operator's mark (or the mark removed).
+        ({"suspend": True}, True, "user",
+         {"spec": {"suspend": True}, "metadata": {"annotations": {"finetune.dev/suspended-by": "user"}}}),
+        ({}, False, None,
+         {"spec": {"suspend": False}, "metadata": {"annotations": {"finetune.dev/suspended-by": None}}}),
+        ({"backoffLimit": 7}, None, None, {"spec": {"backoffLimit": 7}}),
+        ({"activeDeadlineSeconds": 60}, None, None, {"spec": {"activeDeadlineSeconds": 60}}),
+        # Kueue holds suspend of a queued Job: nothing decided, nothing written, whatever the spec says.
+        ({"queueName": "q", "suspend": True}, None, None, {}),
     ],
 )
-def test_job_spec_patch(run_policy: dict, live: dict, kueue: bool, expected: dict) -> None:
-    assert builders.job_spec_patch(spec(run_policy=run_policy), live, kueue_managed=kueue) == expected
+def test_job_patch(run_policy: dict, suspend: bool | None, mark: str | None, expected: dict) -> None:
+    live = {"backoffLimit": 3, "activeDeadlineSeconds": None}
+    assert builders.job_patch(spec(run_policy=run_policy), live, suspend, mark) == expected
+
+
+def test_workload_patch_deactivates_with_the_operators_mark() -> None:
+    assert builders.workload_patch(False) == {
+        "spec": {"active": False}, "metadata": {"annotations": {"finetune.dev/suspended-by": "user"}}}
+    assert builders.workload_patch(True) == {
+        "spec": {"active": True}, "metadata": {"annotations": {"finetune.dev/suspended-by": None}}}
 
 
 def test_names_fit_dns_limits_for_the_longest_allowed_name() -> None:

@@ -19,7 +19,13 @@ from finetune_operator import builders
 from finetune_operator.controller import Controller
 from finetune_operator.k8s import ApiError
 from finetune_operator.metrics import Metrics
-from finetune_operator.observe import PodView, summarize_configmap, summarize_job, summarize_service
+from finetune_operator.observe import (
+    PodView,
+    summarize_configmap,
+    summarize_job,
+    summarize_service,
+    summarize_workload,
+)
 from finetune_operator.progress import job_token
 from finetune_operator.settings import Settings
 from tests.operator.helpers import manifest, merge_patch
@@ -35,6 +41,7 @@ class FakeKube:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.calls: list[tuple[str, str, str]] = []
         self.fail: list[tuple[str, str, int]] = []  # (verb, kind, status) consumed in order when matching
+        self.fail_message: str | None = None  # the injected error's message (default: "injected <status>")
         self.events: list[tuple[str, str, str]] = []
         self.failed_create_events: list[dict[str, Any]] = []
         self.evicted: list[str] = []
@@ -45,7 +52,8 @@ class FakeKube:
         for i, (v, k, status) in enumerate(self.fail):
             if v == verb and k == kind:
                 del self.fail[i]
-                raise ApiError(verb, kind, status, {"reason": "Injected", "message": f"injected {status}"})
+                raise ApiError(verb, kind, status, {"reason": "Injected",
+                                                    "message": self.fail_message or f"injected {status}"})
 
     def writes(self) -> list[tuple[str, str, str]]:
         return [c for c in self.calls if c[0] != "GET"]
@@ -78,9 +86,7 @@ class FakeKube:
                     subresource: str | None = None) -> dict[str, Any]:
         self.calls.append(("PATCH", kind, name))
         self._maybe_fail("PATCH", kind)
-        obj = self.objects[(kind, namespace, name)]
-        for section, values in patch.items():
-            obj.setdefault(section, {}).update(values)
+        obj = self.objects[(kind, namespace, name)] = merge_patch(self.objects[(kind, namespace, name)], patch)
         obj["metadata"]["resourceVersion"] = str(next(self._rv))
         return copy.deepcopy(obj)
 
@@ -137,7 +143,9 @@ class World:
         self.pods: dict[tuple[str, str], list[PodView]] = {}
         self.configmaps: dict[tuple[str, str], list[Any]] = {}
         self.services: dict[tuple[str, str], list[Any]] = {}
-        self.ctl.bind_indices(self.jobs, self.pods, self.configmaps, self.services)
+        self.workloads: dict[tuple[str, str], list[Any]] = {}
+        self.ctl.bind_indices(jobs=self.jobs, pods=self.pods, configmaps=self.configmaps, services=self.services,
+                              workloads=self.workloads)
 
     def apply(self, **overrides: Any) -> dict[str, Any]:
         body = self.kube.add(manifest(NAME, NS, **overrides))
@@ -154,6 +162,7 @@ class World:
         self.jobs[(NS, NAME)] = [summarize_job(o) for o in objs if o["kind"] == "Job"]
         self.configmaps[(NS, NAME)] = [summarize_configmap(o) for o in objs if o["kind"] == "ConfigMap"]
         self.services[(NS, NAME)] = [summarize_service(o) for o in objs if o["kind"] == "Service"]
+        self.workloads[(NS, NAME)] = [summarize_workload(o) for o in objs if o["kind"] == "Workload"]
 
     def run_pods(self, n: int = 1, phase: str = "Running") -> None:
         job = self.kube.objects[("Job", NS, NAME)]
@@ -249,7 +258,7 @@ def test_restart_after_job_created_makes_no_duplicate_and_no_create() -> None:
         await w.reconcile()
         # A new operator process: empty memory, caches from the watches.
         w.ctl = Controller(w.ctl.settings, w.kube, Metrics(), clock=w.clock)  # type: ignore[arg-type]
-        w.ctl.bind_indices(w.jobs, w.pods)
+        w.ctl.bind_indices(jobs=w.jobs, pods=w.pods)
         w.sync_caches()
         w.run_pods()
         w.kube.calls.clear()
@@ -266,7 +275,7 @@ def test_restart_with_children_present_but_not_yet_watched_treats_409_as_ours() 
         w.apply()
         await w.reconcile()
         w.ctl = Controller(w.ctl.settings, w.kube, Metrics(), clock=w.clock)  # type: ignore[arg-type]
-        w.ctl.bind_indices({}, {})  # the Job watch has not delivered yet
+        w.ctl.bind_indices(jobs={}, pods={})  # the Job watch has not delivered yet
         w.ctl.observe_ftj("MODIFIED", copy.deepcopy(w.ftj()))
         w.kube.calls.clear()
         await w.reconcile()
@@ -663,6 +672,117 @@ def test_kueue_job_is_created_suspended_and_never_unsuspended() -> None:
         assert ("PATCH", "Job", NAME) not in w.kube.calls
         assert w.ftj()["status"]["phase"] == "Running"
     asyncio.run(body())
+
+
+def _workload(w: World, active: bool = True) -> dict[str, Any]:
+    """What Kueue makes for the job's Job: a Workload it owns."""
+    job = w.kube.objects[("Job", NS, NAME)]
+    return w.kube.add({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
+                       "metadata": {"name": f"job-{NAME}-abcde", "namespace": NS, "ownerReferences": [
+                           {"apiVersion": "batch/v1", "kind": "Job", "name": NAME,
+                            "uid": job["metadata"]["uid"], "controller": True}]},
+                       "spec": {"queueName": "gpu-queue", "active": active}})
+
+
+def test_a_user_suspend_under_kueue_deactivates_the_workload_and_never_writes_the_job() -> None:
+    async def body() -> None:
+        w = World()
+        await w.running(queue="gpu-queue")
+        _workload(w)
+        ftj = w.ftj()
+        ftj["spec"]["runPolicy"]["suspend"] = True
+        ftj["metadata"]["generation"] = 2
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert ("PATCH", "Workload", f"job-{NAME}-abcde") in w.kube.calls
+        assert ("PATCH", "Job", NAME) not in w.kube.calls
+        wl = w.kube.objects[("Workload", NS, f"job-{NAME}-abcde")]
+        assert wl["spec"]["active"] is False and wl["metadata"]["annotations"] == {"finetune.dev/suspended-by": "user"}
+        # Kueue evicts the Workload and suspends the Job: Suspended, and nothing more is written.
+        w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] = True
+        w.pods[(NS, NAME)] = []
+        w.sync_caches()
+        await w.reconcile()
+        assert w.ftj()["status"]["phase"] == "Suspended"
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert w.kube.writes() == []
+        # Resume: the Workload is activated again (the mark removed); Kueue readmits it in its own time.
+        w.ftj()["spec"]["runPolicy"]["suspend"] = False
+        w.sync_caches()
+        await w.reconcile()
+        wl = w.kube.objects[("Workload", NS, f"job-{NAME}-abcde")]
+        assert wl["spec"]["active"] is True and "finetune.dev/suspended-by" not in wl["metadata"]["annotations"]
+        assert w.ftj()["status"]["phase"] == "Queued"
+        assert ("PATCH", "Job", NAME) not in w.kube.calls
+    asyncio.run(body())
+
+
+def test_a_job_suspended_by_someone_else_is_left_suspended() -> None:
+    """Kueue's manageJobsWithoutQueueName: its webhook suspends the unlabelled Job at creation. The operator does not
+    unsuspend it, however many passes run."""
+    async def body() -> None:
+        w = World()
+        w.apply()
+        await w.reconcile()
+        w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] = True  # what the create answered: suspended
+        w.sync_caches()
+        w.clock.now += 10
+        for _ in range(3):
+            w.kube.calls.clear()
+            await w.reconcile()
+            w.sync_caches()
+            assert ("PATCH", "Job", NAME) not in w.kube.calls
+        status = w.ftj()["status"]
+        assert status["phase"] == "Queued"
+        assert "suspended by another controller" in condition_of(w.ftj(), "Queued")["message"]
+        _workload(w)
+        w.sync_caches()
+        await w.reconcile()
+        assert w.ftj()["status"]["queue"]["workload"] == f"job-{NAME}-abcde"
+    asyncio.run(body())
+
+
+def test_a_refused_job_create_is_reported_and_retried_and_nothing_more_is_made() -> None:
+    """Kueue down: its webhook (failurePolicy Fail) cannot be called, the API server answers 500 to the Job create."""
+    async def body() -> None:
+        w = World()
+        w.apply(run_policy={"queueName": "gpu-queue"})
+        message = 'Internal error occurred: failed calling webhook "mjob.kb.io": connection refused'
+        w.kube.fail.append(("POST", "Job", 500))
+        w.kube.fail_message = message
+        with pytest.raises(ApiError) as raised:
+            await w.reconcile()
+        assert raised.value.retryable
+        assert ("Job", NS, NAME) not in w.kube.objects
+        created = condition_of(w.ftj(), "Created")
+        assert (w.ftj()["status"]["phase"], created["status"], created["reason"]) == \
+            ("Pending", "False", "AdmissionWebhookUnavailable")
+        assert "mjob.kb.io" in created["message"] and "retrying with backoff" in created["message"]
+        assert w.kube.events[-1][:2] == ("Warning", "AdmissionWebhookUnavailable")
+        await w.reconcile()  # Kueue is back: the ConfigMap and Secret are reused (409), the Job is created
+        assert w.kube.objects[("Job", NS, NAME)]["spec"]["suspend"] is True
+        assert sum(1 for k in w.kube.objects if k[0] == "ConfigMap") == 1
+    asyncio.run(body())
+
+
+def test_kueue_is_watched_only_where_the_api_serves_its_workloads() -> None:
+    from finetune_operator.__main__ import integrations
+
+    class Discovery:
+        def __init__(self, served: bool) -> None:
+            self.served = served
+
+        async def serves(self, kind: Any) -> bool:
+            return self.served and kind.plural == "workloads"
+
+    on = Settings.from_env({"FINETUNE_PROGRESS_KEY": KEY.decode()})
+    off = Settings.from_env({"FINETUNE_PROGRESS_KEY": KEY.decode(), "FINETUNE_KUEUE": "false"})
+    assert asyncio.run(integrations(on, Discovery(True))) == {"kueue"}  # type: ignore[arg-type]
+    assert asyncio.run(integrations(on, Discovery(False))) == frozenset()  # type: ignore[arg-type]
+    assert asyncio.run(integrations(off, Discovery(True))) == frozenset()  # type: ignore[arg-type]
 
 
 def test_failed_job_reports_the_trainer_message() -> None:

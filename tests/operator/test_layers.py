@@ -18,10 +18,11 @@ README = PACKAGE.parent / "README.md"
 API = REPO / "operator" / "finetune_api"
 TRAINER = REPO / "trainer_image" / "finetune_trainer"
 PURE = ("builders", "conditions", "state", "progress", "ledger", "observe", "workqueue", "settings", "labels",
-        "image_policy", "record", "caches", "preflight", "sharing")
+        "image_policy", "record", "caches", "kinds", "suspend_owner", "queueing", "gang", "preflight",
+        "sharing")
 IO_MODULES = {"kopf", "aiohttp", "kubernetes", "urllib", "http", "socket", "requests", "finetune_operator.k8s",
               "finetune_operator.controller", "finetune_operator.handlers", "finetune_operator.children",
-              "finetune_operator.reconcile", "finetune_operator.runner", "finetune_operator.create_failures"}
+              "finetune_operator.reconcile", "finetune_operator.runner", "finetune_operator.repair"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -192,10 +193,10 @@ def test_each_objective_is_an_api_definition_and_a_trainer_module_of_the_same_na
 
 
 def test_only_children_py_touches_children_on_the_api() -> None:
-    """Create (409-as-done), get, patch, delete and evict of Jobs, ConfigMaps, Secrets, Services and pods: children.py.
-    (leader.py writes its Lease; k8s.py implements the calls.)"""
+    """Create (409-as-done), get, patch, delete and evict of Jobs, ConfigMaps, Secrets, Services, pods and Workloads:
+    children.py, and its drift repair in repair.py. (leader.py writes its Lease; k8s.py implements the calls.)"""
     for module, tree in _modules().items():
-        if module in ("children", "k8s", "leader"):
+        if module in ("children", "repair", "k8s", "leader"):
             continue
         calls = _calls(tree, {"create", "patch", "delete", "evict", "replace", "get"})
         assert not calls, f"{module}.py calls kube.{calls} on children: that belongs in children.py"
@@ -255,6 +256,30 @@ def test_label_keys_are_spelled_only_in_labels_py() -> None:
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
                 assert not any(s in node.value for s in spellings), f"{module}.py spells a label: {node.value!r}"
+
+
+def test_kueue_decides_suspend_only_through_suspend_owner() -> None:
+    """Who holds a Job's suspend (the user, a group restart, Kueue) is decided in suspend_owner.py alone: no other
+    module reads a Job's queue label (`job.queue_name`) or the operator's suspension mark to decide it (queueing.py
+    and preflight.py name the queue in what they report)."""
+    for module, tree in _modules().items():
+        if module in ("suspend_owner", "observe", "builders", "labels"):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute):
+                continue
+            on_job = isinstance(node.value, ast.Name) and node.value.id == "job"
+            reports = module in ("queueing", "preflight")
+            if node.attr == "suspended_by" or (node.attr == "queue_name" and on_job and not reports):
+                raise AssertionError(f"{module}.py reads .{node.attr}: who holds suspend is suspend_owner.py's call")
+
+
+def test_watched_kinds_are_declared_once() -> None:
+    """handlers.py registers watches only from kinds.py; no other module lists resources to watch."""
+    source = (PACKAGE / "handlers.py").read_text()
+    assert "kinds.watched(" in source
+    for resource in ('"jobs"', '"pods"', '"configmaps"', '"services"', '"workloads"'):
+        assert resource not in source, f"handlers.py spells {resource}: declare it in kinds.py"
 
 
 def test_image_registry_policy_is_not_a_builder() -> None:

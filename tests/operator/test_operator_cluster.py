@@ -205,24 +205,18 @@ def test_evicted_pod_is_retried_and_counted(control_plane: ControlPlane, namespa
     assert live and first not in live
 
 
-@pytest.mark.parametrize("how", ["crash", "eviction", "lost peer", "crash under kueue"])
+@pytest.mark.parametrize("how", ["crash", "eviction", "lost peer"])
 def test_a_failed_worker_restarts_the_whole_group(control_plane: ControlPlane, namespace: str,
                                                   operator: OperatorProcess, how: str) -> None:
     """A torchrun group cannot take a replacement member: one worker failing restarts all of them, from the latest
     checkpoint, and costs one restart (the stopped survivors are not counted against backoffLimit). "lost peer": a
     worker exits 76 (it lost contact with the group, e.g. a network partition), which the pod failure policy ignores:
-    with backoffLimit 0 the Job survives only if it is not counted. "crash under kueue": Kueue owns the Job's
-    suspend, so the operator evicts the survivor instead."""
+    with backoffLimit 0 the Job survives only if it is not counted. Under Kueue (the survivors are evicted instead):
+    test_kueue_cluster.py."""
     cp = control_plane
     limit = 1 if how.startswith("crash") else 0
-    kueue = {"queueName": "gpu-queue"} if how == "crash under kueue" else {}
     create_ftj(cp, manifest("gang", namespace, resources={"workers": 2, "gpusPerWorker": 1},
-                            run_policy={"backoffLimit": limit, **kueue}))
-    if kueue:  # admitted, as Kueue would: it unsuspends the Job
-        cp.wait_for(lambda: get_or_none(cp, f"/apis/batch/v1/namespaces/{namespace}/jobs/gang"), timeout=20,
-                    desc="Job created")
-        cp.request("PATCH", f"/apis/batch/v1/namespaces/{namespace}/jobs/gang", {"spec": {"suspend": False}},
-                   content_type="application/merge-patch+json")
+                            run_policy={"backoffLimit": limit}))
     first = wait_running_pods(cp, namespace, "gang", 2)
     wait_phase(cp, namespace, "gang", "Running")
     by_index = {int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]): p for p in first}
@@ -312,27 +306,6 @@ def test_suspend_and_resume(control_plane: ControlPlane, namespace: str, operato
     ftj = wait_phase(cp, namespace, "pausable", "Running")
     assert condition(ftj, "Suspended")["reason"] == "Resumed"  # type: ignore[index]
     assert ftj["status"]["restarts"] == 0, "a suspension is not a restart"
-
-
-def test_kueue_queue_keeps_the_job_suspended_until_admitted(control_plane: ControlPlane, namespace: str,
-                                                           operator: OperatorProcess) -> None:
-    cp = control_plane
-    create_ftj(cp, manifest("queued", namespace, run_policy={"queueName": "gpu-queue"}))
-    ftj = wait_phase(cp, namespace, "queued", "Queued", reason=("Queued", "WaitingForAdmission"))
-    job = cp.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs/queued")
-    assert job["spec"]["suspend"] is True
-    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
-    rv = job["metadata"]["resourceVersion"]
-    # Two resync passes later the operator has still not touched the Job (only Kueue may unsuspend it).
-    start = _passes(operator)
-    cp.wait_for(lambda: _passes(operator) >= start + 2, timeout=15, desc="two more reconcile passes")
-    assert cp.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs/queued")["metadata"]["resourceVersion"] == rv
-    # Kueue admits: unsuspends the Job. The operator follows and never suspends it back.
-    cp.request("PATCH", f"/apis/batch/v1/namespaces/{namespace}/jobs/queued", {"spec": {"suspend": False}},
-               content_type="application/merge-patch+json")
-    ftj = wait_phase(cp, namespace, "queued", "Running")
-    assert condition(ftj, "Queued")["reason"] == "Admitted"  # type: ignore[index]
-    assert cp.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs/queued")["spec"]["suspend"] is False
 
 
 def test_resource_quota_exhaustion_is_reported(control_plane: ControlPlane, namespace: str,

@@ -94,56 +94,6 @@ helm.sh/resource-policy: keep
 {{- end }}
 
 {{/*
-The namespaced permissions of the operator: granted cluster-wide by a ClusterRole when it watches every namespace, or
-by a Role in each watched namespace. One list, so the two modes cannot drift apart. It is the set of API calls of
-operator/finetune_operator (k8s.py, controller.py, kopf's watches in handlers.py) and nothing more;
-tests/helm/test_cluster.py checks each call, and a few that must stay denied, with `kubectl auth can-i`.
-*/}}
-{{- define "finetune-operator.namespacedRules" -}}
-# FineTuneJobs: kopf lists and watches them; the operator writes status only (never spec, never metadata).
-- apiGroups: ["finetune.dev"]
-  resources: ["finetunejobs"]
-  verbs: ["list", "watch"]
-- apiGroups: ["finetune.dev"]
-  resources: ["finetunejobs/status"]
-  verbs: ["patch"]
-# Children carry a blocking controller ownerReference to their FineTuneJob; where the
-# OwnerReferencesPermissionEnforcement admission plugin is on, that needs update on the owner's finalizers.
-- apiGroups: ["finetune.dev"]
-  resources: ["finetunejobs/finalizers"]
-  verbs: ["update"]
-# The trainer's batch/v1 Job: watched through a label selector, created, patched (suspend, backoffLimit, deadline)
-# and deleted after ttlSecondsAfterFinished. Its pods are watched, never written; the surviving workers of a Kueue
-# job whose torchrun group broke are evicted (Kueue owns the Job's suspend), an eviction is not a pod write.
-- apiGroups: ["batch"]
-  resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: [""]
-  resources: ["pods"]
-  verbs: ["list", "watch"]
-- apiGroups: [""]
-  resources: ["pods/eviction"]
-  verbs: ["create"]
-# Per-job children: the ConfigMap with the rendered spec and the headless Service of multi-node jobs. Watched through
-# the same label selector as the Jobs, so a deleted or hand-edited one is put back; get only after a 409.
-- apiGroups: [""]
-  resources: ["configmaps"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: [""]
-  resources: ["services"]
-  verbs: ["get", "list", "watch", "create", "delete"]
-# The per-job progress-token Secret: created, never read (garbage collection deletes it with its ConfigMap).
-# No get/list/watch/delete, so no tenant Secret is readable or removable.
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["create"]
-# Events on FineTuneJobs, and the Job controller's FailedCreate events (e.g. a pod refused by a quota).
-- apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create", "list"]
-{{- end }}
-
-{{/*
 A map as key=value pairs joined by commas, keys sorted (FINETUNE_PREFLIGHT_NODE_SELECTOR).
 */}}
 {{- define "finetune-operator.pairs" -}}
