@@ -167,6 +167,11 @@ class Docker:
                               text=True, check=False)
         return proc.returncode == 0
 
+    def tags(self) -> set[str]:
+        """Every ``repository:tag`` Docker holds."""
+        out = self.run("image", "ls", "--format", "{{.Repository}}:{{.Tag}}", what="docker image ls")
+        return {line for line in out.split() if not line.endswith(":<none>")}
+
     def python_version(self, image: str) -> str:
         """``3.11`` for the base's interpreter (the wheels must match it)."""
         out = self.run("run", "--rm", "--network", "none", image, "python3", "-c",
@@ -390,6 +395,14 @@ def normalise_ref(ref: str) -> str:
     return ref
 
 
+def superseded(refs: Iterable[str], tags: Iterable[str]) -> list[str]:
+    """The references among ``refs`` that name one of ``tags``' repositories with another tag: images an earlier tree
+    built (each build of changed sources is a new tag), removed when the disk is short."""
+    wanted = {normalise_ref(t) for t in tags}
+    repositories = {split_tag(t)[0] for t in wanted}
+    return sorted(r for r in refs if r not in wanted and split_tag(normalise_ref(r))[0] in repositories)
+
+
 def containerd_images(ctr: list[str]) -> set[str]:
     out = _run([*ctr, "-n", CONTAINERD_NAMESPACE, "images", "ls", "-q"], "ctr images ls")
     return set(out.split())
@@ -426,6 +439,7 @@ def load_into_containerd(ctr: list[str], tags: Iterable[str], steps: Steps, root
     """Imports the images containerd lacks (``docker save | ctr images import``) into the CRI's namespace and unpacks
     them: the kubelet then finds them present, and nothing is pulled. First checks that the disk of containerd's
     ``root`` holds them without falling under the kubelet's eviction threshold (``evict_percent`` free)."""
+    tags = list(tags)
     missing = [t for t in tags if normalise_ref(t) not in containerd_images(ctr)]
     if not missing:
         return
@@ -433,9 +447,18 @@ def load_into_containerd(ctr: list[str], tags: Iterable[str], steps: Steps, root
     for tag in missing:
         if not docker.has(tag):
             raise ImageError(f"image {tag} is neither in the node's containerd nor in Docker")
-    usage = shutil.disk_usage(root)
     sizes = {tag: int(docker.run("image", "inspect", "--format", "{{.Size}}", tag, what=f"the size of {tag}"))
              for tag in missing}
+    usage = shutil.disk_usage(root)
+    if disk_shortfall(root, usage.free, usage.total, sizes, evict_percent):
+        # Earlier trees' builds of the same images are what a working machine accumulates: reclaim them first.
+        for ref in superseded(containerd_images(ctr), tags):
+            with steps.step(f"remove the superseded {ref} from the node's containerd"):
+                _run([*ctr, "-n", CONTAINERD_NAMESPACE, "images", "rm", "--sync", ref], f"ctr images rm {ref}")
+        for ref in superseded(docker.tags(), tags):
+            with steps.step(f"remove the superseded {ref} from Docker"):
+                docker.run("image", "rm", ref, what=f"docker image rm {ref}")
+        usage = shutil.disk_usage(root)
     if problem := disk_shortfall(root, usage.free, usage.total, sizes, evict_percent):
         raise ImageError(problem)
     for tag in missing:
