@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from tests.operator.cluster_support import (
     wait_running_pods,
 )
 from tests.operator.helpers import manifest
+from tests.operator.test_preflight import FOUND
 
 pytestmark = pytest.mark.cluster
 
@@ -91,6 +92,14 @@ class Queues:
         if preemption:
             spec["preemption"] = preemption
         return self._make({"kind": "ClusterQueue", "metadata": {"name": self.name(base)}, "spec": spec})
+
+    def cpu_cluster_queue(self, base: str, cpu: str, memory: str) -> str:
+        """A CPU-only ClusterQueue (a flavor of its own, no node labels): where pre-flights are admitted."""
+        flavor = self._make({"kind": "ResourceFlavor", "metadata": {"name": self.name(f"{base}-cpu")}, "spec": {}})
+        return self._make({"kind": "ClusterQueue", "metadata": {"name": self.name(base)}, "spec": {
+            "namespaceSelector": {}, "resourceGroups": [{"coveredResources": ["cpu", "memory"], "flavors": [{
+                "name": flavor, "resources": [{"name": "cpu", "nominalQuota": cpu},
+                                              {"name": "memory", "nominalQuota": memory}]}]}]}})
 
     def local_queue(self, name: str, cluster_queue: str) -> str:
         return self._make({"kind": "LocalQueue", "metadata": {"name": name, "namespace": self.ns},
@@ -209,6 +218,92 @@ def test_a_local_queue_that_does_not_exist_is_named_within_30_seconds(control_pl
     assert "no-such-queue" in message and "doesn't exist" in message, message
     events = ftj_events(cp, ns, "lost", after="Inadmissible")
     assert [e["type"] for e in events if e["reason"] == "Inadmissible"] == ["Warning"]
+
+
+# ----------------------------------------------------------------------------------------------- pre-flight
+
+
+@pytest.fixture
+def checking(kueue_operator: OperatorProcess, tmp_path: Path) -> Iterator[Callable[..., OperatorProcess]]:
+    """An operator with the pre-flight on (its default) in place of the module's: ``checking(**env)`` starts it."""
+    started: list[OperatorProcess] = []
+
+    def start(**env: str) -> OperatorProcess:
+        kueue_operator.stop()
+        started.append(OperatorProcess(kueue_operator.cp, tmp_path, FINETUNE_PREFLIGHT="true",
+                                       FINETUNE_PREFLIGHT_CPU="100m", FINETUNE_PREFLIGHT_MEMORY="1Gi", **env))
+        started[-1].start()
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for op in started:
+            op.stop()
+
+
+def _preflight_pod(cp: ControlPlane, ns: str, name: str) -> dict[str, Any]:
+    pod: dict[str, Any] = cp.wait_for(lambda: next((p for p in pods_of(cp, ns, name, live_only=True)
+                                                    if p["status"].get("phase") == "Running"), None),
+                                      timeout=ADMIT, desc=f"{name}'s pre-flight pod running")
+    assert pod["metadata"]["name"].startswith(f"{name}-preflight-"), pod["metadata"]["name"]
+    return pod
+
+
+def test_the_preflight_is_admitted_through_its_cpu_queue_while_the_gpu_quota_is_full(
+        control_plane: ControlPlane, queues: Queues, kueue: Kueue,
+        checking: Callable[..., OperatorProcess]) -> None:
+    """With FINETUNE_PREFLIGHT_QUEUE the pre-flight Job carries a CPU LocalQueue of its own: Kueue admits it at once
+    while every GPU of the job's ClusterQueue is taken, and only the trainer Job (after the pre-flight passed) waits
+    for GPU quota, with Kueue's reason."""
+    cp, ns = control_plane, queues.ns
+    queues.local_queue("gpu", queues.cluster_queue("gpus", gpus=1))
+    checks = queues.cpu_cluster_queue("checks", cpu="2", memory="4Gi")
+    queues.local_queue("checks", checks)
+    op = checking(FINETUNE_PREFLIGHT_QUEUE="checks")
+    passed = FOUND.model_dump_json(by_alias=True, exclude_none=True)
+
+    create_ftj(cp, queued("holder", ns, "gpu"))
+    cp.finish_pod(ns, _preflight_pod(cp, ns, "holder")["metadata"]["name"], exit_code=0, message=passed)
+    wait_phase(cp, ns, "holder", "Running", timeout=ADMIT)  # the ClusterQueue's only GPU is now held
+
+    create_ftj(cp, queued("waiting", ns, "gpu"))
+    pod = _preflight_pod(cp, ns, "waiting")
+    assert "nvidia.com/gpu" not in str(pod["spec"]["containers"][0]["resources"])
+    checked = cp.request("GET", job_path(ns, "waiting-preflight"))
+    assert checked["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "checks"
+    workload = workload_of(queues.kueue, ns, "waiting-preflight")
+    assert workload is not None and workload["status"]["admission"]["clusterQueue"] == checks, workload
+    assert get_or_none(cp, job_path(ns, "waiting")) is None  # no GPU Job while the pre-flight runs
+    cp.finish_pod(ns, pod["metadata"]["name"], exit_code=0, message=passed)
+
+    ftj = wait_phase(cp, ns, "waiting", "Queued", timeout=ADMIT, reason=("Queued", "WaitingForQuota"))
+    assert condition(ftj, "Validated")["reason"] == "PreflightPassed"  # type: ignore[index]
+    assert "insufficient unused quota for nvidia.com/gpu" in condition(ftj, "Queued")["message"]  # type: ignore[index]
+    finish(cp, ns, "holder")
+    wait_phase(cp, ns, "waiting", "Running", timeout=ADMIT)
+    assert _job_patches(op) == [], "the operator wrote a Job Kueue holds"
+    assert operator_errors(op) == []
+
+
+def test_a_preflight_kueue_holds_without_a_queue_is_reported_and_no_gpu_job_is_made(
+        control_plane: ControlPlane, queues: Queues, kueue: Kueue,
+        checking: Callable[..., OperatorProcess]) -> None:
+    """A Kueue that manages Jobs without a queue name suspends a pre-flight that has no CPU queue of its own: the
+    operator leaves that suspend alone, makes no GPU Job, and says what to configure (one Warning Event)."""
+    cp, ns = control_plane, queues.ns
+    kueue.restart(manageJobsWithoutQueueName=True)
+    queues.local_queue("gpu", queues.cluster_queue("gpus", gpus=1))
+    op = checking()
+    create_ftj(cp, queued("held", ns, "gpu"))
+    ftj = wait_phase(cp, ns, "held", "Pending", timeout=ADMIT, reason=("Running", "PreflightSuspended"))
+    message = condition(ftj, "Running")["message"]  # type: ignore[index]
+    assert "FINETUNE_PREFLIGHT_QUEUE" in message and "spec.preflight.enabled" in message, message
+    assert cp.request("GET", job_path(ns, "held-preflight"))["spec"]["suspend"] is True
+    assert get_or_none(cp, job_path(ns, "held")) is None
+    warnings = [e for e in ftj_events(cp, ns, "held", after="PreflightSuspended") if e["type"] == "Warning"]
+    assert [e["reason"] for e in warnings] == ["PreflightSuspended"]
+    assert _job_patches(op) == [], "the operator wrote the pre-flight Job Kueue holds"
 
 
 # --------------------------------------------------------------------------------------------- preemption
