@@ -19,9 +19,9 @@ from tests.controlplane.cluster import ControlPlane
 from tests.controlplane.images import ProductImages
 from tests.controlplane.kueue import Kueue, kueue_namespace_labels
 from tests.controlplane.node import NODE_LABEL, RealNode
+from tests.controlplane.storage import NodeStorage, provide_storage, remove_storage
 
 from .jobs import (
-    NodeStorage,
     PodRecorder,
     apply,
     checkpoint_steps,
@@ -29,8 +29,6 @@ from .jobs import (
     get_ftj,
     job_of,
     live_pods,
-    provide_storage,
-    remove_storage,
     sentiment_job,
     stage_storage,
     status,
