@@ -261,8 +261,15 @@ def test_a_dpo_job_on_a_real_instruct_model_succeeds_with_its_reward_metrics_in_
     assert set(rewards) <= set(st["metrics"]) and set(rewards) <= set(st["output"]["metrics"])
     assert 0 <= st["output"]["metrics"]["rewardAccuracy"] <= 1
     assert st["memoryPlan"]["sharding"] == "none" and "reference" not in st["memoryPlan"]["breakdown"]  # LoRA
-    [pod] = recorder.of_job(name)
-    assert recorder.wait_terminated(pod["metadata"]["uid"], timeout=30)["exitCode"] == 0
+    # The pre-flight checked the pairs first (on CPU, before the trainer Job), then one trainer pod trained.
+    assert condition(done, "Validated")["reason"] == "PreflightPassed"
+    assert st["preflight"]["train"]["examples"] > 0 and st["preflight"]["totalSteps"] == steps, st["preflight"]
+    pods = recorder.of_job(name)
+    checked = [p for p in pods if p["metadata"]["name"].startswith(f"{name}-preflight-")]
+    trained = [p for p in pods if p not in checked]
+    assert len(checked) == len(trained) == 1, [p["metadata"]["name"] for p in pods]
+    for pod in (*checked, *trained):
+        assert recorder.wait_terminated(pod["metadata"]["uid"], timeout=30)["exitCode"] == 0
     out = storage.host_path(st["output"]["path"])
     written = json.loads((out / "metrics.json").read_text())
     assert written["task"] == "dpo" and written["metrics"] == pytest.approx(st["output"]["metrics"])
@@ -545,30 +552,17 @@ def test_two_cpu_workers_rendezvous_over_cluster_dns_and_a_killed_worker_restart
     Then worker 1 is killed mid-run (its container's process, SIGKILL from the node, as a crash or the OOM killer
     would): the operator stops the survivor and restarts the whole group once, both new workers resume from the
     latest checkpoint, and the job ends Succeeded."""
-    cp, ns, name, every = control_plane, release.watched[0], "pair", 3
-    apply(cp, sentiment_job(name, ns, samples=32 * BATCH, checkpoint_every=every,
+    cp, ns, name, every, steps = control_plane, release.watched[0], "pair", 3, 40
+    apply(cp, sentiment_job(name, ns, samples=2 * steps * BATCH, checkpoint_every=every,
                             resources={"workers": 2, "cpu": "900m"}, **NO_PREFLIGHT))
     _first_checkpoint(cp, storage, ns, name)
     pods = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p
             for p in live_pods(cp, ns, name)}
     assert sorted(pods) == ["0", "1"] and {p["spec"]["nodeName"] for p in pods.values()} == {NODE_NAME}
-    command = pods["1"]["spec"]["containers"][0]["command"]
-    assert f"--master_addr={name}-0.{name}" in command and "--node_rank=$(JOB_COMPLETION_INDEX)" in command
-    # Worker 1 finds worker 0 by that name through CoreDNS (ClusterFirst: the search path of its namespace).
-    seen = _exec_python(cp, ns, pods["1"]["metadata"]["name"], (
-        f"import json, socket; print(json.dumps({{'rendezvous': socket.gethostbyname('{name}-0.{name}'), "
-        "'resolv': open('/etc/resolv.conf').read()}))"))
-    assert seen["rendezvous"] == pods["0"]["status"]["podIP"], seen
-    assert "nameserver 10.96.0.10" in seen["resolv"] and f"search {ns}.svc.cluster.local" in seen["resolv"], seen
-    # One group of two processes: rank 0 says so, and rank 1 takes part in every step (its gradients are averaged
-    # in; without it rank 0 would wait in the first all-reduce).
-    said = trainer_log(cp, ns, pods["0"]["metadata"]["name"]).text
-    assert re.search(r"job pair: .*, 2 process\(es\), device cpu, 1 thread\(s\)", said), said[-3000:]
     folder = storage.host_path(f"pvc://runs/{name}/checkpoints")
-    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-")) == [
-        f"checkpoint-{s}" for s in sorted(checkpoint_steps(folder))], "one checkpoint per step, each complete"
 
-    # Kill worker 1 from the node, as a crash would.
+    # Kill worker 1 from the node, as a crash would, at once: the group is mid-run (its rendezvous and the checks of
+    # it are asserted on the restarted group below).
     victim = pods["1"]
     container = victim["status"]["containerStatuses"][0]["containerID"].removeprefix("containerd://")
     latest = max(checkpoint_steps(folder))
@@ -598,9 +592,23 @@ def test_two_cpu_workers_rendezvous_over_cluster_dns_and_a_killed_worker_restart
         trainer_log(cp, ns, new["1"]["metadata"]["name"])), timeout=60, interval=2,
         desc="rank 1 to say where it resumed", ignore=(Exception,))
     assert rank1.resumed_from == log.resumed_from, rank1.text[-3000:]
+    command = new["1"]["spec"]["containers"][0]["command"]
+    assert f"--master_addr={name}-0.{name}" in command and "--node_rank=$(JOB_COMPLETION_INDEX)" in command
+    # Worker 1 finds worker 0 by that name through CoreDNS (ClusterFirst: the search path of its namespace).
+    seen = _exec_python(cp, ns, new["1"]["metadata"]["name"], (
+        f"import json, socket; print(json.dumps({{'rendezvous': socket.gethostbyname('{name}-0.{name}'), "
+        "'resolv': open('/etc/resolv.conf').read()}))"))
+    rank0 = next(p for p in live_pods(cp, ns, name) if p["metadata"]["uid"] == new["0"]["metadata"]["uid"])
+    assert seen["rendezvous"] == rank0["status"]["podIP"], seen
+    assert "nameserver 10.96.0.10" in seen["resolv"] and f"search {ns}.svc.cluster.local" in seen["resolv"], seen
+    # One group of two processes: rank 0 says so, and rank 1 takes part in every step (its gradients are averaged
+    # in; without it rank 0 would wait in the first all-reduce).
+    assert re.search(r"job pair: .*, 2 process\(es\), device cpu, 1 thread\(s\)", log.text), log.text[-3000:]
     done = wait_ftj(cp, ns, name, phase_is("Succeeded"), timeout=TRAIN, desc="Succeeded")
     assert status(done)["restarts"] == 1, status(done)
-    assert status(done)["progress"]["step"] == status(done)["progress"]["totalSteps"] == 32 * BATCH // (2 * BATCH)
+    assert status(done)["progress"]["step"] == status(done)["progress"]["totalSteps"] == steps
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-")) == [
+        f"checkpoint-{s}" for s in sorted(checkpoint_steps(folder))], "one checkpoint per step, each complete"
     assert [recorder.wait_terminated(new[i]["metadata"]["uid"], timeout=30)["exitCode"] for i in "01"] == [0, 0]
     job = job_of(cp, ns, name)
     assert job is not None and (job["status"].get("failed") or 0) <= 1, job["status"]

@@ -45,12 +45,14 @@ def the_operator_pod(cp: ControlPlane, release: Release) -> dict[str, Any]:
 
 
 def apply_example(cp: ControlPlane, namespace: str, name: str) -> dict[str, Any]:
-    """``kubectl apply`` of examples/sentiment.yaml under another name (the README's step), without its pre-flight:
-    these tests are about the operator's pod, and the trainer Job is what they watch it make (the pre-flight is
+    """``kubectl apply`` of examples/sentiment.yaml under another name (the README's step), with storage of its own (two
+    live jobs writing to one place would hold the younger back: StorageConflict) and without its pre-flight: these
+    tests are about the operator's pod, and the trainer Job is what they watch it make (the pre-flight is
     tests/node/test_finetunejobs.py's)."""
     manifest = yaml.safe_load(EXAMPLE.read_text())
     manifest["metadata"] = {"name": name, "namespace": namespace}
     manifest["spec"]["preflight"] = {"enabled": False}
+    manifest["spec"]["output"]["storage"] = f"pvc://runs/{name}"
     cp.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
     ftj: dict[str, Any] = cp.request("GET", f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs/{name}")
     return ftj

@@ -41,7 +41,7 @@ def test_trainer_image_runs_under_the_operators_security_context(
 
     help_text = logs(control_plane, ns, "trainer", "help")
     assert terminated(done, "help")["exitCode"] == 0, help_text
-    assert "usage: finetune-trainer" in help_text, help_text
+    assert "usage: python -m finetune_trainer" in help_text, help_text  # named as it was invoked
 
     refused = logs(control_plane, ns, "trainer", "write-root-fs")
     assert terminated(done, "write-root-fs")["exitCode"] == 1, refused
