@@ -5,7 +5,6 @@ lives in the one module the README's map names for it."""
 from __future__ import annotations
 
 import ast
-import importlib
 import re
 import sys
 from pathlib import Path
@@ -176,20 +175,6 @@ def test_only_the_objective_plugins_switch_on_the_task_type() -> None:
                 if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
                     named = {n for n in names if n == node.value or f"'{n}'" in node.value or f'"{n}"' in node.value}
                     assert not named, f"{path.relative_to(REPO)}:{node.lineno} names task type(s) {sorted(named)}"
-
-
-def test_each_objective_is_an_api_definition_and_a_trainer_module_of_the_same_name() -> None:
-    from finetune_api.tasks import TASKS as DEFINITIONS
-    from finetune_trainer.tasks import TASKS
-
-    api = {p.stem for p in (API / "tasks").glob("*.py")} - {"__init__", "base"}
-    trainer = {p.stem for p in (TRAINER / "tasks").glob("*.py")} - {"__init__", "base"}
-    assert api == trainer
-    assert set(DEFINITIONS) == set(TASKS)
-    for name, task in TASKS.items():
-        module = task.__module__.rsplit(".", 1)[-1]
-        assert DEFINITIONS[name].__class__ is not None and module in api
-        assert importlib.import_module(f"finetune_api.tasks.{module}").DEFINITION.name == name
 
 
 def test_only_children_py_touches_children_on_the_api() -> None:

@@ -3,6 +3,7 @@ written, the saved model reloads and predicts."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -162,3 +163,21 @@ def test_seq2seq_t5_chrf(isolated: Path, models: dict[str, Path]) -> None:
     model = AutoModelForSeq2SeqLM.from_pretrained(out)
     gen = model.generate(**tok(["repeat : one two"], return_tensors="pt"), max_new_tokens=4)
     assert isinstance(tok.decode(gen[0], skip_special_tokens=True), str)
+
+
+def test_each_objective_is_an_api_definition_and_a_trainer_module_of_the_same_name() -> None:
+    """Adding an objective is adding two modules of one name: the API definition (no torch: the operator image has
+    none) and the trainer module that reads it. (Here, not beside the layering tests: it imports the trainer.)"""
+    from finetune_api.tasks import TASKS as DEFINITIONS
+    from finetune_trainer.tasks import TASKS
+
+    api_dir = support.REPO / "operator" / "finetune_api" / "tasks"
+    trainer_dir = support.REPO / "trainer_image" / "finetune_trainer" / "tasks"
+    api = {p.stem for p in api_dir.glob("*.py")} - {"__init__", "base"}
+    trainer = {p.stem for p in trainer_dir.glob("*.py")} - {"__init__", "base"}
+    assert api == trainer
+    assert set(DEFINITIONS) == set(TASKS)
+    for name, task in TASKS.items():
+        module = task.__module__.rsplit(".", 1)[-1]
+        assert module in api and importlib.import_module(f"finetune_api.tasks.{module}").DEFINITION.name == name
+        assert DEFINITIONS[name] is importlib.import_module(f"finetune_api.tasks.{module}").DEFINITION
