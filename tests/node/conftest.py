@@ -36,14 +36,15 @@ def restricted_namespace(control_plane: ControlPlane) -> Iterator[Callable[[str]
 
 
 @contextlib.contextmanager
-def released(cp: ControlPlane, images: ProductImages, workdir: Path,
-             values: dict[str, Any] | None = None) -> Iterator[Release]:
+def released(cp: ControlPlane, images: ProductImages, workdir: Path, values: dict[str, Any] | None = None,
+             tenant_labels: dict[str, str] | None = None) -> Iterator[Release]:
     """The chart installed with the built operator image into a restricted namespace, watching one restricted tenant
-    namespace (a cluster-wide operator would also act on other tests' FineTuneJobs); uninstalled afterwards."""
+    namespace (a cluster-wide operator would also act on other tests' FineTuneJobs; ``tenant_labels`` are added to
+    the tenant's); uninstalled afterwards."""
     system = unique("finetune-system")
     tenant = unique("tenant")
-    for name in (system, tenant):
-        cp.create_namespace(name, labels=RESTRICTED)
+    cp.create_namespace(system, labels=RESTRICTED)
+    cp.create_namespace(tenant, labels={**RESTRICTED, **(tenant_labels or {})})
     release = install_operator(cp, images, system, [tenant], workdir, values)
     try:
         yield release

@@ -5,6 +5,7 @@ tests/controlplane/storage.py's, as ``make cluster`` stages it, plus one bad dat
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,10 +23,10 @@ import yaml
 
 from tests.controlplane.cluster import ControlPlane
 from tests.controlplane.node import node_scheduling
-from tests.controlplane.storage import STAGE_DEMO, stage_demo_claims
+from tests.controlplane.storage import STAGE_DEMO, NodeStorage, provide_storage, remove_storage, stage_demo_claims
 from tests.operator.helpers import merge_patch
 
-from .support import EXAMPLE, REPO, logs
+from .support import EXAMPLE, REPO, logs, unique
 
 T = TypeVar("T")
 FTJ = "/apis/finetune.dev/v1alpha1"
@@ -52,6 +53,18 @@ def stage_storage(root: Path) -> None:
     (root / "datasets" / BAD_DATA / "train.jsonl").write_text("".join(rows))
     _stage_bad_inputs(root, rows)
     _stage_assistant(root)
+
+
+@contextlib.contextmanager
+def node_storage(cp: ControlPlane, namespace: str, root: Path) -> Iterator[NodeStorage]:
+    """``stage_storage`` in ``root``, offered to ``namespace`` as the example's claims on local PersistentVolumes of
+    the real node; removed afterwards."""
+    stage_storage(root)
+    made = provide_storage(cp, namespace, root, unique("finetune-node-local"))
+    try:
+        yield made
+    finally:
+        remove_storage(cp, made)
 
 
 def _stage_assistant(root: Path) -> None:

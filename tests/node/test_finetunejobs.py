@@ -29,7 +29,7 @@ from finetune_trainer.history import read_lines
 from tests.controlplane.cluster import ControlPlane
 from tests.controlplane.images import ProductImages
 from tests.controlplane.node import NODE_NAME, RealNode, node_scheduling
-from tests.controlplane.storage import NodeStorage, provide_storage, remove_storage
+from tests.controlplane.storage import NodeStorage
 
 from .conftest import released
 from .jobs import (
@@ -48,16 +48,16 @@ from .jobs import (
     get_ftj_row,
     job_of,
     live_pods,
+    node_storage,
     phase_is,
     pods_of,
     sentiment_job,
-    stage_storage,
     status,
     trainer_log,
     wait_first_step,
     wait_ftj,
 )
-from .support import REPO, Release, unique
+from .support import REPO, Release
 
 pytestmark = [pytest.mark.node, pytest.mark.e2e]
 
@@ -98,11 +98,8 @@ def release(control_plane: ControlPlane, real_node: RealNode, node_images: Produ
 @pytest.fixture(scope="module")
 def storage(control_plane: ControlPlane, release: Release,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeStorage]:
-    root = tmp_path_factory.mktemp("pvc")
-    stage_storage(root)
-    made = provide_storage(control_plane, release.watched[0], root, unique("finetune-node-local"))
-    yield made
-    remove_storage(control_plane, made)
+    with node_storage(control_plane, release.watched[0], tmp_path_factory.mktemp("pvc")) as made:
+        yield made
 
 
 @pytest.fixture

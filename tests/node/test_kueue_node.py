@@ -19,8 +19,9 @@ from tests.controlplane.cluster import ControlPlane
 from tests.controlplane.images import ProductImages
 from tests.controlplane.kueue import Kueue, kueue_namespace_labels
 from tests.controlplane.node import NODE_LABEL, RealNode
-from tests.controlplane.storage import NodeStorage, provide_storage, remove_storage
+from tests.controlplane.storage import NodeStorage
 
+from .conftest import released
 from .jobs import (
     PodRecorder,
     apply,
@@ -29,13 +30,13 @@ from .jobs import (
     get_ftj,
     job_of,
     live_pods,
+    node_storage,
     sentiment_job,
-    stage_storage,
     status,
     wait_first_step,
     wait_ftj,
 )
-from .support import RESTRICTED, Release, install_operator, unique
+from .support import Release, unique
 from .test_finetunejobs import (
     BATCH,
     NO_PREFLIGHT,
@@ -56,27 +57,17 @@ def kueue_release(control_plane: ControlPlane, real_node: RealNode, node_images:
                   kueue_process: Kueue, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
     """The chart with `kueue.enabled`, installed once Kueue's CRDs are served, watching one tenant namespace that
     Kueue manages."""
-    system, tenant = unique("finetune-system"), unique("tenant")
-    control_plane.create_namespace(system, labels=RESTRICTED)
-    control_plane.create_namespace(tenant, labels={**RESTRICTED, **kueue_namespace_labels()})
-    release = install_operator(control_plane, node_images, system, [tenant], tmp_path_factory.mktemp("release"),
-                               {"kueue": {"enabled": True}, "trainer": {"startTimeoutSeconds": 120}})
-    try:
+    with released(control_plane, node_images, tmp_path_factory.mktemp("release"),
+                  {"kueue": {"enabled": True}, "trainer": {"startTimeoutSeconds": 120}},
+                  tenant_labels=kueue_namespace_labels()) as release:
         yield release
-    finally:
-        control_plane.helm("uninstall", release.name, "--namespace", system, "--wait", check=False)
-        for name in (system, tenant):
-            control_plane.delete_namespace(name)
 
 
 @pytest.fixture(scope="module")
 def storage(control_plane: ControlPlane, kueue_release: Release,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeStorage]:
-    root = tmp_path_factory.mktemp("pvc")
-    stage_storage(root)
-    made = provide_storage(control_plane, kueue_release.watched[0], root, unique("finetune-node-local"))
-    yield made
-    remove_storage(control_plane, made)
+    with node_storage(control_plane, kueue_release.watched[0], tmp_path_factory.mktemp("pvc")) as made:
+        yield made
 
 
 @pytest.fixture

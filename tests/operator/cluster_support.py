@@ -110,6 +110,13 @@ class OperatorProcess:
         except urllib.error.HTTPError as exc:
             return exc.code
 
+    def __enter__(self) -> OperatorProcess:
+        """``with OperatorProcess(...) as op``: started (and Ready) inside, stopped on the way out."""
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM and wait (the lease is handed over on a clean exit)."""
         if self.proc is None:

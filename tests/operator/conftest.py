@@ -17,12 +17,8 @@ from tests.operator.cluster_support import OperatorProcess
 @pytest.fixture(scope="module")
 def operator_process(control_plane: ControlPlane, finetune_crd: None,
                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(control_plane, tmp_path_factory.mktemp("operator"))
-    op.start()
-    try:
+    with OperatorProcess(control_plane, tmp_path_factory.mktemp("operator")) as op:
         yield op
-    finally:
-        op.stop()
 
 
 @pytest.fixture

@@ -47,12 +47,8 @@ ADMIT = 45.0  # seconds from a FineTuneJob's creation (or freed quota) to Kueue'
 def kueue_operator(control_plane: ControlPlane, finetune_crd: None, kueue_process: Kueue,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     """An operator started once Kueue's CRDs are served (FINETUNE_KUEUE auto: it watches Workloads)."""
-    op = OperatorProcess(control_plane, tmp_path_factory.mktemp("operator-kueue"))
-    op.start()
-    try:
+    with OperatorProcess(control_plane, tmp_path_factory.mktemp("operator-kueue")) as op:
         yield op
-    finally:
-        op.stop()
 
 
 @pytest.fixture

@@ -34,13 +34,9 @@ pytestmark = pytest.mark.cluster
 @pytest.fixture(scope="module")
 def checking_operator(control_plane: ControlPlane, finetune_crd: None,
                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(control_plane, tmp_path_factory.mktemp("operator"), FINETUNE_PREFLIGHT="true",
-                         FINETUNE_PREFLIGHT_CPU="100m", FINETUNE_PREFLIGHT_MEMORY="1Gi")
-    op.start()
-    try:
+    with OperatorProcess(control_plane, tmp_path_factory.mktemp("operator"), FINETUNE_PREFLIGHT="true",
+                         FINETUNE_PREFLIGHT_CPU="100m", FINETUNE_PREFLIGHT_MEMORY="1Gi") as op:
         yield op
-    finally:
-        op.stop()
 
 
 def _preflight_pod(cp: ControlPlane, ns: str, name: str) -> dict:  # type: ignore[type-arg]

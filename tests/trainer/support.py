@@ -201,6 +201,21 @@ def start_trainer(args: list[str], env: dict[str, str], log: Path, module: str =
     return proc
 
 
+def launch_two_processes(job: Path, tmp: Path, name: str) -> subprocess.Popen[bytes]:
+    """A job on two gloo processes through the launcher (torchrun standalone), its output in ``<tmp>/<name>.log``."""
+    env = trainer_env(tmp, OMP_NUM_THREADS="1", FINETUNE_LOG_LEVEL="INFO", FINETUNE_PROGRESS_INTERVAL="0.1")
+    return start_trainer(["--standalone", "--nproc_per_node", "2", "-m", "finetune_trainer", str(job)], env,
+                         tmp / f"{name}.log", module="finetune_trainer.launch")
+
+
+def train_two_processes(spec: dict[str, Any], tmp: Path, name: str) -> dict[str, Any]:
+    """Runs a job on two processes to the end; its metrics.json."""
+    job = manifest(tmp / f"{name}.yaml", spec, name=name)
+    code = launch_two_processes(job, tmp, name).wait(timeout=600)
+    assert code == 0, tail(tmp / f"{name}.log", 8000)
+    return dict(json.loads((Path(spec["output"]["storage"]) / "metrics.json").read_text()))
+
+
 class _Output:
     """Counts the lines a process wrote (to its log), and wakes whoever waits for the next one."""
 

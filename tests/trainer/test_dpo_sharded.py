@@ -5,8 +5,6 @@ on the uninterrupted run's losses and metrics."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +32,6 @@ def _spec(model: Path, data: tuple[Path, Path], out: Path, sharding: str, every:
     }
 
 
-def _launch(spec: dict[str, Any], tmp: Path, name: str) -> subprocess.Popen[bytes]:
-    job = support.manifest(tmp / f"{name}.yaml", spec, name=name)
-    env = support.trainer_env(tmp, OMP_NUM_THREADS="1", FINETUNE_PROGRESS_INTERVAL="0.1")
-    log = (tmp / f"{name}.log").open("ab")
-    return subprocess.Popen([support.PYTHON, "-m", "finetune_trainer.launch", "--standalone", "--nproc_per_node",
-                             "2", "-m", "finetune_trainer", str(job), "--no-progress-bar"],
-                            cwd=support.REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _train(spec: dict[str, Any], tmp: Path, name: str) -> dict[str, Any]:
-    code = _launch(spec, tmp, name).wait(timeout=600)
-    assert code == 0, support.tail(tmp / f"{name}.log", 8000)
-    return dict(json.loads((Path(spec["output"]["storage"]) / "metrics.json").read_text()))
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("dpo-sharded-data")
@@ -60,8 +43,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def runs(models: dict[str, Path], data: tuple[Path, Path],
          tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("dpo-sharded-runs")
-    return {sharding: _train(_spec(models["llama"], data, tmp / sharding, sharding), tmp, sharding)
-            for sharding in ("none", "fsdp")}
+    return {sharding: support.train_two_processes(_spec(models["llama"], data, tmp / sharding, sharding), tmp,
+                                                  sharding) for sharding in ("none", "fsdp")}
 
 
 def _curve(doc: dict[str, Any]) -> torch.Tensor:
@@ -86,7 +69,8 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_losses(runs: dict[str, di
     out = tmp_path / "killed"
     spec = _spec(models["llama"], data, out, "fsdp", every=2)
     ckpts = out / "checkpoints"
-    proc = _launch(spec, tmp_path, "killed")
+    proc = support.launch_two_processes(support.manifest(tmp_path / "killed.yaml", spec, name="killed"), tmp_path,
+                                          "killed")
     try:
         support.wait_for(lambda: any(s >= 4 for s in support.complete_steps(ckpts)), 600,
                          "a sharded checkpoint at step 4 or later", proc, tmp_path / "killed.log", interval=0.05)
@@ -97,7 +81,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_losses(runs: dict[str, di
         proc.wait(timeout=60)
     assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
     assert (ckpts / "checkpoint-4" / ".metadata").exists()  # sharded
-    resumed = _train(spec, tmp_path, "killed")
+    resumed = support.train_two_processes(spec, tmp_path, "killed")
     assert resumed["resumedFrom"] is not None and resumed["resumedFrom"] >= 4
     torch.testing.assert_close(_curve(resumed), _curve(runs["fsdp"]), **TOL)
     for name, value in runs["fsdp"]["metrics"].items():

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -54,20 +53,6 @@ def _spec(model: Path, data: tuple[Path, Path], out: Path, sharding: str, *, met
     }
 
 
-def _launch(job: Path, tmp: Path, name: str) -> subprocess.Popen[bytes]:
-    env = support.trainer_env(tmp, OMP_NUM_THREADS="1", FINETUNE_LOG_LEVEL="INFO", FINETUNE_PROGRESS_INTERVAL="0.1")
-    return support.start_trainer(["--standalone", "--nproc_per_node", "2", "-m", "finetune_trainer", str(job)], env,
-                                 tmp / f"{name}.log", module="finetune_trainer.launch")
-
-
-def _train(spec: dict[str, Any], tmp: Path, name: str) -> dict[str, Any]:
-    """Run a job on two processes to the end; its metrics.json."""
-    job = support.manifest(tmp / f"{name}.yaml", spec, name=name)
-    code = _launch(job, tmp, name).wait(timeout=600)
-    assert code == 0, support.tail(tmp / f"{name}.log", 8000)
-    return dict(json.loads((Path(spec["output"]["storage"]) / "metrics.json").read_text()))
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("sharded-data")
@@ -87,7 +72,7 @@ def runs(models: dict[str, Path], data: tuple[Path, Path],
     for name, (sharding, method, ac) in setups.items():
         spec = _spec(models["llama"], data, tmp / name, sharding, method=method, checkpointing=ac)
         spec["output"]["mergeAdapter"] = name == "fsdp-lora"  # merged into a fresh base: the sharded one cannot
-        results[name] = {**_train(spec, tmp, name), "out": tmp / name}
+        results[name] = {**support.train_two_processes(spec, tmp, name), "out": tmp / name}
     return results
 
 
@@ -179,7 +164,8 @@ def test_sigkill_sigterm_and_resume_from_sharded_checkpoints_on_two_or_one_proce
     spec = _spec(models["llama"], data, out, "fsdp", every=2)
     spec["checkpointing"].update(keepLast=1, selectBest={"metric": "evalLoss", "mode": "max"})
     ckpts = out / "checkpoints"
-    proc = _launch(support.manifest(tmp_path / "killed.yaml", spec, name="killed"), tmp_path, "killed")
+    job = support.manifest(tmp_path / "killed.yaml", spec, name="killed")
+    proc = support.launch_two_processes(job, tmp_path, "killed")
     try:
         support.wait_for(lambda: any(s >= 4 for s in support.complete_steps(ckpts)), 600,
                          "a sharded checkpoint at step 4 or later", proc, tmp_path / "killed.log")
@@ -219,7 +205,7 @@ def test_sigkill_sigterm_and_resume_from_sharded_checkpoints_on_two_or_one_proce
 
     # The same two-process job restarted resumes from its newest complete checkpoint; stopped by SIGTERM (what the
     # kubelet sends the launcher) once it has trained a step, every rank writes its shard and it exits 75.
-    restart = _launch(support.manifest(tmp_path / "killed.yaml", spec, name="killed"), tmp_path, "restarted")
+    restart = support.launch_two_processes(job, tmp_path, "restarted")
     progress = ckpts / "progress.json"
     try:
         support.wait_for(lambda: progress.exists() and json.loads(progress.read_text()).get("step", 0) > steps[-1],
@@ -236,7 +222,7 @@ def test_sigkill_sigterm_and_resume_from_sharded_checkpoints_on_two_or_one_proce
     assert (ckpts / f"checkpoint-{stopped}" / "__1_0.distcp").exists()
 
     # Restarted once more, it ends where the uninterrupted run ended, step for step.
-    resumed = _train(spec, tmp_path, "killed")
+    resumed = support.train_two_processes(spec, tmp_path, "killed")
     assert resumed["resumedFrom"] == stopped
     torch.testing.assert_close(_curve(resumed), _curve(reference), **TOL)
     assert resumed["lastMetrics"]["evalLoss"] == pytest.approx(reference["metrics"]["evalLoss"], rel=1e-4)
