@@ -25,9 +25,32 @@ LIVE = ("Pending", "Running", "Unknown")
 
 
 def members_at_failure(pods: Iterable[PodView], failed: PodView) -> set[str]:
-    """The uids of the pods still alive when `failed` was seen failing: the rest of the broken group (a replacement
-    the Job controller already made for the failed index is included; the suspension stops it too)."""
-    return {p.uid for p in pods if p.phase in LIVE and p.uid != failed.uid}
+    """The uids of the live pods that belong to the group `failed` broke, or may have met it.
+
+    While an older member still runs, that is every live pod (a replacement the Job controller already made for the
+    failed index included; the suspension stops it too). Once every older member has ended (on gloo the others exit
+    76 within moments of the crash), only the pods created before the last of them ended: pods created after it form
+    a new group by themselves (an operator that saw the failure late must not stop a healthy group). Same-second
+    timestamps count as "may have met": one needless restart costs seconds, a mixed group costs a hang.
+    """
+    pods = list(pods)
+    failed_at = parse_time(failed.finished_at) or 0.0
+    others = [p for p in pods if p.uid != failed.uid]
+    live = [p for p in others if p.phase in LIVE]
+    older = [p for p in others if (created := parse_time(p.created)) is None or created < failed_at]
+    if any(p.phase in LIVE for p in older):
+        return {p.uid for p in live}
+    ended = max((parse_time(p.finished_at) or failed_at for p in older), default=failed_at)
+    return {p.uid for p in live if (created := parse_time(p.created)) is None or created <= ended}
+
+
+def regrouping(workers: int, causes: Iterable[PodView]) -> PodView | None:
+    """The failure that stopped a whole group by itself (every member ended with it; the Job controller starts them
+    all again), seen for the first time: said like a restart the operator makes, so the user learns why."""
+    if workers <= 1:
+        return None
+    restartable = [p for p in causes if p.exit_code not in exitcodes.PERMANENT]
+    return max(restartable, key=lambda p: (parse_time(p.finished_at) or 0.0, p.name), default=None)
 
 
 def broken_member(workers: int, pods: Iterable[PodView], doomed: set[str],
@@ -67,7 +90,7 @@ def survivors(pods: Iterable[PodView], doomed: set[str], failed: PodView) -> lis
     return out
 
 
-def restart_message(failed: PodView, workers: int) -> str:
+def restart_message(failed: PodView, workers: int, others_stopped: bool = False) -> str:
     """Why the workers are being restarted, stable across passes (no counts that change while pods stop)."""
     if failed.disrupted:
         what = "was disrupted (eviction, preemption or node loss)"
@@ -78,5 +101,7 @@ def restart_message(failed: PodView, workers: int) -> str:
         what = f"exited with code {failed.exit_code}{why}"
     else:
         what = "failed"
-    return (f"worker {failed.index} (pod {failed.name}) {what}: stopping the other workers, then restarting all "
-            f"{workers} from the latest checkpoint")
+    then = (f"the other workers stopped with it; all {workers} start again from the latest checkpoint"
+            if others_stopped else
+            f"stopping the other workers, then restarting all {workers} from the latest checkpoint")
+    return f"worker {failed.index} (pod {failed.name}) {what}: {then}"

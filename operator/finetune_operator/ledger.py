@@ -35,6 +35,9 @@ class Ledger:
     # Pods that ended (or will) because another member of their group failed first: stopped by the group restart,
     # or exited 76 (peer lost) as an echo of that failure. Not restarts of their own.
     doomed: set[str] = field(default_factory=set)
+    # The failures that broke a group, seen for the first time in the latest update (none when the ledger was just
+    # (re)built: an operator that restarted cannot tell whether it already reported them).
+    fresh_causes: tuple[PodView, ...] = ()
 
     @property
     def restarts(self) -> int:
@@ -64,22 +67,24 @@ def _pod_gpu_seconds(pod: PodView, now: float) -> float:
     return max(0.0, (end or now) - start) * pod.gpus
 
 
-def _record_group_failures(ledger: Ledger, pods: list[PodView], failed: list[PodView]) -> None:
+def _record_group_failures(ledger: Ledger, pods: list[PodView], failed: list[PodView]) -> list[PodView]:
     """Failures seen for the first time: the causes (real failures; if every one is a lost peer, the earliest of
     them) doom the rest of their group; the other lost peers seen with them are echoes of those causes. So are lost
-    peers while an earlier broken group is still stopping (a replacement that met a dying member)."""
+    peers while an earlier broken group is still stopping (a replacement that met a dying member). Returns the
+    causes."""
     if not failed:
-        return
+        return []
     real = [p for p in failed if p.exit_code != exitcodes.PEER_LOST]
     if not real and any(p.uid in ledger.doomed and p.phase in LIVE for p in pods):
         ledger.doomed.update(p.uid for p in failed)
-        return
+        return []
     causes = real or [min(failed, key=lambda p: (parse_time(p.finished_at) or 0.0, p.name))]
     for pod in failed:
         if pod not in causes:
             ledger.doomed.add(pod.uid)
     for cause in causes:
         ledger.doomed |= members_at_failure(pods, cause)
+    return causes
 
 
 def update(
@@ -106,7 +111,8 @@ def update(
         if rec.finished and not was_finished and pod.phase == "Failed" and pod.uid not in ledger.doomed \
                 and not rec.stopped_by_suspend:
             failed_now.append(pod)
-    _record_group_failures(ledger, pods, failed_now)
+    causes = _record_group_failures(ledger, pods, failed_now)
+    ledger.fresh_causes = () if seeded else tuple(causes)
     if job.suspend:
         for rec in ledger.pods.values():
             if not rec.finished:

@@ -26,6 +26,7 @@ from finetune_operator import conditions as cond
 from finetune_operator.caches import Caches
 from finetune_operator.children import Children, Created
 from finetune_operator.k8s import ApiError, Kube
+from finetune_operator.ledger import Ledger
 from finetune_operator.ledger import update as update_ledger
 from finetune_operator.metrics import Metrics
 from finetune_operator.observe import JobView, PodView, WorkloadView
@@ -221,12 +222,22 @@ class Reconciler:
             gpu_seconds=ledger.gpu_seconds,
             create_failure=await self._create_failure(p, job, pods),
             report=p.record.report,
-            restarting=gang.restart_message(broken, spec.resources.workers) if broken is not None else None,
+            restarting=self._restarting(spec, ledger, broken),
             secret_refs=builders.secret_references(p.owner, spec),
             start_timeout=self.settings.start_timeout_seconds,
             memory=None if spec.resources.memory is None else str(spec.resources.memory),
             preflight=checked if checked is not None and checked.report is not None else None,
         )
+
+    @staticmethod
+    def _restarting(spec: FineTuneJobSpec, ledger: Ledger, broken: PodView | None) -> str | None:
+        """Why the group is restarting: a broken group the operator stops, or one that stopped by itself just now."""
+        workers = spec.resources.workers
+        if broken is not None:
+            return gang.restart_message(broken, workers)
+        if (cause := gang.regrouping(workers, ledger.fresh_causes)) is not None:
+            return gang.restart_message(cause, workers, others_stopped=True)
+        return None
 
     async def _tend(self, p: Pass, spec: FineTuneJobSpec, job: JobView, pods: list[PodView],
                     workload: WorkloadView | None) -> tuple[JobView, PodView | None]:

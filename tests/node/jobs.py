@@ -170,13 +170,6 @@ def condition(ftj: dict[str, Any], type_: str) -> dict[str, Any]:
     raise AssertionError(f"no {type_} condition in {json.dumps(status(ftj), indent=1)}")
 
 
-def condition_reason(ftj: dict[str, Any], type_: str) -> str | None:
-    for c in status(ftj).get("conditions") or []:
-        if c["type"] == type_:
-            return c.get("reason")  # type: ignore[no-any-return]
-    return None
-
-
 def pods_of(cp: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
     pods: list[dict[str, Any]] = cp.request(
         "GET", f"/api/v1/namespaces/{namespace}/pods?labelSelector=finetune.dev%2Fjob-name%3D{name}")["items"]

@@ -594,6 +594,53 @@ def test_a_failed_worker_restarts_the_whole_group_once() -> None:
     asyncio.run(body())
 
 
+def _group_stopped_by_itself(w: World) -> None:
+    """Worker 1 is killed (137) and worker 0 exits 76 (peer lost) within the same second: no member is left."""
+    w.pods[(NS, NAME)] = [
+        dataclasses.replace(p, phase="Failed", exit_code=137 if p.index == 1 else 76,
+                            finished_at="2026-01-01T00:00:30Z") for p in w.pods[(NS, NAME)]]
+
+
+def _new_group(w: World, created: str) -> None:
+    job_uid = w.kube.objects[("Job", NS, NAME)]["metadata"]["uid"]
+    w.pods[(NS, NAME)] += [PodView(name=f"{NAME}-{i}-y", uid=f"new-{i}", job_uid=job_uid, index=i, phase="Running",
+                                   gpus=1, started_at="2026-01-01T00:01:00Z", created=created) for i in range(2)]
+
+
+@pytest.mark.parametrize("seen", ["at once", "late"])
+def test_a_group_that_stopped_by_itself_is_said_once_and_the_new_group_is_left_alone(seen: str) -> None:
+    """On gloo the survivors exit 76 within moments of a crash, so the operator may first see a group with no member
+    left (the Job controller starts them all again), or even the new group already running. Either way the user is
+    told once why the workers restarted, it counts one restart, and the new group is never stopped."""
+    async def body() -> None:
+        w = World()
+        await w.running(2)
+        _group_stopped_by_itself(w)
+        if seen == "late":
+            _new_group(w, created="2026-01-01T00:00:32Z")
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        assert ("PATCH", "Job", NAME) not in w.kube.calls and w.kube.evicted == [], "nothing left to stop"
+        status = w.ftj()["status"]
+        running = next(c for c in status["conditions"] if c["type"] == "Running")
+        assert (status["phase"], running["reason"]) == ("Pending", "RestartingWorkers")
+        assert running["message"] == ("worker 1 (pod job1-1-x) exited with code 137: the other workers stopped with "
+                                      "it; all 2 start again from the latest checkpoint")
+        assert w.kube.events[-1][:2] == ("Warning", "RestartingWorkers")
+
+        if seen == "at once":
+            _new_group(w, created="2026-01-01T00:00:32Z")
+        w.sync_caches()
+        w.kube.calls.clear()
+        await w.reconcile()
+        status = w.ftj()["status"]
+        assert (status["phase"], status["restarts"]) == ("Running", 1)
+        assert ("PATCH", "Job", NAME) not in w.kube.calls and w.kube.evicted == []
+        assert [e[1] for e in w.kube.events].count("RestartingWorkers") == 1
+    asyncio.run(body())
+
+
 def test_a_kueue_job_restarts_its_group_by_evicting_the_survivors() -> None:
     """Kueue owns the Job's suspend: the surviving workers are evicted instead (a disruption: not counted)."""
     async def body() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from finetune_operator.gang import broken_member, members_at_failure, restart_message
+from finetune_operator.gang import broken_member, members_at_failure, regrouping, restart_message
 from finetune_operator.observe import PodView
 
 T0, T5, T9 = "2026-01-01T00:00:00Z", "2026-01-01T00:00:05Z", "2026-01-01T00:00:09Z"
@@ -50,6 +50,28 @@ def test_a_permanent_failure_is_left_to_the_pod_failure_policy() -> None:
 def test_members_at_failure_include_a_replacement_but_not_the_failed_pod() -> None:
     replacement = pod("c", 1, phase="Pending", created=T5)
     assert members_at_failure([pod("a", 0), CRASHED, replacement], CRASHED) == {"a", "c"}
+
+
+def test_once_every_older_member_ended_only_pods_that_may_have_met_them_belong_to_the_broken_group() -> None:
+    """On gloo the survivor exits 76 moments after the crash. A replacement made before it ended may have met it; a
+    group created after it ended is new (an operator that saw the failure late leaves it alone)."""
+    echo = pod("a", 0, "Failed", finished=T5, exit_code=76)
+    early = pod("c", 1, phase="Pending", created=T5)
+    assert members_at_failure([echo, CRASHED, early], CRASHED) == {"c"}
+    new_group = [pod("d", 0, created=T9), pod("e", 1, created=T9)]
+    assert members_at_failure([echo, CRASHED, *new_group], CRASHED) == set()
+    assert broken_member(2, [echo, CRASHED, *new_group], {"a"}) is None
+
+
+def test_regrouping_names_the_latest_restartable_cause_of_a_multi_pod_job() -> None:
+    later = pod("c", 0, "Failed", finished=T9, exit_code=137)
+    assert regrouping(2, [CRASHED, later]) == later
+    assert regrouping(1, [CRASHED]) is None, "one pod: the Job controller's own retry, no group"
+    assert regrouping(2, [pod("b", 1, "Failed", finished=T5, exit_code=65)]) is None, "permanent: the job fails"
+    assert regrouping(2, []) is None
+    assert restart_message(later, 2, others_stopped=True) == (
+        "worker 0 (pod j-0-c) exited with code 137: the other workers stopped with it; all 2 start again from the "
+        "latest checkpoint")
 
 
 def test_restart_message_says_what_happened_and_stays_stable() -> None:

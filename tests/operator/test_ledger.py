@@ -103,3 +103,17 @@ def test_a_lost_peer_while_the_group_is_still_stopping_is_an_echo() -> None:
     assert led.doomed == {"a", "c"}
     led = update(led, job(), [crashed, met_the_dying, pod("d", index=0), pod("e", index=1)], 0, 0.0, NOW)
     assert led.restarts == 1
+
+
+def test_a_group_failure_is_fresh_once_and_never_after_an_operator_restart() -> None:
+    """The failure that broke a group is news on the update that first sees it: not on the next, and not when the
+    ledger is rebuilt (an operator that restarted cannot tell whether it already said so)."""
+    led = update(None, job(), [pod("a", index=0), pod("b", index=1)], 0, 0.0, NOW)
+    assert led.fresh_causes == ()
+    crashed = pod("b", "Failed", index=1, finished=T60)
+    echo = PodView(name="j-0-a", uid="a", job_uid="job-1", index=0, phase="Failed", exit_code=76, finished_at=T60)
+    led = update(led, job(), [echo, crashed], 0, 0.0, NOW)
+    assert led.fresh_causes == (crashed,)
+    led = update(led, job(), [echo, crashed], 0, 0.0, NOW)
+    assert led.fresh_causes == ()
+    assert update(None, job(), [echo, crashed], 1, 0.0, NOW).fresh_causes == ()
