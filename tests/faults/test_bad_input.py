@@ -41,16 +41,6 @@ pytestmark = pytest.mark.cluster
 NAME_LIMIT = 52  # the longest FineTuneJob name whose children (<name>-progress, pod <name>-<i>-<5>) stay valid
 
 
-def _with(doc: dict[str, Any], path: str, value: object) -> dict[str, Any]:
-    doc = copy.deepcopy(doc)
-    *parents, last = path.split(".")
-    node = doc
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = value
-    return doc
-
-
 S3 = {"accessKeyId": {"name": "s3", "key": "id"}, "secretAccessKey": {"name": "s3", "key": "secret"}}
 # (id, manifest, the field the message must name, words the message must contain)
 MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
